@@ -1,0 +1,1 @@
+"""exo-master: the scheduling heart of an exo cluster."""
