@@ -19,7 +19,9 @@ def configure_logging(fmt: LogFormat = LogFormat.AUTO, level: str = "info", stre
     out = stream if stream is not None else sys.stderr
     use_console = fmt is LogFormat.CONSOLE or (fmt is LogFormat.AUTO and out.isatty())
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer(colors=out.isatty()) if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
     structlog.configure(
         processors=[

@@ -49,9 +49,7 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True):
 # ---- request parameters, one Struct per task kind, tagged by kind --------------------------
 
 
-class TextGenerationParams(
-    msgspec.Struct, frozen=True, kw_only=True, tag="TextGeneration", tag_field="kind"
-):
+class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextGeneration", tag_field="kind"):
     KIND: ClassVar[TaskKind] = TaskKind.TEXT_GENERATION
     model: ModelId
     messages: tuple[ChatMessage, ...]
@@ -73,9 +71,7 @@ class ImageGenerationParams(
     seed: int | None = None
 
 
-class ImageEditsParams(
-    msgspec.Struct, frozen=True, kw_only=True, tag="ImageEdits", tag_field="kind"
-):
+class ImageEditsParams(msgspec.Struct, frozen=True, kw_only=True, tag="ImageEdits", tag_field="kind"):
     KIND: ClassVar[TaskKind] = TaskKind.IMAGE_EDITS
     model: ModelId
     prompt: str

@@ -1,0 +1,127 @@
+"""`exo-master`: binds the bus, serves the HTTP API, and drives the core from one asyncio loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import Iterator
+
+import structlog
+import typer
+import uvicorn
+
+from exo_master.api import build_app
+from exo_master.bus import MasterBus
+from exo_master.core import CoreConfig, MasterCore
+from exo_master.placement import POLICY_NAMES
+from exo_master.runtime import MasterRuntime
+from protocol.logs import LogFormat, configure_logging
+
+log = structlog.get_logger("exo_master")
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _check_policy(value: str) -> str:
+    if value not in POLICY_NAMES:
+        raise typer.BadParameter(f"choose one of {', '.join(POLICY_NAMES)}")
+    return value
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the daemon owns SIGINT/SIGTERM for every task."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> None:
+    bus = MasterBus(host, bus_port, origin=f"master-{config.session}")
+    bus.bind()
+    runtime = MasterRuntime(MasterCore(config), bus)
+    from exo_master.metrics import metrics_route
+
+    app_ = build_app(runtime, extra_routes=[metrics_route(runtime)])
+    server = _QuietServer(
+        uvicorn.Config(app_, host=host, port=api_port, log_config=None, access_log=False, lifespan="off")
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    tick_period = min(config.assign_resend, config.heartbeat_interval) / 2
+    tasks = [
+        asyncio.create_task(bus.serve_workers(runtime.deliver), name="bus-in"),
+        asyncio.create_task(bus.serve_subscriptions(runtime.deliver), name="bus-subscriptions"),
+        asyncio.create_task(runtime.run_sender(), name="bus-out"),
+        asyncio.create_task(runtime.run_ticker(tick_period), name="ticker"),
+        asyncio.create_task(server.serve(), name="http"),
+    ]
+    log.info(
+        "master.started",
+        api=f"http://{host}:{api_port}",
+        bus_out=bus.endpoint_out,
+        bus_in=bus.endpoint_in,
+        policy=config.policy,
+        session=config.session,
+    )
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    for task in done:
+        if task is not stopper and task.exception() is not None:
+            log.error("master.task_crashed", task=task.get_name(), error=repr(task.exception()))
+    log.info("master.stopping")
+    server.should_exit = True
+    with contextlib.suppress(asyncio.TimeoutError):
+        await asyncio.wait_for(asyncio.shield(tasks[-1]), timeout=3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    bus.close()
+    log.info("master.stopped")
+
+
+@app.command()
+def run(
+    host: str = typer.Option("127.0.0.1", envvar="EXO_HOST", help="Address to bind the API and the bus."),
+    api_port: int = typer.Option(52415, envvar="EXO_API_PORT", help="HTTP API port."),
+    bus_port: int = typer.Option(
+        52416, envvar="EXO_BUS_PORT", help="Bus port (master to workers); workers publish to port + 1."
+    ),
+    policy: str = typer.Option(
+        "least-loaded", envvar="EXO_POLICY", callback=_check_policy, help="Placement policy."
+    ),
+    heartbeat_interval: float = typer.Option(1.0, envvar="EXO_HEARTBEAT_INTERVAL", min=0.05),
+    heartbeat_liveness: int = typer.Option(3, envvar="EXO_HEARTBEAT_LIVENESS", min=1),
+    ledger_ttl: float = typer.Option(5.0, envvar="EXO_LEDGER_TTL", min=0.1),
+    queue_limit: int = typer.Option(256, envvar="EXO_QUEUE_LIMIT", min=0),
+    seed: int = typer.Option(0, envvar="EXO_SEED", help="Seed for the random policies."),
+    log_format: LogFormat = typer.Option(LogFormat.AUTO, envvar="EXO_LOG_FORMAT"),
+    log_level: str = typer.Option("info", envvar="EXO_LOG_LEVEL"),
+) -> None:
+    """Run the exo master."""
+    configure_logging(log_format, log_level)
+    config = CoreConfig(
+        policy=policy,
+        seed=seed,
+        session=uuid.uuid4().hex[:12],
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_liveness=heartbeat_liveness,
+        ledger_ttl=max(ledger_ttl, heartbeat_interval * heartbeat_liveness + heartbeat_interval),
+        queue_limit=queue_limit,
+    )
+    try:
+        asyncio.run(serve(config, host, api_port, bus_port))
+    except OSError as exc:
+        log.error("master.cannot_start", error=str(exc))
+        raise typer.Exit(2) from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""What goes into the core besides worker messages, and what comes out of it.
+
+Inputs from the master's own shells (API, bus) are plain frozen Structs, like the wire messages, so
+the core has one `handle(event, now)` entry point. Outputs are either wire messages for a worker
+(AssignTask, CancelTask, MasterHeartbeat) or client-facing results the API shell routes to the
+waiting HTTP request.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from protocol.ids import InstanceId, NodeId, TaskId
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FinishReason,
+    MasterHeartbeat,
+    TaskParams,
+    Usage,
+    WorkerMessage,
+)
+
+# ---- inputs -------------------------------------------------------------------------------------
+
+
+class SubmitTask(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: TaskId
+    params: TaskParams
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A client went away or an operator cancelled: stop the task wherever it is."""
+
+    task_id: TaskId
+    reason: str = "cancelled by client"
+
+
+class NodeSubscribed(msgspec.Struct, frozen=True, kw_only=True):
+    """The master's XPUB saw the node subscribe to its topic: assignments can now reach it."""
+
+    node_id: NodeId
+
+
+class NodeUnsubscribed(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: NodeId
+
+
+MasterEvent = SubmitTask | CancelRequest | NodeSubscribed | NodeUnsubscribed
+CoreInput = MasterEvent | WorkerMessage
+
+# ---- outputs ------------------------------------------------------------------------------------
+
+
+class RejectReason(enum.StrEnum):
+    UNKNOWN_MODEL = "unknown_model"  # HTTP 404
+    UNSUPPORTED_KIND = "unsupported_kind"  # HTTP 400
+    NO_LIVE_INSTANCE = "no_live_instance"  # HTTP 503
+    QUEUE_FULL = "queue_full"  # HTTP 429
+    DUPLICATE_TASK = "duplicate_task"  # HTTP 409
+
+
+class TaskPlaced(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: TaskId
+    instance_id: InstanceId
+    node_id: NodeId
+    policy: str
+    attempt: int
+    # The chosen instance's load (confirmed + pending as the policy saw it) before this task.
+    load_before: int
+    waited: float  # seconds spent in the wait queue (0 when placed at once)
+
+
+class TaskQueued(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: TaskId
+    position: int  # 1-based, in its model's queue
+
+
+class TaskRejected(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: TaskId
+    reason: RejectReason
+    message: str
+
+
+class TaskOutput(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: TaskId
+    index: int
+    text: str
+
+
+class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: TaskId
+    finish_reason: FinishReason
+    usage: Usage
+
+
+class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
+    """The task ended without a result: worker failure, node loss, no instance left, retries spent."""
+
+    task_id: TaskId
+    message: str
+    # True when the failure is the cluster's (node lost, no instance): HTTP 503 rather than 500.
+    unavailable: bool = False
+
+
+ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
+WorkerEffect = AssignTask | CancelTask | MasterHeartbeat
+Effect = ClientEffect | WorkerEffect

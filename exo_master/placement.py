@@ -1,0 +1,143 @@
+"""Placement policies: given the candidates for a request, pick one instance or none (all full).
+
+One code path for every task kind: the pool already holds only instances that support the kind.
+Policies read loads through `LoadView`, so they cannot tell a confirmed task from a pending one
+unless they ask (only `state-only`, the reproduced bug, does).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Protocol
+
+from exo_master.pool import InstancePool
+from exo_master.state import InstanceView
+from protocol.ids import InstanceId
+
+
+class LoadView(Protocol):
+    def load(self, inst: InstanceView) -> int:
+        """Confirmed in-flight (state) + pending (ledger)."""
+        ...
+
+    def confirmed(self, inst: InstanceView) -> int: ...
+
+
+class Policy(Protocol):
+    name: str
+
+    def choose(
+        self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
+    ) -> InstanceView | None: ...
+
+
+def _has_slot(inst: InstanceView, load: int) -> bool:
+    return load < inst.max_concurrency
+
+
+def _score(inst: InstanceView, load: int) -> float:
+    # Projected completion if this task is added: greedy on (load + 1) / capacity is the
+    # earliest-finish rule, which splits equal tasks optimally across unequal instances.
+    return (load + 1) / inst.capacity
+
+
+class LeastLoaded:
+    """Default. Lowest (confirmed + pending + 1) / capacity; ties rotate. O(log k) per decision."""
+
+    name = "least-loaded"
+
+    def choose(
+        self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
+    ) -> InstanceView | None:
+        return pool.pop_best(exclude)
+
+
+class StateOnly:
+    """The original bug, kept as a benchmark baseline: counts only confirmed tasks (ignores the
+    ledger), and ties go to the first instance in list order."""
+
+    name = "state-only"
+
+    def choose(
+        self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
+    ) -> InstanceView | None:
+        best: InstanceView | None = None
+        best_load = 0
+        for inst in pool.ordered():
+            confirmed = loads.confirmed(inst)
+            if inst.instance_id in exclude or not _has_slot(inst, confirmed):
+                continue
+            if best is None or confirmed < best_load:
+                best, best_load = inst, confirmed
+        return best
+
+
+class RoundRobin:
+    """Next instance with a free slot after the pool's cursor, ignoring load. O(k) worst case."""
+
+    name = "round-robin"
+
+    def choose(
+        self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
+    ) -> InstanceView | None:
+        members = list(pool.ordered())
+        n = len(members)
+        for step in range(n):
+            i = (pool.cursor + step) % n
+            inst = members[i]
+            if inst.instance_id not in exclude and _has_slot(inst, loads.load(inst)):
+                pool.cursor = i + 1
+                return inst
+        return None
+
+
+class RandomChoice:
+    """Uniformly random instance with a free slot (seeded)."""
+
+    name = "random"
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def choose(
+        self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
+    ) -> InstanceView | None:
+        free = [i for i in pool.ordered() if i.instance_id not in exclude and _has_slot(i, loads.load(i))]
+        return self._rng.choice(free) if free else None
+
+
+class PowerOfTwo:
+    """Two random instances with free slots, the lower score wins (seeded)."""
+
+    name = "power-of-two"
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+
+    def choose(
+        self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
+    ) -> InstanceView | None:
+        free = [i for i in pool.ordered() if i.instance_id not in exclude and _has_slot(i, loads.load(i))]
+        if len(free) <= 1:
+            return free[0] if free else None
+        a, b = self._rng.sample(free, 2)
+        return a if _score(a, loads.load(a)) <= _score(b, loads.load(b)) else b
+
+
+POLICY_NAMES = ("least-loaded", "state-only", "round-robin", "random", "power-of-two")
+
+
+def make_policy(name: str, seed: int = 0) -> Policy:
+    rng = random.Random(seed)
+    match name:
+        case "least-loaded":
+            return LeastLoaded()
+        case "state-only":
+            return StateOnly()
+        case "round-robin":
+            return RoundRobin()
+        case "random":
+            return RandomChoice(rng)
+        case "power-of-two":
+            return PowerOfTwo(rng)
+    raise ValueError(f"unknown placement policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")

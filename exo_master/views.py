@@ -1,0 +1,62 @@
+"""Read-only views of the master's state, as served on GET /v1/cluster/state and read by exoctl.
+
+Field names here are a public, documented contract (`exoctl ... --json` prints them).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class InstanceRow(msgspec.Struct, frozen=True, kw_only=True):
+    instance_id: str
+    node_id: str
+    model: str
+    kinds: list[str]
+    status: str  # loading | ready | failed | dead (its node stopped heartbeating)
+    in_flight: int  # confirmed by the worker
+    pending: int  # assigned, awaiting the worker's confirmation (the ledger)
+    queued: int  # waiting at the master for this instance's model
+    capacity: float
+    max_concurrency: int
+    completed: int
+    failed: int
+    error: str | None = None
+
+
+class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
+    node_id: str
+    address: str
+    alive: bool
+    subscribed: bool
+    last_heartbeat_age: float  # seconds
+    instances: list[str]
+    sequence_gaps: int = 0
+
+
+class TaskRow(msgspec.Struct, frozen=True, kw_only=True):
+    task_id: str
+    kind: str
+    model: str
+    status: str
+    instance_id: str | None
+    node_id: str | None
+    age: float  # seconds since submission
+    attempts: int
+    error: str | None = None
+
+
+class ModelRow(msgspec.Struct, frozen=True, kw_only=True):
+    model: str
+    instances: int
+    ready: int
+    queued: int
+
+
+class ClusterView(msgspec.Struct, frozen=True, kw_only=True):
+    policy: str
+    session: str
+    nodes: list[NodeRow]
+    instances: list[InstanceRow]
+    models: list[ModelRow]
+    tasks: list[TaskRow]
