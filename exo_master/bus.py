@@ -68,7 +68,10 @@ class MasterBus:
         self.endpoint_out = f"tcp://{host}:{port}"
         self.endpoint_in = f"tcp://{host}:{port + 1}"
         self._ctx = zmq.asyncio.Context()
-        self._stamper = Stamper(origin)
+        self._origin = origin
+        # One sequence per topic: a worker only receives its own topic and the broadcast one, so a
+        # single master-wide sequence would look like constant gaps to every worker.
+        self._stampers: dict[bytes, Stamper] = {}
         self.sequences = SequenceTracker()
         self.counters = BusCounters()
         self._xpub = self._ctx.socket(zmq.XPUB)
@@ -85,7 +88,11 @@ class MasterBus:
         self._sub.bind(self.endpoint_in)
 
     async def send(self, topic: bytes, body: MasterMessage) -> None:
-        envelope = self._stamper.stamp(body, time.time())
+        stamper = self._stampers.get(topic)
+        if stamper is None:
+            name = topic.rstrip(b"\x00").decode(errors="replace")
+            stamper = self._stampers[topic] = Stamper(f"{self._origin}/{name}")
+        envelope = stamper.stamp(body, time.time())
         await self._xpub.send_multipart(codec.encode_frames(topic, envelope))
         name = type(body).__name__
         self.counters.sent[name] = self.counters.sent.get(name, 0) + 1

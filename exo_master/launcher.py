@@ -1,0 +1,208 @@
+"""Start a master and N workers on this machine as child processes; wait until they serve.
+
+Used by `scripts/local_cluster.py` (and so `make run`) and by the end-to-end tests, so that what
+the tests start is exactly what a user starts. Only processes started here are ever stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+
+class ClusterStartError(RuntimeError):
+    pass
+
+
+def free_port_pair(host: str = "127.0.0.1") -> int:
+    """A port p such that p and p + 1 are both free right now (the bus uses two)."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port >= 65535:
+            continue
+        try:
+            with socket.socket() as s:
+                s.bind((host, port + 1))
+        except OSError:
+            continue
+        return int(port)
+    raise ClusterStartError("no free pair of ports found")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll `condition` until it returns something truthy, or raise after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+@dataclass
+class ClusterSpec:
+    workers: int = 2
+    engine: str = "sim"
+    model: str | None = None
+    policy: str = "least-loaded"
+    instances_per_worker: int = 1
+    max_concurrency: int = 16
+    sim_tokens_per_s: float = 50.0
+    host: str = "127.0.0.1"
+    api_port: int = 0  # 0: pick a free one
+    bus_port: int = 0
+    heartbeat_interval: float = 1.0
+    log_dir: Path | None = None
+    log_format: str = "json"
+    worker_args: list[str] = field(default_factory=list)
+    master_args: list[str] = field(default_factory=list)
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.api_port = spec.api_port or free_port(spec.host)
+        self.bus_port = spec.bus_port or free_port_pair(spec.host)
+        self.master: subprocess.Popen[bytes] | None = None
+        self.workers: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.spec.host}:{self.api_port}"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.spec.log_dir is not None:
+            self.spec.log_dir.mkdir(parents=True, exist_ok=True)
+            out: IO[bytes] | int = open(self.spec.log_dir / f"{name}.log", "ab")  # noqa: SIM115
+            self._logs.append(out)  # type: ignore[arg-type]
+        else:
+            out = subprocess.DEVNULL
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=out, env=env)
+
+    def start_master(self) -> None:
+        s = self.spec
+        self.master = self._spawn(
+            "master",
+            [
+                "exo_master.daemon",
+                "--host", s.host,
+                "--api-port", str(self.api_port),
+                "--bus-port", str(self.bus_port),
+                "--policy", s.policy,
+                "--heartbeat-interval", str(s.heartbeat_interval),
+                "--log-format", s.log_format,
+                *s.master_args,
+            ],
+        )  # fmt: skip
+
+    def start_worker(self, node_id: str) -> subprocess.Popen[bytes]:
+        s = self.spec
+        args = [
+            "exo_worker.daemon",
+            "--master", f"{s.host}:{self.bus_port}",
+            "--node-id", node_id,
+            "--engine", s.engine,
+            "--instances", str(s.instances_per_worker),
+            "--max-concurrency", str(s.max_concurrency),
+            "--sim-tokens-per-s", str(s.sim_tokens_per_s),
+            "--heartbeat-interval", str(s.heartbeat_interval),
+            "--log-format", s.log_format,
+            *s.worker_args,
+        ]  # fmt: skip
+        if s.model:
+            args += ["--model", s.model]
+        proc = self._spawn(node_id, args)
+        self.workers[node_id] = proc
+        return proc
+
+    def start(self, ready_timeout: float = 60.0) -> LocalCluster:
+        self.start_master()
+        self.wait_healthy(timeout=30)
+        for i in range(self.spec.workers):
+            self.start_worker(f"node{i + 1}")
+        self.wait_ready(self.spec.workers * self.spec.instances_per_worker, timeout=ready_timeout)
+        return self
+
+    def state(self, tasks: int = 0) -> dict[str, Any] | None:
+        """GET /v1/cluster/state (with up to `tasks` task rows), or None while it does not answer."""
+        try:
+            response = httpx.get(f"{self.api_url}/v1/cluster/state", params={"tasks": tasks}, timeout=2)
+        except httpx.HTTPError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    def _check_alive(self) -> None:
+        if self.master is not None and self.master.poll() is not None:
+            raise ClusterStartError(f"the master exited with code {self.master.returncode}")
+        for name, proc in self.workers.items():
+            if proc.poll() is not None:
+                raise ClusterStartError(f"worker {name} exited with code {proc.returncode}")
+
+    def wait_healthy(self, timeout: float) -> None:
+        def healthy() -> bool:
+            self._check_alive()
+            return self.state() is not None
+
+        wait_for(healthy, timeout, "the master's API")
+
+    def wait_ready(self, instances: int, timeout: float) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            self._check_alive()
+            state = self.state()
+            if state is None:
+                return None
+            count = sum(1 for i in state["instances"] if i["status"] == "ready")
+            subscribed = all(n["subscribed"] for n in state["nodes"] if n["alive"])
+            return state if count >= instances and subscribed else None
+
+        result: dict[str, Any] = wait_for(ready, timeout, f"{instances} ready instances")
+        return result
+
+    def stop_process(self, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop(self) -> None:
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.workers.values():
+            self.stop_process(proc)
+        if self.master is not None:
+            self.stop_process(self.master)
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,63 @@
+"""The original report, end to end: a burst of concurrent chat completions over equal instances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from tests.e2e.burst import burst, spread
+from tests.e2e.conftest import ClusterFactory
+
+pytestmark = pytest.mark.e2e
+
+
+def test_16_over_2_instances_split_8_8_in_repeated_rounds(start_cluster: ClusterFactory) -> None:
+    cluster = start_cluster(workers=2, sim_tokens_per_s=20)
+    for _ in range(3):
+        assert spread(asyncio.run(burst(cluster.api_url, 16))) == [8, 8]
+
+
+def test_64_over_4_instances_split_16_each(start_cluster: ClusterFactory) -> None:
+    cluster = start_cluster(workers=4, sim_tokens_per_s=20, max_concurrency=32)
+    instances = asyncio.run(burst(cluster.api_url, 64))
+    assert spread(instances) == [16, 16, 16, 16]
+    assert len(set(instances)) == 4
+
+
+def test_bursts_from_two_client_processes_at_once_stay_balanced(start_cluster: ClusterFactory) -> None:
+    cluster = start_cluster(workers=2, sim_tokens_per_s=20)
+    clients = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.e2e.burst", cluster.api_url, "8"], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    try:
+        outputs = [client.communicate(timeout=60)[0] for client in clients]
+    finally:
+        for client in clients:
+            if client.poll() is None:
+                client.kill()
+    assert all(client.returncode == 0 for client in clients)
+    instances = [i for out in outputs for i in json.loads(out)]
+    assert sorted(Counter(instances).values()) == [8, 8]
+
+
+def test_state_only_policy_reproduces_the_pile_up(start_cluster: ClusterFactory) -> None:
+    # Workers confirm after a simulated delay, as the original master's event loop did: every
+    # decision in the burst then sees node1=0, node2=0 and ties go to the first instance.
+    cluster = start_cluster(
+        workers=2, sim_tokens_per_s=20, policy="state-only", worker_args=["--sim-accept-delay", "0.5"]
+    )
+    counts = spread(asyncio.run(burst(cluster.api_url, 16)))
+    assert counts[0] >= 14, counts
+
+
+def test_least_loaded_stays_balanced_with_the_same_confirmation_delay(start_cluster: ClusterFactory) -> None:
+    cluster = start_cluster(workers=2, sim_tokens_per_s=20, worker_args=["--sim-accept-delay", "0.5"])
+    assert spread(asyncio.run(burst(cluster.api_url, 16))) == [8, 8]
