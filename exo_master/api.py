@@ -32,11 +32,13 @@ from exo_master.events import (
 )
 from exo_master.openai_schema import ChatCompletionRequest, ImageGenerationRequest
 from exo_master.runtime import MasterRuntime, TaskWaiter
+from exo_master.state import TaskStatus
 from protocol.ids import TaskId
 from protocol.messages import FinishReason, InstanceStatus, Usage
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder()
+_TASK_STATUSES = tuple(str(s) for s in TaskStatus)
 
 
 class ApiError(Exception):
@@ -305,8 +307,22 @@ class Api:
             raise ApiError(
                 400, "query parameter 'tasks' must be an integer", "invalid_request_error", param="tasks"
             ) from exc
+        status = request.query_params.get("status")
+        if status is not None and status not in _TASK_STATUSES:
+            raise ApiError(
+                400,
+                f"query parameter 'status' must be one of {', '.join(_TASK_STATUSES)}",
+                "invalid_request_error",
+                param="status",
+            )
         gaps = self.runtime.bus.sequences.gaps if self.runtime.bus else {}
-        view = self.runtime.core.view(self.runtime.clock(), task_limit=max(0, limit), gaps=gaps)
+        # With a status filter every task row is built, then filtered (live + recent is bounded).
+        state = self.runtime.core.state
+        rows = max(0, limit) if status is None else len(state.tasks) + len(state.recent)
+        view = self.runtime.core.view(self.runtime.clock(), task_limit=rows, gaps=gaps)
+        if status is not None:
+            kept = [t for t in view.tasks if t.status == status][: max(0, limit)]
+            view = msgspec.structs.replace(view, tasks=kept)
         return Response(_json.encode(view), media_type="application/json")
 
     async def cancel_task(self, request: Request) -> Response:

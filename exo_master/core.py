@@ -133,8 +133,11 @@ class MasterCore:
             task = self.state.tasks[entry.task_id]
             assert task.status is TaskStatus.PENDING and task.instance_id == entry.instance_id
             self._unbind_pending(task, now, release=False)
-            self._emit_cancel(task.task_id, entry.instance_id)
             self._replace(task, now, exclude=frozenset({entry.instance_id}), why="not confirmed in time")
+            # Cancel the old copy only if the task moved: a CancelTask followed by an AssignTask to
+            # the same instance could cancel the new assignment (workers replay a recent final).
+            if task.instance_id != entry.instance_id:
+                self._emit_cancel(task.task_id, entry.instance_id)
         while self._resend:
             task_id, due = next(iter(self._resend.items()))
             if due > now:
@@ -265,16 +268,19 @@ class MasterCore:
         node.master_session = msg.master_session
         node.alive = True
         reported = {r.instance_id: r for r in msg.instances}
-        for gone in sorted(node.instances - reported.keys()):
-            self._remove_instance(gone, now, why=f"instance {gone} is no longer reported by {node.node_id}")
+        # Reported instances first: an instance that replaces a gone one (same model, new id) must be
+        # a candidate before the gone one's tasks and its model's queue look for a live instance.
         for report in msg.instances:
             self._apply_report(node, report, now)
+        for gone in sorted(node.instances - reported.keys()):
+            self._remove_instance(gone, now, why=f"instance {gone} is no longer reported by {node.node_id}")
 
     def _apply_report(self, node: NodeView, report: InstanceReport, now: float) -> None:
         inst = self.state.instances.get(report.instance_id)
         if inst is not None and (inst.node_id != node.node_id or inst.model != report.model):
             self._remove_instance(inst.instance_id, now, why=f"instance {inst.instance_id} changed")
             inst = None
+        stranding = False
         if inst is None:
             inst = InstanceView(
                 instance_id=report.instance_id,
@@ -288,8 +294,14 @@ class MasterCore:
             )
             self.state.add_instance(inst)
         else:
-            for dropped_kind in set(inst.kinds) - set(report.kinds):
+            dropped_kinds = set(inst.kinds) - set(report.kinds)
+            for dropped_kind in dropped_kinds:
                 self._pool((inst.model, dropped_kind)).update(inst, False, 0)
+            # A failed instance, or one that stopped serving a kind, may have been the last candidate
+            # for requests waiting in its model's queues.
+            stranding = bool(dropped_kinds) or (
+                report.status is InstanceStatus.FAILED and inst.status is not InstanceStatus.FAILED
+            )
             was_ready = inst.status is InstanceStatus.READY
             inst.kinds = report.kinds
             inst.status = report.status
@@ -300,6 +312,8 @@ class MasterCore:
                 self._evacuate_pending(inst, now, why=f"instance {inst.instance_id} is {inst.status}")
         self._reconcile(node, inst, frozenset(report.active_tasks), now)
         self._slot_changed(inst, now)
+        if stranding:
+            self._fail_stranded_queues(inst.model, now)
 
     def _reconcile(self, node: NodeView, inst: InstanceView, active: frozenset[TaskId], now: float) -> None:
         """Heal the projection from the worker's snapshot (messages on PUB/SUB may have been lost)."""

@@ -1,16 +1,275 @@
-"""Placeholder replaced by the metrics module (issue 5)."""
+"""GET /metrics: the master's Prometheus metrics, read from the core, the ledger and the bus.
+
+Counts live in one place (CoreStats, LedgerStats, BusCounters, SequenceTracker, the state): a
+custom collector reads them at scrape time, so nothing is counted twice. Only the latencies, which
+nothing else keeps, are prometheus-client histograms, fed by the runtime's observers. Each runtime
+gets its own CollectorRegistry, so several masters can live in one process (tests).
+
+The scrape runs on the event loop, between two core steps, so it reads a consistent state; it is
+O(nodes + instances + models), never O(tasks).
+
+Metrics (all prefixed exo_):
+    master_info{policy,session}                          gauge     always 1
+    instance_in_flight{instance,node,model}              gauge     tasks confirmed by the worker
+    instance_pending{instance,node,model}                gauge     assigned, awaiting confirmation
+    instance_max_concurrency{instance,node,model}        gauge     slots of the instance
+    instance_ready{instance,node,model}                  gauge     1 when ready and its node alive
+    instance_completed_total / instance_failed_total     counter   tasks ended there, per instance
+    queue_depth{model}                                   gauge     requests waiting at the master
+    live_tasks{status}                                   gauge     queued | pending | running
+    tasks_ended_total{status}                            counter   finished | failed | cancelled
+    placements_total / replacements_total                counter   placement decisions that bound
+                                                                   a task / re-placements after loss
+    rejections_total{reason}                             counter   unknown_model, queue_full, ...
+    orphan_cancels_total, late_events_total, chunk_gaps_total   counter
+    ledger_entries                                       gauge     current reservations
+    ledger_reservations_total, ledger_confirmations_total,
+    ledger_releases_total, ledger_expiries_total         counter   ledger entry lifecycle
+    node_up{node}                                        gauge     1 alive, 0 dead
+    node_subscribed{node}                                gauge     1 when its bus subscription is live
+    node_heartbeat_age_seconds{node}                     gauge     since its last heartbeat
+    bus_messages_received_total{type}                    counter   worker messages, by type
+    bus_messages_sent_total{type}                        counter   master messages, by type
+    bus_sequence_gaps_total                              counter   messages missed, all publishers
+    bus_sequence_gaps_by_origin_total{origin}            counter   messages missed, per publisher
+    bus_malformed_frames_total                           counter   frames that failed to decode
+    placement_decision_seconds                           histogram core time per submission
+    queue_wait_seconds                                   histogram submission to placement
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import Response
 from starlette.routing import Route
 
+from exo_master.events import Effect, RejectReason, TaskPlaced
 from exo_master.runtime import MasterRuntime
+from exo_master.state import TaskStatus
+from protocol.messages import InstanceStatus
+
+# A decision is microseconds of pure Python; milliseconds mean something is wrong.
+DECISION_BUCKETS = (
+    1e-6, 2.5e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+)  # fmt: skip
+QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_FINAL = tuple(s for s in TaskStatus if s.is_final)
+_INSTANCE_LABELS = ["instance", "node", "model"]
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _labelled_counter(
+    name: str, doc: str, label: str, values: Iterable[tuple[str, float]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for key, value in sorted(values):
+        family.add_metric([key], value)
+    return family
+
+
+def _instance_gauge(name: str, doc: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=_INSTANCE_LABELS)
+
+
+class MasterCollector(Collector):
+    """Reads the master's own counters at scrape time."""
+
+    def __init__(self, runtime: MasterRuntime) -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._scheduling()
+        yield from self._instances()
+        yield from self._nodes()
+        yield from self._bus()
+
+    def _scheduling(self) -> Iterator[Metric]:
+        core = self.runtime.core
+        info = GaugeMetricFamily(
+            "exo_master_info", "The master's policy and session.", labels=["policy", "session"]
+        )
+        info.add_metric([core.policy.name, core.config.session], 1)
+        yield info
+
+        queued = GaugeMetricFamily(
+            "exo_queue_depth", "Requests waiting at the master, per model.", labels=["model"]
+        )
+        for model in sorted(core.state.by_model):
+            queued.add_metric([model], core.queues.depth_for_model(model))
+        yield queued
+
+        live = GaugeMetricFamily("exo_live_tasks", "Tasks not yet ended, by status.", labels=["status"])
+        running = sum(len(inst.confirmed) for inst in core.state.instances.values())
+        live.add_metric([str(TaskStatus.QUEUED)], len(core.queues))
+        live.add_metric([str(TaskStatus.PENDING)], len(core.ledger))
+        live.add_metric([str(TaskStatus.RUNNING)], running)
+        yield live
+
+        stats = core.stats
+        finals = {str(s): stats.finals.get(s, 0) for s in _FINAL}
+        yield _labelled_counter("exo_tasks_ended", "Tasks ended, by final status.", "status", finals.items())
+        yield _counter(
+            "exo_placements",
+            "Tasks bound to an instance (first placements and re-placements).",
+            stats.placements,
+        )
+        yield _counter(
+            "exo_replacements", "Tasks re-placed after their instance was lost or silent.", stats.replacements
+        )
+        rejections = {str(r): stats.rejections.get(r, 0) for r in RejectReason}
+        yield _labelled_counter(
+            "exo_rejections", "Submissions refused, by reason.", "reason", rejections.items()
+        )
+        yield _counter(
+            "exo_orphan_cancels",
+            "Cancels sent for tasks a worker ran that nobody wanted.",
+            stats.orphan_cancels,
+        )
+        yield _counter(
+            "exo_late_events", "Worker events about tasks already ended or moved.", stats.late_events
+        )
+        yield _counter("exo_chunk_gaps", "Output chunks lost between worker and master.", stats.chunk_gaps)
+
+        ledger = core.ledger
+        yield GaugeMetricFamily(
+            "exo_ledger_entries", "Assignments awaiting their worker's confirmation.", value=len(ledger)
+        )
+        yield _counter(
+            "exo_ledger_reservations", "Ledger entries made (one per placement).", ledger.stats.reserved
+        )
+        yield _counter(
+            "exo_ledger_confirmations", "Ledger entries confirmed by the worker.", ledger.stats.confirmed
+        )
+        yield _counter(
+            "exo_ledger_releases",
+            "Ledger entries dropped unconfirmed (cancel, end, loss).",
+            ledger.stats.released,
+        )
+        yield _counter(
+            "exo_ledger_expiries", "Ledger entries whose TTL ran out (then re-placed).", ledger.stats.expired
+        )
+
+    def _instances(self) -> Iterator[Metric]:
+        core = self.runtime.core
+        families = {
+            "in_flight": _instance_gauge("exo_instance_in_flight", "Tasks confirmed by the worker."),
+            "pending": _instance_gauge("exo_instance_pending", "Tasks assigned, awaiting confirmation."),
+            "max": _instance_gauge("exo_instance_max_concurrency", "Concurrent task slots."),
+            "ready": _instance_gauge(
+                "exo_instance_ready", "1 when the instance is ready and its node alive."
+            ),
+        }
+        completed = CounterMetricFamily(
+            "exo_instance_completed", "Tasks finished on the instance.", labels=_INSTANCE_LABELS
+        )
+        failed = CounterMetricFamily(
+            "exo_instance_failed", "Tasks failed on the instance.", labels=_INSTANCE_LABELS
+        )
+        for iid in sorted(core.state.instances):
+            inst = core.state.instances[iid]
+            node = core.state.nodes.get(inst.node_id)
+            labels = [inst.instance_id, inst.node_id, inst.model]
+            ready = inst.status is InstanceStatus.READY and node is not None and node.alive
+            families["in_flight"].add_metric(labels, len(inst.confirmed))
+            families["pending"].add_metric(labels, core.ledger.pending(iid))
+            families["max"].add_metric(labels, inst.max_concurrency)
+            families["ready"].add_metric(labels, 1 if ready else 0)
+            completed.add_metric(labels, inst.completed)
+            failed.add_metric(labels, inst.failed)
+        yield from families.values()
+        yield completed
+        yield failed
+
+    def _nodes(self) -> Iterator[Metric]:
+        nodes = self.runtime.core.state.nodes
+        now = self.runtime.clock()
+        up = GaugeMetricFamily(
+            "exo_node_up", "1 while the node heartbeats, 0 once declared dead.", labels=["node"]
+        )
+        subscribed = GaugeMetricFamily(
+            "exo_node_subscribed", "1 while the node's bus subscription is live.", labels=["node"]
+        )
+        age = GaugeMetricFamily(
+            "exo_node_heartbeat_age_seconds", "Seconds since the node's last heartbeat.", labels=["node"]
+        )
+        for node_id in sorted(nodes):
+            node = nodes[node_id]
+            up.add_metric([node_id], 1 if node.alive else 0)
+            subscribed.add_metric([node_id], 1 if node.subscribed else 0)
+            age.add_metric([node_id], max(0.0, now - node.last_seen))
+        yield up
+        yield subscribed
+        yield age
+
+    def _bus(self) -> Iterator[Metric]:
+        bus = self.runtime.bus
+        counters = bus.counters if bus is not None else None
+        gaps = bus.sequences.gaps if bus is not None else {}
+        received = counters.received if counters is not None else {}
+        sent = counters.sent if counters is not None else {}
+        yield _labelled_counter(
+            "exo_bus_messages_received", "Worker messages received, by type.", "type", received.items()
+        )
+        yield _labelled_counter(
+            "exo_bus_messages_sent", "Master messages sent, by type.", "type", sent.items()
+        )
+        yield _counter(
+            "exo_bus_sequence_gaps",
+            "Bus messages missed (sequence gaps), all publishers.",
+            sum(gaps.values()),
+        )
+        yield _labelled_counter(
+            "exo_bus_sequence_gaps_by_origin", "Bus messages missed, per publisher.", "origin", gaps.items()
+        )
+        yield _counter(
+            "exo_bus_malformed_frames",
+            "Received frames that failed to decode.",
+            counters.malformed if counters else 0,
+        )
+
+
+class MasterMetrics:
+    """One runtime's registry: the collector plus the latency histograms its observers feed."""
+
+    def __init__(self, runtime: MasterRuntime) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(MasterCollector(runtime))
+        self.decision = Histogram(
+            "exo_placement_decision_seconds",
+            "Core time to handle one submission (placement decision, queueing or rejection).",
+            buckets=DECISION_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "exo_queue_wait_seconds",
+            "Time from submission to placement (0 when placed at once), per placement.",
+            buckets=QUEUE_WAIT_BUCKETS,
+            registry=self.registry,
+        )
+        runtime.decision_observers.append(self.decision.observe)
+        runtime.effect_observers.append(self._on_effect)
+
+    def _on_effect(self, effect: Effect) -> None:
+        if isinstance(effect, TaskPlaced):
+            self.queue_wait.observe(effect.waited)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
 def metrics_route(runtime: MasterRuntime) -> Route:
-    async def metrics(request: Request) -> Response:
-        return PlainTextResponse("")
+    metrics = MasterMetrics(runtime)
 
-    return Route("/metrics", metrics, methods=["GET"])
+    async def serve(request: Request) -> Response:
+        # Rendered on the loop, not in a thread: the collector reads state the loop mutates.
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return Route("/metrics", serve, methods=["GET"])

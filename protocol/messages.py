@@ -7,7 +7,7 @@ breaking an older one. Defaults on new fields keep old frames decodable.
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 import msgspec
 
@@ -95,7 +95,8 @@ class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     kinds: tuple[TaskKind, ...] = (TaskKind.TEXT_GENERATION,)
     status: InstanceStatus = InstanceStatus.READY
     max_concurrency: int = 1
-    capacity: float = 1.0
+    # Relative speed; placement divides load by it, so it must be positive (checked on decode).
+    capacity: Annotated[float, msgspec.Meta(gt=0)] = 1.0
     active_tasks: tuple[TaskId, ...] = ()
     error: str | None = None
 

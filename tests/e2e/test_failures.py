@@ -12,7 +12,7 @@ from tests.e2e.burst import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
-BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}
+BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
 
 
 async def _two_long_requests_then_kill(cluster: LocalCluster, victim: str) -> dict[str, httpx.Response]:

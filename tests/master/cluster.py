@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.events import Effect, NodeSubscribed, SubmitTask, TaskPlaced
+from exo_master.state import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     ChatMessage,
+    FinishReason,
     ImageEditsParams,
     ImageGenerationParams,
     InstanceReport,
     InstanceStatus,
+    TaskAccepted,
+    TaskChunk,
+    TaskFailed,
+    TaskFinished,
     TaskKind,
     TaskParams,
     TextGenerationParams,
@@ -87,7 +94,9 @@ def cluster(
     return core
 
 
-def submit(core: MasterCore, task_id: str, now: float = 0.0, kind: TaskKind = TaskKind.TEXT_GENERATION) -> list[Effect]:
+def submit(
+    core: MasterCore, task_id: str, now: float = 0.0, kind: TaskKind = TaskKind.TEXT_GENERATION
+) -> list[Effect]:
     return core.handle(SubmitTask(task_id=TaskId(task_id), params=params(kind)), now)
 
 
@@ -99,3 +108,110 @@ def placement_of(effects: Iterable[object]) -> TaskPlaced | None:
     placed = only(effects, TaskPlaced)
     assert len(placed) <= 1
     return placed[0] if placed else None
+
+
+# ---- worker replies -------------------------------------------------------------------------------
+
+
+def accept(core: MasterCore, placed: TaskPlaced, now: float = 0.0) -> list[Effect]:
+    """The worker confirms a placement (TaskAccepted from the node the task was placed on)."""
+    return core.handle(
+        TaskAccepted(node_id=placed.node_id, task_id=placed.task_id, instance_id=placed.instance_id), now
+    )
+
+
+def finish(core: MasterCore, placed: TaskPlaced, now: float = 0.0) -> list[Effect]:
+    return core.handle(
+        TaskFinished(
+            node_id=placed.node_id,
+            task_id=placed.task_id,
+            instance_id=placed.instance_id,
+            finish_reason=FinishReason.STOP,
+        ),
+        now,
+    )
+
+
+def fail(core: MasterCore, placed: TaskPlaced, now: float = 0.0, reason: str = "boom") -> list[Effect]:
+    return core.handle(
+        TaskFailed(
+            node_id=placed.node_id, task_id=placed.task_id, instance_id=placed.instance_id, reason=reason
+        ),
+        now,
+    )
+
+
+def chunk(
+    core: MasterCore, placed: TaskPlaced, index: int, now: float = 0.0, text: str = "x"
+) -> list[Effect]:
+    return core.handle(
+        TaskChunk(
+            node_id=placed.node_id,
+            task_id=placed.task_id,
+            instance_id=placed.instance_id,
+            index=index,
+            text=text,
+        ),
+        now,
+    )
+
+
+# ---- bursts and loads -----------------------------------------------------------------------------
+
+
+def burst(
+    core: MasterCore, n: int, now: float = 0.0, prefix: str = "t", kinds: Sequence[TaskKind] = ()
+) -> list[TaskPlaced]:
+    """Submit n requests back to back (no worker reply in between); return their placements.
+
+    With `kinds`, request i is of kind kinds[i % len(kinds)]; otherwise all are text generation.
+    """
+    placed = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)] if kinds else TaskKind.TEXT_GENERATION
+        p = placement_of(submit(core, f"{prefix}{i}", now, kind))
+        assert p is not None, f"request {prefix}{i} was not placed"
+        placed.append(p)
+    return placed
+
+
+def per_instance(placements: Iterable[TaskPlaced]) -> Counter[InstanceId]:
+    return Counter(p.instance_id for p in placements)
+
+
+def loads(core: MasterCore) -> dict[InstanceId, int]:
+    """Every instance's load as the core counts it (confirmed + pending)."""
+    return {iid: core.load(inst) for iid, inst in core.state.instances.items()}
+
+
+def recount_loads(core: MasterCore) -> dict[InstanceId, int]:
+    """Every instance's load recounted from the task records alone."""
+    counts = dict.fromkeys(core.state.instances, 0)
+    for task in core.state.tasks.values():
+        if task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
+            assert task.instance_id is not None
+            counts[task.instance_id] += 1
+    return counts
+
+
+def check_pools(core: MasterCore) -> None:
+    """Each candidate pool holds exactly the eligible instances of its (model, kind), and its freshest
+    heap entry for each member with a free slot carries that member's current score."""
+    for (model, kind), pool in core._pools.items():
+        eligible = {
+            iid
+            for iid, inst in core.state.by_model.get(model, {}).items()
+            if kind in inst.kinds
+            and inst.status is InstanceStatus.READY
+            and not inst.retired
+            and core.state.nodes[inst.node_id].alive
+            and core.state.nodes[inst.node_id].subscribed
+        }
+        assert set(pool.members) == eligible, f"pool {model}/{kind} drift"
+        fresh = {iid: score for score, stamp, iid in pool._heap if pool._stamps.get(iid) == stamp}
+        for iid, inst in pool.members.items():
+            load = core.load(inst)
+            if load < inst.max_concurrency:
+                assert fresh.get(iid) == (load + 1) / inst.capacity, f"stale score for {iid} in {kind}"
+            else:
+                assert iid not in fresh, f"full instance {iid} is still offered for {kind}"
