@@ -1,0 +1,342 @@
+"""exo-worker: the worker daemon (one per machine, or several for tests) and its command line.
+
+    exo-worker --master 127.0.0.1:52416 --engine sim --instances 2
+
+It connects to the master (binding nothing), loads its instances while heartbeating their status,
+logs "worker.ready" once every instance is ready, and serves assignments until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import re
+import secrets
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated
+
+import structlog
+import typer
+
+from exo_worker.bus import MasterAddress, WorkerBus, parse_master_address
+from exo_worker.engine import Engine, ModelLoadError
+from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
+from protocol.ids import InstanceId, ModelId, NodeId
+from protocol.logs import LogFormat, configure_logging
+from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, MasterMessage, WorkerHeartbeat
+
+log = structlog.get_logger("exo_worker.daemon")
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_MODEL_LOAD = 2
+
+EngineFactory = Callable[[InstanceId], Engine]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    node_id: NodeId
+    master: MasterAddress
+    model: ModelId
+    instances: int = 1
+    max_concurrency: int = 4
+    capacity: float = 1.0
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    backoff_initial: float = 0.5
+    backoff_max: float = 10.0
+    # How long running tasks get to notice their cancel event at shutdown before a hard stop.
+    shutdown_grace: float = 2.0
+    # Simulated lag before the worker handles each AssignTask/CancelTask (so confirmation is late,
+    # as with the original master's busy event loop); benchmarks use it to expose baseline policies.
+    accept_delay: float = 0.0
+
+    def instance_id(self, index: int) -> InstanceId:
+        return InstanceId(f"{self.node_id}/{index}")
+
+
+class WorkerDaemon:
+    """Wires the bus shell to the runners and publishes heartbeat snapshots. `run()` is the daemon."""
+
+    def __init__(self, config: WorkerConfig, engine_factory: EngineFactory) -> None:
+        self.config = config
+        self.bus = WorkerBus(
+            node_id=config.node_id,
+            master=config.master,
+            on_message=self._on_message,
+            heartbeat_interval=config.heartbeat_interval,
+            heartbeat_liveness=config.heartbeat_liveness,
+            backoff_initial=config.backoff_initial,
+            backoff_max=config.backoff_max,
+        )
+        callbacks = RunnerCallbacks.to(self.bus.send)
+        runners = [
+            Runner(
+                node_id=config.node_id,
+                instance_id=(instance_id := config.instance_id(i)),
+                model=config.model,
+                engine=engine_factory(instance_id),
+                callbacks=callbacks,
+                max_concurrency=config.max_concurrency,
+                capacity=config.capacity,
+            )
+            for i in range(config.instances)
+        ]
+        self.runners = RunnerGroup(config.node_id, runners, callbacks)
+        self.ready = asyncio.Event()
+        self._address = socket.gethostname()
+        self._last_session_snapshot = ""
+        self._delayed: set[asyncio.TimerHandle] = set()
+
+    def snapshot(self) -> WorkerHeartbeat:
+        return WorkerHeartbeat(
+            node_id=self.config.node_id,
+            instances=self.runners.reports(),
+            address=self._address,
+            master_session=self.bus.master_session,
+        )
+
+    def _on_message(self, message: MasterMessage) -> None:
+        if self.config.accept_delay > 0 and isinstance(message, AssignTask | CancelTask):
+            # Commands are all delayed alike, so a cancel still lands after its assignment.
+            self._delay(message)
+            return
+        self._dispatch(message)
+
+    def _delay(self, message: AssignTask | CancelTask) -> None:
+        def fire() -> None:
+            self._delayed.discard(handle)
+            self._dispatch(message)
+
+        handle = asyncio.get_running_loop().call_later(self.config.accept_delay, fire)
+        self._delayed.add(handle)
+
+    def _dispatch(self, message: MasterMessage) -> None:
+        if isinstance(message, AssignTask):
+            self.runners.handle_assign(message)
+        elif isinstance(message, CancelTask):
+            self.runners.handle_cancel(message)
+        elif isinstance(message, MasterHeartbeat) and message.session != self._last_session_snapshot:
+            # A new (or restarted) master: give it our full state now rather than up to 1 s later.
+            self._last_session_snapshot = message.session
+            self.bus.send(self.snapshot())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            self.bus.send(self.snapshot())
+            await asyncio.sleep(self.config.heartbeat_interval)  # the heartbeat period itself
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Serve until `stop` is set; return the process exit code."""
+        self.bus.connect()
+        background = [
+            asyncio.create_task(self.bus.run(), name="bus"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+        ]
+        stopper = asyncio.create_task(stop.wait(), name="stop")
+        loader = asyncio.create_task(self.runners.load_all(), name="load")
+        try:
+            await asyncio.wait([loader, stopper, *background], return_when=asyncio.FIRST_COMPLETED)
+            if loader.done():
+                code = self._loaded(loader)
+                if code != EXIT_OK:
+                    return code
+                await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
+            for task in background:
+                if task.done():
+                    task.result()  # a crashed bus or heartbeat loop is a bug: surface it
+            return EXIT_OK
+        finally:
+            loader.cancel()
+            stopper.cancel()
+            for handle in self._delayed:
+                handle.cancel()
+            await self.runners.shutdown(self.config.shutdown_grace)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(loader, stopper, *background, return_exceptions=True)
+            self.bus.close()
+            log.info("worker.stopped", node_id=self.config.node_id, bus=_stats(self))
+
+    def _loaded(self, loader: asyncio.Task[None]) -> int:
+        exc = loader.exception()
+        if exc is None:
+            self.bus.send(self.snapshot())  # the master learns "ready" now, not at the next beat
+            self.ready.set()
+            log.info(
+                "worker.ready",
+                node_id=self.config.node_id,
+                instances=list(self.runners.runners),
+                model=self.config.model,
+                master=str(self.config.master),
+            )
+            return EXIT_OK
+        self.bus.send(self.snapshot())  # best effort: let the master see the failed instance
+        if isinstance(exc, ModelLoadError):
+            log.error("worker.model_load_failed", model=self.config.model, error=str(exc))
+            return EXIT_MODEL_LOAD
+        log.error("worker.load_crashed", model=self.config.model, exc_info=exc)
+        return EXIT_CRASH
+
+
+def _stats(daemon: WorkerDaemon) -> dict[str, int]:
+    s = daemon.bus.stats
+    return {
+        "sent": s.sent,
+        "dropped": s.dropped,
+        "malformed": s.malformed,
+        "gaps": s.gaps,
+        "reconnects": s.reconnects,
+    }
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+
+class EngineName(enum.StrEnum):
+    SIM = "sim"
+    MLX = "mlx"
+
+
+_DEFAULT_MODEL = {EngineName.SIM: "sim-model", EngineName.MLX: "smollm2"}
+
+
+def default_node_id() -> str:
+    """Hostname-derived, plus a short random suffix so several workers on one host never collide."""
+    host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-") or "worker"
+    return f"{host}-{secrets.token_hex(2)}"
+
+
+def _check_node_id(node_id: str) -> str:
+    # "/" separates node from instance index in instance ids; NUL terminates bus topics.
+    if not node_id or "/" in node_id or "\x00" in node_id:
+        raise typer.BadParameter(f"node id must be non-empty without '/' or NUL, got {node_id!r}")
+    return node_id
+
+
+def _positive(value: float) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"must be > 0, got {value}")
+    return value
+
+
+def build_engine_factory(engine: EngineName, model: str, sim_tokens_per_s: float) -> EngineFactory:
+    """Resolve the backend once; raises ModelLoadError when the model cannot be found."""
+    if engine is EngineName.SIM:
+        from exo_worker.sim_engine import SimEngine
+
+        return lambda instance_id: SimEngine(sim_tokens_per_s, seed_salt="")
+    try:
+        # Imported lazily: mlx is heavy and optional; the sim engine must work without it.
+        from exo_worker.mlx_engine import MlxEngine
+        from exo_worker.models import resolve_model
+    except ImportError as exc:
+        raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
+    path = resolve_model(model)
+    return lambda instance_id: MlxEngine(path, label=model)
+
+
+async def _serve(daemon: WorkerDaemon) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        return await daemon.run(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+app = typer.Typer(
+    add_completion=False, help="exo-worker: serve model instances to an exo-master over the bus."
+)
+
+
+@app.command()
+def serve(
+    master: Annotated[
+        str, typer.Option("--master", envvar="EXO_MASTER", help="Master bus address HOST:BUS_PORT.")
+    ],
+    node_id: Annotated[
+        str | None,
+        typer.Option("--node-id", envvar="EXO_NODE_ID", help="Default: hostname plus a short random suffix."),
+    ] = None,
+    engine: Annotated[EngineName, typer.Option("--engine", envvar="EXO_ENGINE")] = EngineName.SIM,
+    model: Annotated[
+        str | None,
+        typer.Option("--model", envvar="EXO_MODEL", help='Default: "sim-model" (sim) or "smollm2" (mlx).'),
+    ] = None,
+    instances: Annotated[int, typer.Option("--instances", envvar="EXO_INSTANCES", min=1)] = 1,
+    max_concurrency: Annotated[
+        int, typer.Option("--max-concurrency", envvar="EXO_MAX_CONCURRENCY", min=1)
+    ] = 4,
+    capacity: Annotated[float, typer.Option("--capacity", envvar="EXO_CAPACITY", min=0.0)] = 1.0,
+    sim_tokens_per_s: Annotated[
+        float, typer.Option("--sim-tokens-per-s", envvar="EXO_SIM_TOKENS_PER_S", callback=_positive)
+    ] = 50.0,
+    heartbeat_interval: Annotated[
+        float, typer.Option("--heartbeat-interval", envvar="EXO_HEARTBEAT_INTERVAL", callback=_positive)
+    ] = 1.0,
+    sim_accept_delay: Annotated[
+        float,
+        typer.Option(
+            "--sim-accept-delay",
+            envvar="EXO_SIM_ACCEPT_DELAY",
+            min=0.0,
+            help="Seconds to hold each assignment/cancel before handling it (simulates slow confirmation).",
+        ),
+    ] = 0.0,
+    heartbeat_liveness: Annotated[
+        int, typer.Option("--heartbeat-liveness", envvar="EXO_HEARTBEAT_LIVENESS", min=1)
+    ] = 3,
+    log_format: Annotated[LogFormat, typer.Option("--log-format", envvar="EXO_LOG_FORMAT")] = LogFormat.AUTO,
+    log_level: Annotated[str, typer.Option("--log-level", envvar="EXO_LOG_LEVEL")] = "info",
+) -> None:
+    """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
+    # Usage errors first: they are typer's to report, before logging is set up.
+    try:
+        address = parse_master_address(master)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--master") from exc
+    node = NodeId(_check_node_id(node_id if node_id is not None else default_node_id()))
+    configure_logging(log_format, log_level)
+    model_name = model or _DEFAULT_MODEL[engine]
+    structlog.contextvars.bind_contextvars(node_id=node)
+    try:
+        factory = build_engine_factory(engine, model_name, sim_tokens_per_s)
+    except ModelLoadError as exc:
+        log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
+        raise typer.Exit(EXIT_MODEL_LOAD) from None
+    config = WorkerConfig(
+        node_id=node,
+        master=address,
+        model=ModelId(model_name),
+        instances=instances,
+        max_concurrency=max_concurrency,
+        capacity=capacity,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_liveness=heartbeat_liveness,
+        accept_delay=sim_accept_delay,
+    )
+    log.info(
+        "worker.starting", engine=engine.value, model=model_name, instances=instances, master=str(address)
+    )
+    try:
+        daemon = WorkerDaemon(config, factory)
+    except ModelLoadError as exc:  # an engine constructor may check its model path eagerly
+        log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
+        raise typer.Exit(EXIT_MODEL_LOAD) from None
+    raise typer.Exit(asyncio.run(_serve(daemon)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

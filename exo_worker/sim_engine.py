@@ -1,0 +1,169 @@
+"""SimEngine: a fake inference backend for load tests and cluster tests. No model, no weights.
+
+It behaves like a real engine from the scheduler's point of view: it takes time per token (the
+configured tokens/s stands in for compute), streams text, honours max_tokens, stop strings and
+cancellation, and serves every task kind. Its output is deterministic: each word is chosen by a hash
+of (salt, prompt, seed, token index), so a test or benchmark can predict the exact text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import math
+import threading
+
+from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from protocol.messages import (
+    FinishReason,
+    ImageEditsParams,
+    ImageGenerationParams,
+    TaskKind,
+    TaskParams,
+    TextGenerationParams,
+    Usage,
+)
+
+ALL_KINDS: tuple[TaskKind, ...] = tuple(TaskKind)
+
+# A small fixed vocabulary: output reads as (nonsense) words, and one word is one simulated token.
+_VOCABULARY: tuple[str, ...] = (
+    "the", "cluster", "schedules", "a", "task", "on", "every", "node", "model", "token",
+    "stream", "quickly", "and", "fair", "queue", "master", "worker", "heartbeat", "bus", "message",
+    "slot", "ready", "load", "light", "blue", "river", "stone", "cloud", "seven", "green",
+    "quiet", "bright", "answer", "question", "simple", "small", "large", "fast", "slow", "open",
+    "window", "garden", "paper", "signal", "bridge", "forest", "north", "south",
+)  # fmt: skip
+
+
+def _digest(*parts: object, size: int = 8) -> bytes:
+    text = "\x00".join(str(p) for p in parts)
+    return hashlib.blake2b(text.encode(), digest_size=size).digest()
+
+
+def sim_word(salt: str, prompt: str, seed: int | None, index: int) -> str:
+    """The word a SimEngine emits at token `index`; public so tests can predict output."""
+    value = int.from_bytes(_digest(salt, prompt, seed, index), "big")
+    return _VOCABULARY[value % len(_VOCABULARY)]
+
+
+def sim_prompt(params: TextGenerationParams) -> str:
+    return "\n".join(f"{m.role}: {m.content}" for m in params.messages)
+
+
+def word_count(text: str) -> int:
+    return len(text.split())
+
+
+class SimEngine:
+    """Load-testing engine: deterministic text at a fixed rate; every TaskKind supported.
+
+    `tokens_per_s` may be math.inf for "as fast as possible" (it still yields to the event loop
+    every token, so a busy SimEngine never starves the bus).
+    """
+
+    def __init__(
+        self,
+        tokens_per_s: float,
+        seed_salt: str = "",
+        *,
+        load_delay_s: float = 0.0,
+        load_error: str | None = None,
+        kinds: tuple[TaskKind, ...] = ALL_KINDS,
+    ) -> None:
+        if not tokens_per_s > 0:
+            raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
+        self._interval = 0.0 if math.isinf(tokens_per_s) else 1.0 / tokens_per_s
+        self._salt = seed_salt
+        self._load_delay_s = load_delay_s
+        # Lets tests and cluster experiments exercise the "instance failed to load" path.
+        self._load_error = load_error
+        self._kinds = kinds
+
+    @property
+    def kinds(self) -> tuple[TaskKind, ...]:
+        return self._kinds
+
+    async def load(self, progress: ProgressSink | None = None) -> None:
+        if progress is not None:
+            progress("loading simulated model", 0.0)
+        if self._load_delay_s > 0:
+            await asyncio.sleep(self._load_delay_s)  # simulated load time
+        if self._load_error is not None:
+            raise ModelLoadError(self._load_error)
+        if progress is not None:
+            progress("loaded", 1.0)
+
+    async def run(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome:
+        if isinstance(params, TextGenerationParams):
+            return await self._generate_text(params, on_text, cancel)
+        if isinstance(params, ImageGenerationParams | ImageEditsParams):
+            return await self._generate_image(params, on_text, cancel)
+        raise EngineError(f"SimEngine cannot run {type(params).__name__}")
+
+    async def _compute(self, deadline: float) -> float:
+        """Sleep until `deadline` (simulated compute time); return the next token's deadline."""
+        loop = asyncio.get_running_loop()
+        # An absolute schedule keeps the average rate exact despite timer overhead; when the loop
+        # fell more than a token behind, restart the schedule from now rather than bursting.
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+        return max(deadline, loop.time() - self._interval) + self._interval
+
+    async def _generate_text(
+        self, params: TextGenerationParams, on_text: TextSink, cancel: threading.Event
+    ) -> RunOutcome:
+        prompt = sim_prompt(params)
+        prompt_tokens = sum(word_count(m.content) for m in params.messages)
+        emitted = ""
+        deadline = asyncio.get_running_loop().time() + self._interval
+        for index in range(params.max_tokens):
+            if cancel.is_set():
+                return RunOutcome(
+                    FinishReason.CANCELLED, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
+                )
+            deadline = await self._compute(deadline)
+            if cancel.is_set():  # cancelled during this token's compute: stop within one token
+                return RunOutcome(
+                    FinishReason.CANCELLED, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
+                )
+            word = sim_word(self._salt, prompt, params.seed, index)
+            piece = word if index == 0 else " " + word
+            candidate = emitted + piece
+            hit = _first_stop(candidate, params.stop)
+            if hit is not None:
+                # Simple stop handling: emit up to the stop string, never the stop string itself.
+                tail = candidate[len(emitted) : max(len(emitted), hit)]
+                if tail:
+                    on_text(tail)
+                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=index + 1)
+                return RunOutcome(FinishReason.STOP, usage)
+            on_text(piece)
+            emitted = candidate
+        return RunOutcome(
+            FinishReason.LENGTH, Usage(prompt_tokens=prompt_tokens, completion_tokens=params.max_tokens)
+        )
+
+    async def _generate_image(
+        self, params: ImageGenerationParams | ImageEditsParams, on_text: TextSink, cancel: threading.Event
+    ) -> RunOutcome:
+        usage = Usage(prompt_tokens=word_count(params.prompt))
+        if cancel.is_set():
+            return RunOutcome(FinishReason.CANCELLED, usage)
+        await self._compute(asyncio.get_running_loop().time() + self._interval)  # one step of "compute"
+        if cancel.is_set():
+            return RunOutcome(FinishReason.CANCELLED, usage)
+        on_text(sim_image_b64(self._salt, params))
+        return RunOutcome(FinishReason.STOP, usage)
+
+
+def sim_image_b64(salt: str, params: ImageGenerationParams | ImageEditsParams) -> str:
+    """The deterministic stand-in "image" (24 bytes, base64) a SimEngine emits for `params`."""
+    source = _digest(params.image_b64, size=16).hex() if isinstance(params, ImageEditsParams) else ""
+    raw = _digest(salt, params.KIND, params.prompt, params.seed, params.size, params.n, source, size=24)
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [pos for stop in stops if stop and (pos := text.find(stop)) >= 0]
+    return min(positions) if positions else None
