@@ -275,7 +275,15 @@ def serve(
     max_concurrency: Annotated[
         int, typer.Option("--max-concurrency", envvar="EXO_MAX_CONCURRENCY", min=1)
     ] = 4,
-    capacity: Annotated[float, typer.Option("--capacity", envvar="EXO_CAPACITY", min=0.0)] = 1.0,
+    capacity: Annotated[
+        float,
+        typer.Option(
+            "--capacity",
+            envvar="EXO_CAPACITY",
+            min=0.01,
+            help="Relative speed of each instance; a capacity-2 instance takes twice the load.",
+        ),
+    ] = 1.0,
     sim_tokens_per_s: Annotated[
         float, typer.Option("--sim-tokens-per-s", envvar="EXO_SIM_TOKENS_PER_S", callback=_positive)
     ] = 50.0,
