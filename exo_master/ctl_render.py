@@ -1,0 +1,202 @@
+"""Pure rendering for `exoctl`: ClusterView rows in, rich Tables and JSON-ready dicts out.
+
+No I/O here (the CLI in `exo_master.ctl` fetches and prints), so every helper is unit-testable.
+JSON documents reuse the ClusterView field names unchanged (see `exo_master.views`); the only
+additions are `totals` (for `load`) and the wrapper keys documented in `exo_master.ctl`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from rich.table import Table
+from rich.text import Text
+
+from exo_master.views import ClusterView, InstanceRow, NodeRow, TaskRow
+
+TASK_STATUSES = ("queued", "pending", "running", "finished", "failed", "cancelled")
+
+_INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
+_TASK_STYLE = {
+    "queued": "yellow",
+    "pending": "cyan",
+    "running": "green",
+    "finished": "dim",
+    "failed": "red",
+    "cancelled": "magenta",
+}
+
+
+def format_age(seconds: float) -> str:
+    """A short human duration: 0.4s, 12s, 3m05s, 2h07m."""
+    seconds = max(0.0, seconds)
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+
+
+def _rows(rows: list[Any]) -> list[dict[str, Any]]:
+    return [msgspec.to_builtins(row) for row in rows]
+
+
+# ---- load ---------------------------------------------------------------------------------------
+
+
+def load_totals(view: ClusterView) -> dict[str, Any]:
+    """Cluster-wide sums. `queued` is summed per model: an instance row repeats its model's queue."""
+    instances = view.instances
+    return {
+        "instances": len(instances),
+        "in_flight": sum(i.in_flight for i in instances),
+        "pending": sum(i.pending for i in instances),
+        "queued": sum(m.queued for m in view.models),
+        "capacity": round(sum(i.capacity for i in instances), 6),
+        "max_concurrency": sum(i.max_concurrency for i in instances),
+        "completed": sum(i.completed for i in instances),
+        "failed": sum(i.failed for i in instances),
+    }
+
+
+def load_json(view: ClusterView) -> dict[str, Any]:
+    return {
+        "policy": view.policy,
+        "session": view.session,
+        "instances": _rows(view.instances),
+        "models": _rows(view.models),
+        "totals": load_totals(view),
+    }
+
+
+def _instance_status(row: InstanceRow) -> Text:
+    return Text(row.status, style=_INSTANCE_STYLE.get(row.status, ""))
+
+
+def load_table(view: ClusterView) -> Table:
+    table = Table(
+        title=f"load · policy {view.policy} · session {view.session}",
+        caption="queued: requests waiting at the master for the instance's model",
+        show_footer=False,
+    )
+    table.add_column("instance")
+    table.add_column("node")
+    table.add_column("model")
+    table.add_column("status")
+    for name in ("in-flight", "pending", "queued", "capacity", "max conc.", "completed", "failed"):
+        table.add_column(name, justify="right")
+    for row in view.instances:
+        table.add_row(
+            row.instance_id,
+            row.node_id,
+            row.model,
+            _instance_status(row),
+            str(row.in_flight),
+            str(row.pending),
+            str(row.queued),
+            f"{row.capacity:g}",
+            str(row.max_concurrency),
+            str(row.completed),
+            str(row.failed),
+        )
+    totals = load_totals(view)
+    table.add_section()
+    table.add_row(
+        Text("total", style="bold"),
+        "",
+        f"{len(view.models)} model(s)",
+        "",
+        str(totals["in_flight"]),
+        str(totals["pending"]),
+        str(totals["queued"]),
+        f"{totals['capacity']:g}",
+        str(totals["max_concurrency"]),
+        str(totals["completed"]),
+        str(totals["failed"]),
+        style="bold",
+    )
+    return table
+
+
+# ---- nodes --------------------------------------------------------------------------------------
+
+
+def nodes_json(view: ClusterView) -> dict[str, Any]:
+    return {"nodes": _rows(view.nodes)}
+
+
+def _node_state(row: NodeRow) -> Text:
+    return Text("alive", style="green") if row.alive else Text("dead", style="bold red")
+
+
+def _ids(ids: list[str], shown: int = 4) -> str:
+    if len(ids) <= shown:
+        return ", ".join(ids)
+    return ", ".join(ids[:shown]) + f" (+{len(ids) - shown})"
+
+
+def nodes_table(view: ClusterView) -> Table:
+    alive = sum(1 for n in view.nodes if n.alive)
+    table = Table(title=f"nodes · {alive}/{len(view.nodes)} alive")
+    table.add_column("node")
+    table.add_column("address")
+    table.add_column("heartbeat", justify="right")
+    table.add_column("state")
+    table.add_column("subscribed")
+    table.add_column("instances")
+    table.add_column("seq. gaps", justify="right")
+    for row in view.nodes:
+        table.add_row(
+            row.node_id,
+            row.address,
+            format_age(row.last_heartbeat_age) + " ago",
+            _node_state(row),
+            "yes" if row.subscribed else Text("no", style="yellow"),
+            _ids(row.instances),
+            Text(str(row.sequence_gaps), style="yellow" if row.sequence_gaps else ""),
+        )
+    return table
+
+
+# ---- tasks --------------------------------------------------------------------------------------
+
+
+def filter_tasks(tasks: list[TaskRow], status: str | None, limit: int) -> list[TaskRow]:
+    """Keep tasks in `status` (all when None), at most `limit` of them, in the server's order."""
+    kept = [t for t in tasks if status is None or t.status == status]
+    return kept[: max(0, limit)]
+
+
+def tasks_json(tasks: list[TaskRow]) -> dict[str, Any]:
+    return {"tasks": _rows(tasks)}
+
+
+def tasks_table(tasks: list[TaskRow], status: str | None = None) -> Table:
+    title = f"tasks · {len(tasks)} shown" + (f" · status {status}" if status else "")
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("kind")
+    table.add_column("model")
+    table.add_column("instance")
+    table.add_column("status")
+    table.add_column("age", justify="right")
+    with_errors = any(t.error for t in tasks)
+    if with_errors:
+        table.add_column("error", overflow="fold")
+    for row in tasks:
+        cells: list[str | Text] = [
+            row.task_id,
+            row.kind,
+            row.model,
+            row.instance_id or "-",
+            Text(row.status, style=_TASK_STYLE.get(row.status, "")),
+            format_age(row.age),
+        ]
+        if with_errors:
+            cells.append(row.error or "")
+        table.add_row(*cells)
+    return table
