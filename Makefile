@@ -26,5 +26,11 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) scripts/bench_placement.py
 
+# The whole thing on its built-in default: SmolLM2-135M-Instruct, a master and two MLX workers,
+# a demo burst, then serving on http://127.0.0.1:52415 until Ctrl-C.
+run: $(STAMP)
+	$(PY) -m exo_worker.models prepare smollm2
+	$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
