@@ -16,6 +16,7 @@ import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 import structlog
@@ -224,6 +225,12 @@ def _positive(value: float) -> float:
     return value
 
 
+def served_model_id(model: str) -> ModelId:
+    """The name clients use for the model: a local directory is served under its folder name."""
+    path = Path(model).expanduser()
+    return ModelId(path.resolve().name if path.is_dir() else model)
+
+
 def build_engine_factory(engine: EngineName, model: str, sim_tokens_per_s: float) -> EngineFactory:
     """Resolve the backend once; raises ModelLoadError when the model cannot be found."""
     if engine is EngineName.SIM:
@@ -323,7 +330,7 @@ def serve(
     config = WorkerConfig(
         node_id=node,
         master=address,
-        model=ModelId(model_name),
+        model=served_model_id(model_name),
         instances=instances,
         max_concurrency=max_concurrency,
         capacity=capacity,

@@ -1,4 +1,4 @@
-"""Fixtures for worker tests."""
+"""Fixtures shared by the worker and end-to-end tests."""
 
 from __future__ import annotations
 
