@@ -37,6 +37,7 @@ JSON output (`--json`). Field names are those of the ClusterView served on GET /
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,6 +56,12 @@ from exo_master.state import TaskStatus
 from exo_master.views import ClusterView
 
 DEFAULT_API = "http://127.0.0.1:52415"
+
+
+def _console() -> Console:
+    # Piped output (scripts, logs, CI) gets room for every column instead of rich's 80.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
 
 app = typer.Typer(
     add_completion=False,
@@ -177,7 +184,7 @@ def _show(
         if as_json:
             _print_json(document(view))
         else:
-            Console().print(table(view))
+            _console().print(table(view))
         return
     try:
         if as_json:
@@ -225,7 +232,7 @@ def _watch_live(
     count: int,
 ) -> None:
     last = first
-    with Live(console=Console(), auto_refresh=False) as live:
+    with Live(console=_console(), auto_refresh=False) as live:
         for item in _refreshes(first, fetch, interval, count):
             header = Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", style="dim")
             if isinstance(item, Exception):
@@ -297,7 +304,7 @@ def tasks(
         if as_json:
             _print_json(render.tasks_json(rows))
         else:
-            Console().print(render.tasks_table(rows, wanted))
+            _console().print(render.tasks_table(rows, wanted))
 
 
 @app.command()
