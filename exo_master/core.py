@@ -168,7 +168,9 @@ class MasterCore:
         if not instances:
             self._reject(task_id, RejectReason.UNKNOWN_MODEL, f"model {params.model!r} is not served")
             return
-        if not any(params.KIND in inst.kinds for inst in instances.values()):
+        # A non-empty candidate pool proves the kind is served without scanning every instance.
+        key = (params.model, params.KIND)
+        if not self._pools.get(key) and not any(params.KIND in inst.kinds for inst in instances.values()):
             self._reject(
                 task_id,
                 RejectReason.UNSUPPORTED_KIND,
@@ -177,7 +179,6 @@ class MasterCore:
             return
         task = TaskRecord(task_id=task_id, params=params, submitted_at=now)
         self.state.tasks[task_id] = task
-        key = (params.model, params.KIND)
         # Requests already waiting go first: a newcomer may not overtake the queue.
         if self.queues.depth(key) == 0 and self._place(task, now):
             return
@@ -474,10 +475,13 @@ class MasterCore:
             and not inst.retired
         )
         load = self.load(inst)
-        for kind in inst.kinds:
-            key = (inst.model, kind)
+        keys = [(inst.model, kind) for kind in inst.kinds]
+        # Re-index under every kind before draining any queue: a drain places tasks, which changes
+        # the load this loop would otherwise write into the remaining kinds' pools.
+        for key in keys:
             self._pool(key).update(inst, eligible, load)
-            if drain and eligible and load < inst.max_concurrency:
+        if drain and eligible and load < inst.max_concurrency:
+            for key in keys:
                 self._drain(key, now)
 
     def _has_live_candidate(self, key: QueueKey) -> bool:

@@ -36,7 +36,9 @@ def encode(envelope: Envelope) -> bytes:
 def decode(payload: bytes) -> Envelope:
     try:
         return _decoder.decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    # msgspec reports invalid UTF-8 in a string as UnicodeDecodeError and too deep nesting (even in
+    # an ignored unknown field) as RecursionError, not as a DecodeError.
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError) as exc:
         raise ProtocolError(str(exc)) from exc
 
 
