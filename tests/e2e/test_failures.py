@@ -3,47 +3,59 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
-from exo_master.launcher import LocalCluster, wait_for
+from exo_master.launcher import LocalCluster
 from tests.e2e.burst import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
+Stream = tuple[str, AsyncIterator[str]]
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100}
 
 
-async def _two_long_requests_then_kill(cluster: LocalCluster, victim: str) -> dict[str, httpx.Response]:
-    async with httpx.AsyncClient(base_url=cluster.api_url, timeout=60) as http:
-        requests = [asyncio.create_task(http.post("/v1/chat/completions", json=BODY)) for _ in range(2)]
+async def _stream_until_first_token(http: httpx.AsyncClient, stack: contextlib.AsyncExitStack) -> Stream:
+    response = await stack.enter_async_context(
+        http.stream("POST", "/v1/chat/completions", json={**BODY, "stream": True})
+    )
+    assert response.status_code == 200
+    lines = response.aiter_lines()
+    async for line in lines:
+        if '"content":"' in line and '"content":""' not in line:
+            break  # output has reached the client: the task can no longer be silently re-run
+    return response.headers["x-exo-node"], lines
 
-        def both_streaming() -> bool:
-            state = cluster.state()
-            return state is not None and sum(i["in_flight"] for i in state["instances"]) == 2
 
-        await asyncio.to_thread(wait_for, both_streaming, 15, "one running task per instance")
-        process = cluster.workers[victim]
+async def _rest_of(lines: AsyncIterator[str]) -> list[str]:
+    return [line async for line in lines if line.startswith("data: ")]
+
+
+async def _kill_a_worker_mid_stream(cluster: LocalCluster) -> dict[str, list[str]]:
+    async with (
+        httpx.AsyncClient(base_url=cluster.api_url, timeout=60) as http,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        streams = dict([await _stream_until_first_token(http, stack) for _ in range(2)])
+        assert set(streams) == {"node1", "node2"}
+        process = cluster.workers["node1"]
         process.kill()
         await asyncio.to_thread(process.wait)
-        survivor_request, victim_request = None, None
-        for response in await asyncio.gather(*requests):
-            if response.status_code == 200:
-                survivor_request = response
-            else:
-                victim_request = response
-    assert survivor_request is not None and victim_request is not None
-    return {"survivor": survivor_request, "victim": victim_request}
+        return {node: await _rest_of(lines) for node, lines in streams.items()}
 
 
 def test_a_dead_worker_fails_its_running_task_with_a_clear_error(start_cluster: ClusterFactory) -> None:
     cluster = start_cluster(workers=2, sim_tokens_per_s=50, heartbeat_interval=0.2)
-    responses = asyncio.run(_two_long_requests_then_kill(cluster, "node1"))
-    assert responses["survivor"].headers["x-exo-node"] == "node2"
-    error = responses["victim"].json()["error"]
-    assert responses["victim"].status_code == 503
-    assert "node1 stopped responding" in error["message"]
+    rest = asyncio.run(_kill_a_worker_mid_stream(cluster))
+    survivor, victim = rest["node2"], rest["node1"]
+    assert survivor[-1] == "data: [DONE]" and any('"finish_reason":"length"' in line for line in survivor)
+    error = json.loads(victim[-2].removeprefix("data: "))["error"]
+    assert victim[-1] == "data: [DONE]"
+    assert error["code"] == "instance_lost" and "node1 stopped responding" in error["message"]
     # The cluster keeps serving on the survivor.
     assert spread(asyncio.run(burst(cluster.api_url, 4, max_tokens=4))) == [4]
 
