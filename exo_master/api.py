@@ -78,6 +78,10 @@ def rejection_error(rejected: TaskRejected) -> ApiError:
 
 
 def task_error(errored: TaskErrored) -> ApiError:
+    if errored.cancelled:
+        return ApiError(
+            409, f"the task was cancelled: {errored.message}", "invalid_request_error", code="cancelled"
+        )
     if errored.unavailable:
         return ApiError(503, errored.message, "service_unavailable", code="instance_lost")
     return ApiError(500, errored.message, "server_error", code="worker_failed")

@@ -209,6 +209,8 @@ class MasterCore:
         if task.instance_id is not None:
             self._emit_cancel(task.task_id, task.instance_id)
         self._end(task, TaskStatus.CANCELLED, now, error=event.reason)
+        # Whoever still waits on the task (not a client that went away) learns why it ended.
+        self._out.append(TaskErrored(task_id=task.task_id, message=event.reason, cancelled=True))
 
     # ---- worker events --------------------------------------------------------------------------
 
@@ -248,7 +250,11 @@ class MasterCore:
         if task is None or task.instance_id != instance_id:
             self.stats.late_events += 1
             return
-        if finish_reason is not None:
+        if finish_reason is FinishReason.CANCELLED:
+            # The master did not cancel this live task (it would be over or moved): the worker
+            # gave it up (shutting down, or a stale cancel). That is a lost attempt, not a result.
+            self._lose_attempt(task, now, f"instance {instance_id} gave the task up")
+        elif finish_reason is not None:
             task.finish_reason = finish_reason
             task.usage = usage
             self._end(task, TaskStatus.FINISHED, now)
@@ -380,6 +386,15 @@ class MasterCore:
             self._emit_cancel(task.task_id, inst.instance_id)
             self._replace(task, now, exclude, why)
 
+    def _lose_attempt(self, task: TaskRecord, now: float, why: str) -> None:
+        assert task.instance_id is not None
+        if task.status is TaskStatus.PENDING:
+            lost_on = frozenset({task.instance_id})
+            self._unbind_pending(task, now)
+            self._replace(task, now, lost_on, why)
+        else:
+            self._lose_running(task, now, why)
+
     def _lose_running(self, task: TaskRecord, now: float, why: str) -> None:
         assert task.status is TaskStatus.RUNNING and task.instance_id is not None
         inst = self.state.instances[task.instance_id]
@@ -388,6 +403,7 @@ class MasterCore:
             inst.confirmed.discard(task.task_id)
             self._clear_binding(task)
             self._replace(task, now, frozenset({inst.instance_id}), why)
+            self._slot_changed(inst, now)
             return
         self._end(task, TaskStatus.FAILED, now, error=why)
         self._out.append(TaskErrored(task_id=task.task_id, message=why, unavailable=True))

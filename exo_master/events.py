@@ -103,6 +103,8 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
     message: str
     # True when the failure is the cluster's (node lost, no instance): HTTP 503 rather than 500.
     unavailable: bool = False
+    # True when an operator (or the master's API) cancelled the task.
+    cancelled: bool = False
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored

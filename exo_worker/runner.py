@@ -141,10 +141,15 @@ class Runner:
     def submit(self, assign: AssignTask) -> None:
         task_id = assign.task_id
         final = self._finals.get(task_id)
-        if final is not None:
+        if final is not None and not _was_cancelled(final):
             self._finals.move_to_end(task_id)
             self._emit_final(final)
             return
+        if final is not None:
+            # The bus is FIFO per publisher, so an assignment that arrives after its cancel was sent
+            # after it: the master wants the task again (re-placed here). Replaying the cancelled
+            # result would end the client's request with output it never asked to stop.
+            del self._finals[task_id]
         if task_id in self._active:
             self._callbacks.accepted(self._accepted(task_id))
             return
@@ -331,3 +336,7 @@ class RunnerGroup:
 
     async def shutdown(self, grace: float = 2.0) -> None:
         await asyncio.gather(*(r.shutdown(grace) for r in self.runners.values()))
+
+
+def _was_cancelled(final: FinalMessage) -> bool:
+    return isinstance(final, TaskFinished) and final.finish_reason is FinishReason.CANCELLED

@@ -183,3 +183,32 @@ def test_models_and_health(cluster: LocalCluster) -> None:
     assert [m["id"] for m in models["data"]] == [MODEL]
     health = httpx.get(f"{cluster.api_url}/health", timeout=5).json()
     assert health["status"] == "ok" and health["nodes_alive"] == 2 and health["instances_ready"] == 2
+
+
+async def _cancel_from_outside(cluster: LocalCluster) -> tuple[list[str], httpx.Response]:
+    body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 5000}
+    async with httpx.AsyncClient(base_url=cluster.api_url, timeout=60) as http:
+        async with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as streaming:
+            streamed_task = streaming.headers["x-exo-task"]
+            plain = asyncio.create_task(http.post("/v1/chat/completions", json=body))
+
+            def both_running() -> list[str]:
+                state = cluster.state(tasks=10)
+                assert state is not None
+                return [t["task_id"] for t in state["tasks"] if t["status"] == "running"]
+
+            running = await asyncio.to_thread(
+                wait_for, lambda: len(both_running()) == 2 and both_running(), 15, "two running tasks"
+            )
+            for task_id in running:
+                assert (await http.post(f"/v1/tasks/{task_id}/cancel")).status_code == 200
+            lines = [line async for line in streaming.aiter_lines() if line.startswith("data: ")]
+            assert streamed_task in running
+        return lines, await plain
+
+
+def test_an_operator_cancel_ends_the_waiting_requests_with_a_clear_error(cluster: LocalCluster) -> None:
+    lines, plain = asyncio.run(_cancel_from_outside(cluster))
+    assert lines[-1] == "data: [DONE]"
+    assert '"code":"cancelled"' in lines[-2]
+    assert _error(plain, 409)["code"] == "cancelled"

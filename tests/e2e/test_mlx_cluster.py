@@ -28,7 +28,10 @@ def test_mlx_workers_serve_the_openai_client_and_split_a_burst(
     messages = [{"role": "user", "content": "hello there"}]
 
     completion = client.chat.completions.create(
-        model=model, messages=messages, max_tokens=8, temperature=0.0  # type: ignore[arg-type]
+        model=model,
+        messages=messages,
+        max_tokens=8,
+        temperature=0.0,  # type: ignore[arg-type]
     )
     assert completion.choices[0].message.content
     assert completion.usage is not None and completion.usage.prompt_tokens > 0

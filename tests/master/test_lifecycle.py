@@ -233,11 +233,41 @@ def test_client_cancel_tells_the_worker_and_frees_the_slot(confirmed: bool) -> N
     if confirmed:
         accept(core, p)
     effects = core.handle(CancelRequest(task_id=p.task_id), 1.0)
-    assert effects == [CancelTask(task_id=p.task_id, node_id=p.node_id, instance_id=p.instance_id)]
+    assert effects == [
+        CancelTask(task_id=p.task_id, node_id=p.node_id, instance_id=p.instance_id),
+        TaskErrored(task_id=p.task_id, message="cancelled by client", cancelled=True),
+    ]
     assert task_status(core, p.task_id) is TaskStatus.CANCELLED
     assert core.load(core.state.instances[p.instance_id]) == 0
     assert core.handle(CancelRequest(task_id=p.task_id), 1.0) == []  # idempotent
     assert finish(core, p, now=1.5) == []  # the worker's cancelled final is late news
+    core.check_invariants()
+
+
+@pytest.mark.parametrize("output_sent", [False, True])
+def test_a_worker_giving_a_live_task_up_is_a_lost_attempt_not_a_result(output_sent: bool) -> None:
+    # A worker that shuts down ends its running tasks as CANCELLED; the master never asked for it.
+    core = cluster(2)
+    (p,) = burst(core, 1)
+    accept(core, p)
+    if output_sent:
+        chunk(core, p, 0)
+    effects = core.handle(
+        TaskFinished(
+            node_id=p.node_id,
+            task_id=p.task_id,
+            instance_id=p.instance_id,
+            finish_reason=FinishReason.CANCELLED,
+        ),
+        1.0,
+    )
+    assert not only(effects, TaskCompleted)
+    if output_sent:
+        (errored,) = only(effects, TaskErrored)
+        assert errored.unavailable and "gave the task up" in errored.message
+    else:
+        (again,) = only(effects, TaskPlaced)
+        assert again.instance_id != p.instance_id and again.attempt == 2
     core.check_invariants()
 
 

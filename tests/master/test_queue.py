@@ -258,7 +258,8 @@ def test_cancelling_a_queued_request_removes_it_from_the_line() -> None:
     for task_id in ("q1", "q2", "q3"):
         submit(core, task_id)
     effects = core.handle(CancelRequest(task_id=TaskId("q2")), 1.0)
-    assert effects == []  # it was never sent anywhere: nothing to tell a worker
+    # It was never sent anywhere: nothing to tell a worker, only whoever waits on it.
+    assert effects == [TaskErrored(task_id=TaskId("q2"), message="cancelled by client", cancelled=True)]
     assert core.queues.tasks((MODEL, TaskKind.TEXT_GENERATION)) == ["q1", "q3"]
     assert queued_position(submit(core, "q4")) == 3
     bound = [placement_of(finish(core, p, now=2.0)) for p in placed[:3]]

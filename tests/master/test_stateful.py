@@ -186,7 +186,8 @@ class ClusterMachine(RuleBasedStateMachine):
                     worker.inbox.append(e)
             elif isinstance(e, TaskCompleted | TaskErrored):
                 assert self.finals[e.task_id] == 0, f"second final effect for {e.task_id}: {e}"
-                assert e.task_id not in self.client_cancelled, f"final effect after client cancel: {e}"
+                cancelled = isinstance(e, TaskErrored) and e.cancelled
+                assert cancelled == (e.task_id in self.client_cancelled), f"cancel mismatch: {e}"
                 self.finals[e.task_id] += 1
                 self.final_kind[e.task_id] = type(e)
             elif isinstance(e, TaskOutput):
@@ -387,7 +388,7 @@ class ClusterMachine(RuleBasedStateMachine):
             elif task_id in state.tasks:
                 assert self.finals[task_id] == 0
             elif task_id in self.client_cancelled:
-                assert self.finals[task_id] == 0 and state.recent[task_id].status is TaskStatus.CANCELLED
+                assert self.finals[task_id] == 1 and state.recent[task_id].status is TaskStatus.CANCELLED
             else:
                 assert self.finals[task_id] == 1, f"{task_id} ended without telling its client"
                 ended_as = (

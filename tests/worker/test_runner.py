@@ -319,6 +319,25 @@ async def test_cancel_queued_task_removes_it_and_never_runs_it() -> None:
 
 
 @arun
+async def test_assign_after_a_cancel_runs_the_task_again() -> None:
+    # The master re-placed the task here after cancelling it: replaying the remembered CANCELLED
+    # final would end the client's request with a cancellation nobody asked for.
+    rec = Recorder()
+    runner = await ready_runner(SimEngine(1000.0), rec)
+    runner.submit(assign("t1", max_tokens=1_000_000))
+    await rec.until(lambda: len(rec.of("t1", TaskChunk)) >= 1)
+    runner.cancel(TaskId("t1"))
+    await rec.final_of("t1")
+    before = len(rec.events)
+    runner.submit(assign("t1", max_tokens=3))
+    await rec.until(lambda: any(isinstance(e, TaskFinished) for e in rec.events[before:]))
+    rerun = rec.events[before:]
+    assert kinds_of(rerun) == ["TaskAccepted", "TaskChunk", "TaskChunk", "TaskChunk", "TaskFinished"]
+    assert rerun[-1].finish_reason is FinishReason.LENGTH  # type: ignore[union-attr]
+    await close(runner)
+
+
+@arun
 async def test_cancel_unknown_or_finished_task_is_ignored() -> None:
     rec = Recorder()
     runner = await ready_runner(SimEngine(math.inf), rec)
