@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from exo_master.launcher import LocalCluster
-from tests.e2e.burst import burst, spread
+from exo_master.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mlx]
