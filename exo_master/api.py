@@ -58,6 +58,11 @@ class ClientGone(Exception):
     """The HTTP client disconnected."""
 
 
+def client_gone() -> Response:
+    # Nobody reads it; nginx's "client closed request" keeps access logs honest.
+    return Response(status_code=499)
+
+
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -171,19 +176,8 @@ class Api:
             raise
         return waiter, placed, gone
 
-    async def chat_completions(self, request: Request) -> Response:
-        body = await decode_body(request, ChatCompletionRequest)
-        params = body.to_params()
-        task_id = TaskId(f"chatcmpl-{uuid.uuid4().hex[:24]}")
-        try:
-            waiter, placed, gone = await self.start_task(request, task_id, params)
-        except ClientGone:
-            return Response(status_code=499)
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream_chat(waiter, gone, body.model, created, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=exo_headers(placed))
+    async def collect(self, waiter: TaskWaiter, gone: asyncio.Task[None]) -> tuple[str, TaskCompleted]:
+        """Gather a placed task's output until it ends; the task is handed back either way."""
         try:
             texts: list[str] = []
             while True:
@@ -191,14 +185,30 @@ class Api:
                 if isinstance(effect, TaskOutput):
                     texts.append(effect.text)
                 elif isinstance(effect, TaskCompleted):
-                    break
+                    return "".join(texts), effect
                 elif isinstance(effect, TaskErrored):
-                    return task_error(effect).response()
-        except ClientGone:
-            return Response(status_code=499)
+                    raise task_error(effect)
         finally:
             gone.cancel()
             self.runtime.release(waiter)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await decode_body(request, ChatCompletionRequest)
+        params = body.to_params()
+        task_id = TaskId(f"chatcmpl-{uuid.uuid4().hex[:24]}")
+        try:
+            waiter, placed, gone = await self.start_task(request, task_id, params)
+        except ClientGone:
+            return client_gone()
+        created = int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream_chat(waiter, gone, body.model, created, include_usage)
+            return StreamingResponse(stream, media_type="text/event-stream", headers=exo_headers(placed))
+        try:
+            text, effect = await self.collect(waiter, gone)
+        except ClientGone:
+            return client_gone()
         payload = {
             "id": task_id,
             "object": "chat.completion",
@@ -207,7 +217,7 @@ class Api:
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "".join(texts)},
+                    "message": {"role": "assistant", "content": text},
                     "finish_reason": openai_finish_reason(effect.finish_reason),
                 }
             ],
@@ -260,23 +270,12 @@ class Api:
         try:
             waiter, placed, gone = await self.start_task(request, task_id, body.to_params())
         except ClientGone:
-            return Response(status_code=499)
+            return client_gone()
         try:
-            parts: list[str] = []
-            while True:
-                effect = await next_or_gone(waiter, gone)
-                if isinstance(effect, TaskOutput):
-                    parts.append(effect.text)
-                elif isinstance(effect, TaskCompleted):
-                    break
-                elif isinstance(effect, TaskErrored):
-                    return task_error(effect).response()
+            image_b64, _ = await self.collect(waiter, gone)
         except ClientGone:
-            return Response(status_code=499)
-        finally:
-            gone.cancel()
-            self.runtime.release(waiter)
-        payload = {"created": int(time.time()), "data": [{"b64_json": "".join(parts)}]}
+            return client_gone()
+        payload = {"created": int(time.time()), "data": [{"b64_json": image_b64}]}
         return Response(_json.encode(payload), media_type="application/json", headers=exo_headers(placed))
 
     async def models(self, request: Request) -> Response:

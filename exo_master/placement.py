@@ -35,6 +35,10 @@ def _has_slot(inst: InstanceView, load: int) -> bool:
     return load < inst.max_concurrency
 
 
+def _free(pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]) -> list[InstanceView]:
+    return [i for i in pool.ordered() if i.instance_id not in exclude and _has_slot(i, loads.load(i))]
+
+
 def _score(inst: InstanceView, load: int) -> float:
     # Projected completion if this task is added: greedy on (load + 1) / capacity is the
     # earliest-finish rule, which splits equal tasks optimally across unequal instances.
@@ -102,7 +106,7 @@ class RandomChoice:
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
     ) -> InstanceView | None:
-        free = [i for i in pool.ordered() if i.instance_id not in exclude and _has_slot(i, loads.load(i))]
+        free = _free(pool, loads, exclude)
         return self._rng.choice(free) if free else None
 
 
@@ -117,7 +121,7 @@ class PowerOfTwo:
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
     ) -> InstanceView | None:
-        free = [i for i in pool.ordered() if i.instance_id not in exclude and _has_slot(i, loads.load(i))]
+        free = _free(pool, loads, exclude)
         if len(free) <= 1:
             return free[0] if free else None
         a, b = self._rng.sample(free, 2)

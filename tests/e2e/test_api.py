@@ -212,3 +212,18 @@ def test_an_operator_cancel_ends_the_waiting_requests_with_a_clear_error(cluster
     assert lines[-1] == "data: [DONE]"
     assert '"code":"cancelled"' in lines[-2]
     assert _error(plain, 409)["code"] == "cancelled"
+
+
+def test_image_generation_takes_the_same_placement_path(cluster: LocalCluster) -> None:
+    response = httpx.post(
+        f"{cluster.api_url}/v1/images/generations",
+        json={"model": MODEL, "prompt": "a red fox", "seed": 1},
+        timeout=10,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["data"][0]["b64_json"]
+    assert response.headers["x-exo-instance"] in {"node1/0", "node2/0"}
+    bad = httpx.post(
+        f"{cluster.api_url}/v1/images/generations", json={"model": MODEL, "prompt": "x", "size": "big"}
+    )
+    assert _error(bad, 400)["param"] == "size"
