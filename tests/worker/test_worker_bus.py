@@ -97,7 +97,7 @@ class FakeMaster:
     async def _beat(self) -> None:
         while True:
             self.send(codec.BROADCAST_TOPIC, MasterHeartbeat(session=self.session, interval=self.interval))
-            await asyncio.sleep(self.interval)  # the fake master's own heartbeat period
+            await asyncio.sleep(self.interval)  # wait-ok: the fake master's heartbeat period
 
     def send(self, topic: bytes, body: Message) -> None:
         self.send_envelope(topic, self.stamper.stamp(body, 0.0))
