@@ -319,13 +319,9 @@ class Api:
                 param="status",
             )
         gaps = self.runtime.bus.sequences.gaps if self.runtime.bus else {}
-        # With a status filter every task row is built, then filtered (live + recent is bounded).
-        state = self.runtime.core.state
-        rows = max(0, limit) if status is None else len(state.tasks) + len(state.recent)
-        view = self.runtime.core.view(self.runtime.clock(), task_limit=rows, gaps=gaps)
-        if status is not None:
-            kept = [t for t in view.tasks if t.status == status][: max(0, limit)]
-            view = msgspec.structs.replace(view, tasks=kept)
+        view = self.runtime.core.view(
+            self.runtime.clock(), task_limit=limit, gaps=gaps, status=TaskStatus(status) if status else None
+        )
         return Response(_json.encode(view), media_type="application/json")
 
     async def cancel_task(self, request: Request) -> Response:

@@ -9,7 +9,9 @@ queues, assignment re-sends, TTL re-placement and node liveness.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import chain, islice
 
 from exo_master.events import (
     CancelRequest,
@@ -591,7 +593,13 @@ class MasterCore:
 
     # ---- views and checks -----------------------------------------------------------------------
 
-    def view(self, now: float, task_limit: int = 500, gaps: dict[str, int] | None = None) -> ClusterView:
+    def view(
+        self,
+        now: float,
+        task_limit: int = 500,
+        gaps: dict[str, int] | None = None,
+        status: TaskStatus | None = None,
+    ) -> ClusterView:
         gaps = gaps or {}
         nodes = [
             NodeRow(
@@ -638,8 +646,12 @@ class MasterCore:
             )
             for model, members in sorted(self.state.by_model.items())
         ]
-        live = list(self.state.tasks.values())
-        recent = list(reversed(self.state.recent.values()))
+        # Live tasks first, then the recently ended ones, newest first; only `task_limit` rows built.
+        candidates: Iterator[TaskRecord] = chain(
+            self.state.tasks.values(), reversed(self.state.recent.values())
+        )
+        if status is not None:
+            candidates = (t for t in candidates if t.status == status)
         tasks = [
             TaskRow(
                 task_id=t.task_id,
@@ -652,7 +664,7 @@ class MasterCore:
                 attempts=t.attempts,
                 error=t.error,
             )
-            for t in (live + recent)[:task_limit]
+            for t in islice(candidates, max(0, task_limit))
         ]
         return ClusterView(
             policy=self.policy.name,

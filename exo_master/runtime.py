@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from itertools import islice
 
 import structlog
 
@@ -116,7 +117,7 @@ class MasterRuntime:
             return
         members = self.core.state.by_model.get(task.model, {})
         # The loads the decision compared (bounded: a log line is no place for 1000 instances).
-        loads = {iid: self.core.load(inst) for iid, inst in list(members.items())[:16]}
+        loads = {iid: self.core.load(inst) for iid, inst in islice(members.items(), 16)}
         log.info(
             "placement",
             task_id=placed.task_id,
