@@ -92,6 +92,7 @@ class MasterCore:
         # PENDING tasks -> when their AssignTask is next re-sent; ordered by that time.
         self._resend: OrderedDict[TaskId, float] = OrderedDict()
         self._next_heartbeat = float("-inf")
+        self._admitted = 0  # admission numbers order the wait queues by request age
         self._out: list[Effect] = []
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -179,7 +180,8 @@ class MasterCore:
                 f"model {params.model!r} does not serve {params.KIND} requests",
             )
             return
-        task = TaskRecord(task_id=task_id, params=params, submitted_at=now)
+        self._admitted += 1
+        task = TaskRecord(task_id=task_id, params=params, submitted_at=now, admission=self._admitted)
         self.state.tasks[task_id] = task
         # Requests already waiting go first: a newcomer may not overtake the queue.
         if self.queues.depth(key) == 0 and self._place(task, now):
@@ -192,7 +194,7 @@ class MasterCore:
                 f"no live instance of model {params.model!r} can take {params.KIND} requests",
             )
             return
-        position = self.queues.push(key, task_id, now)
+        position = self.queues.push(key, task_id, task.admission)
         if position is None:
             del self.state.tasks[task_id]
             self._reject(
@@ -469,7 +471,7 @@ class MasterCore:
         if self._place(task, now, exclude):
             return
         if self._has_live_candidate(key):
-            self.queues.push_front(key, task.task_id, task.submitted_at)
+            self.queues.requeue(key, task.task_id, task.admission)
             return
         message = f"{why}; no live instance of model {task.model!r} is left"
         self._end(task, TaskStatus.FAILED, now, error=message)
@@ -693,6 +695,9 @@ class MasterCore:
                 assert task.instance_id is None
                 queued.add(task.task_id)
         assert queued == {t for k in self.queues.queue_keys() for t in self.queues.tasks(k)}, "queue drift"
+        for key in self.queues.queue_keys():
+            ages = [self.state.tasks[t].admission for t in self.queues.tasks(key)]
+            assert ages == sorted(ages), f"queue {key} is out of age order"
         assert len(self.ledger) == sum(len(s) for s in pending.values()), "ledger drift"
         assert set(self._resend) == {t for s in pending.values() for t in s}, "resend drift"
         for iid, inst in self.state.instances.items():

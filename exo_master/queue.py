@@ -7,6 +7,7 @@ instead of being committed early to one that may stay busy.
 
 from __future__ import annotations
 
+import bisect
 from collections import OrderedDict
 
 from protocol.ids import ModelId, TaskId
@@ -19,7 +20,7 @@ class WaitQueues:
     def __init__(self, limit: int) -> None:
         assert limit >= 0
         self.limit = limit
-        self._queues: dict[QueueKey, OrderedDict[TaskId, float]] = {}
+        self._queues: dict[QueueKey, OrderedDict[TaskId, int]] = {}
         self._key_of: dict[TaskId, QueueKey] = {}
 
     def __len__(self) -> int:
@@ -38,31 +39,39 @@ class WaitQueues:
     def queue_keys(self) -> list[QueueKey]:
         return list(self._queues)
 
-    def push(self, key: QueueKey, task_id: TaskId, now: float) -> int | None:
-        """Append; return the 1-based position, or None when the queue is full."""
+    def push(self, key: QueueKey, task_id: TaskId, admission: int) -> int | None:
+        """Append; return the 1-based position, or None when the queue is full.
+
+        `admission` is the request's admission number (increasing), so a queue is ordered by age."""
         q = self._queues.setdefault(key, OrderedDict())
         if len(q) >= self.limit:
             if not q:
                 del self._queues[key]
             return None
-        q[task_id] = now
+        q[task_id] = admission
         self._key_of[task_id] = key
         return len(q)
 
-    def push_front(self, key: QueueKey, task_id: TaskId, enqueued_at: float) -> None:
-        """Put a task back at the head (re-placement after a loss); ignores the bound."""
+    def requeue(self, key: QueueKey, task_id: TaskId, admission: int) -> None:
+        """Put back a task that lost its instance, in line by age (it usually goes first); ignores
+        the bound, since the request was already admitted. O(queue) on this rare path."""
         q = self._queues.setdefault(key, OrderedDict())
-        q[task_id] = enqueued_at
-        q.move_to_end(task_id, last=False)
         self._key_of[task_id] = key
+        if not q or admission > next(reversed(q.values())):
+            q[task_id] = admission
+            return
+        entries = list(q.items())
+        at = bisect.bisect_left([n for _, n in entries], admission)
+        entries.insert(at, (task_id, admission))
+        self._queues[key] = OrderedDict(entries)
 
-    def peek(self, key: QueueKey) -> tuple[TaskId, float] | None:
+    def peek(self, key: QueueKey) -> tuple[TaskId, int] | None:
         q = self._queues.get(key)
         if not q:
             return None
         return next(iter(q.items()))
 
-    def remove(self, task_id: TaskId) -> float | None:
+    def remove(self, task_id: TaskId) -> int | None:
         """Remove a task wherever it waits; return when it was enqueued."""
         key = self._key_of.pop(task_id, None)
         if key is None:

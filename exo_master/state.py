@@ -35,6 +35,7 @@ class TaskRecord:
     task_id: TaskId
     params: TaskParams
     submitted_at: float
+    admission: int = 0  # the core's running count of admitted requests: orders them by age
     status: TaskStatus = TaskStatus.QUEUED
     instance_id: InstanceId | None = None
     node_id: NodeId | None = None

@@ -17,6 +17,7 @@ from exo_master.events import (
     TaskQueued,
     TaskRejected,
 )
+from exo_master.queue import WaitQueues
 from exo_master.state import TaskStatus
 from protocol.ids import InstanceId, ModelId, TaskId
 from protocol.messages import AssignTask, CancelTask, InstanceReport, InstanceStatus, TaskKind
@@ -267,3 +268,14 @@ def test_cancelling_a_queued_request_removes_it_from_the_line() -> None:
     cancelled = core.state.task(TaskId("q2"))
     assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
     core.check_invariants()
+
+
+def test_requeued_tasks_take_their_place_in_line_by_age() -> None:
+    queues = WaitQueues(limit=2)
+    key = (MODEL, TaskKind.TEXT_GENERATION)
+    assert queues.push(key, TaskId("b"), 2) == 1
+    assert queues.push(key, TaskId("d"), 4) == 2
+    for task_id, admission in (("c", 3), ("a", 1), ("e", 5)):
+        queues.requeue(key, TaskId(task_id), admission)  # admitted before: the bound does not apply
+    assert queues.tasks(key) == ["a", "b", "c", "d", "e"]
+    assert queues.remove(TaskId("c")) == 3 and len(queues) == 4
