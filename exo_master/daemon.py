@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import uuid
 from collections.abc import Iterator
 
 import structlog
 import typer
 import uvicorn
+import zmq
 
 from exo_master.api import build_app
 from exo_master.bus import MasterBus
@@ -37,9 +39,31 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
-async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> None:
+def _bind_http(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> int:
+    """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken (2)."""
     bus = MasterBus(host, bus_port, origin=f"master-{config.session}")
-    bus.bind()
+    try:
+        # Bind everything before serving anything: a taken port is one clear line, not a traceback.
+        bus.bind()
+        http_socket = _bind_http(host, api_port)
+    except (OSError, zmq.ZMQError) as exc:
+        log.error(
+            "master.cannot_start", error=str(exc), api_port=api_port, bus_ports=[bus_port, bus_port + 1]
+        )
+        bus.close()
+        return 2
     runtime = MasterRuntime(MasterCore(config), bus)
     from exo_master.metrics import metrics_route
 
@@ -57,7 +81,7 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
         asyncio.create_task(bus.serve_subscriptions(runtime.deliver), name="bus-subscriptions"),
         asyncio.create_task(runtime.run_sender(), name="bus-out"),
         asyncio.create_task(runtime.run_ticker(tick_period), name="ticker"),
-        asyncio.create_task(server.serve(), name="http"),
+        asyncio.create_task(server.serve(sockets=[http_socket]), name="http"),
     ]
     log.info(
         "master.started",
@@ -69,9 +93,16 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
     )
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    for task in done:
-        if task is not stopper and task.exception() is not None:
-            log.error("master.task_crashed", task=task.get_name(), error=repr(task.exception()))
+    crashed = [t for t in done if t is not stopper]
+    for task in crashed:
+        # Every loop runs forever: one that ended is a bug (or the HTTP port was taken). Fail loudly.
+        error = task.exception()
+        log.error(
+            "master.task_crashed",
+            task=task.get_name(),
+            error=repr(error),
+            exc_info=(type(error), error, error.__traceback__) if error else None,
+        )
     log.info("master.stopping")
     server.should_exit = True
     with contextlib.suppress(asyncio.TimeoutError):
@@ -81,6 +112,7 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
     await asyncio.gather(*tasks, return_exceptions=True)
     bus.close()
     log.info("master.stopped")
+    return 1 if crashed else 0
 
 
 @app.command()
@@ -112,11 +144,7 @@ def run(
         ledger_ttl=max(ledger_ttl, heartbeat_interval * heartbeat_liveness + heartbeat_interval),
         queue_limit=queue_limit,
     )
-    try:
-        asyncio.run(serve(config, host, api_port, bus_port))
-    except OSError as exc:
-        log.error("master.cannot_start", error=str(exc))
-        raise typer.Exit(2) from None
+    raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port)))
 
 
 def main() -> None:

@@ -263,10 +263,8 @@ class WorkerBus:
             self.master_alive.set()
             self.master_lost.clear()
         self._backoff = self._backoff_initial
-        try:
-            self._on_message(body)
-        except Exception:  # a handler bug must not take the receive loop (and liveness) down with it
-            self._log.exception("bus.handler_failed", type=type(body).__name__)
+        # A handler that raises is a bug: it ends the receive loop, and the daemon fails loudly.
+        self._on_message(body)
         return True
 
     def _on_heartbeat(self, origin: str, heartbeat: MasterHeartbeat) -> None:
