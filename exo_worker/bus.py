@@ -6,10 +6,13 @@ a SUB to PORT subscribed to its node topic and the broadcast topic, and a PUB to
 every message carries the master topic.
 
 The master counts as alive while valid messages arrive from it (its heartbeats come every interval,
-but any valid message proves the link). After `liveness` silent intervals it is lost: both sockets
-are closed and recreated, with capped exponential backoff between attempts. Tasks keep running and
-heartbeats keep being published throughout; a (re)started master rebuilds its view of this worker
-from the next heartbeat snapshot.
+but any valid message proves the link). After `liveness` silent intervals it is lost. Reconnecting
+is libzmq's job, with capped exponential backoff (RECONNECT_IVL doubling up to RECONNECT_IVL_MAX)
+and ZMTP heartbeats that drop a half-open TCP connection (a master machine that vanished). The
+sockets are deliberately never closed and recreated on loss: that races with a master that comes
+back at the same moment (it sees the subscription, then an unsubscribe) and gains nothing, since
+libzmq re-sends subscriptions on every reconnect. Tasks keep running and heartbeats keep being
+published throughout; a (re)started master rebuilds its view of this worker from the next snapshot.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def parse_master_address(text: str) -> MasterAddress:
 @dataclass(slots=True)
 class BusStats:
     sent: int = 0
-    # Stamped but not handed to ZeroMQ (sockets down between reconnect attempts, or HWM refusal).
+    # Stamped but not handed to ZeroMQ (sockets closed at shutdown, or HWM refusal).
     dropped: int = 0
     received: int = 0
     # Undecodable frames, and decodable ones that are not master -> worker messages.
@@ -119,7 +122,6 @@ class WorkerBus:
         self._liveness = heartbeat_liveness
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
-        self._backoff = backoff_initial
         self._hwm = hwm
         self._linger_ms = linger_ms
         self._clock = clock
@@ -168,6 +170,10 @@ class WorkerBus:
 
     def _configure(self, sock: zmq.Socket[Any]) -> None:
         sock.setsockopt(zmq.LINGER, self._linger_ms)
+        sock.setsockopt(zmq.RECONNECT_IVL, max(1, round(self._backoff_initial * 1000)))
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, round(self._backoff_max * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, round(self._interval * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, round(self._interval * self._liveness * 1000)))
         if self.master.is_ipv6:
             sock.setsockopt(zmq.IPV6, 1)
 
@@ -199,27 +205,18 @@ class WorkerBus:
         return self._liveness * max(self._interval, self._master_interval)
 
     async def run(self) -> None:
-        """Receive until cancelled; reconnect whenever the master falls silent."""
+        """Receive until cancelled, marking the master lost while it is silent (libzmq reconnects)."""
         if self._sub is None:
             self.connect()
         while True:
             await self._listen()
-            self.stats.master_losses += 1
-            self.master_alive.clear()
-            self.master_lost.set()
-            delay = self._backoff
-            self._backoff = min(self._backoff * 2, self._backoff_max)
-            self._log.warning(
-                "master.lost",
-                silent_s=round(self.liveness_timeout(), 3),
-                session=self.master_session,
-                reconnect_in_s=delay,
-            )
-            self._close_sockets(0)
-            await asyncio.sleep(delay)  # the backoff itself, not synchronisation
-            self._open_sockets()
-            self.stats.reconnects += 1
-            self._log.info("master.reconnecting", attempt=self.stats.reconnects)
+            if not self.master_lost.is_set():
+                self.stats.master_losses += 1
+                self.master_alive.clear()
+                self.master_lost.set()
+                self._log.warning(
+                    "master.lost", silent_s=round(self.liveness_timeout(), 3), session=self.master_session
+                )
 
     async def _listen(self) -> None:
         """Handle messages; return once no valid message came for a whole liveness window."""
@@ -259,10 +256,11 @@ class WorkerBus:
                 "bus.sequence_gap", origin=envelope.origin, missed=missed, total=self.stats.gaps
             )
         if not self.master_alive.is_set():
+            if self.master_lost.is_set():
+                self.stats.reconnects += 1
             self._log.info("master.connected", session=self.master_session or None)
             self.master_alive.set()
             self.master_lost.clear()
-        self._backoff = self._backoff_initial
         # A handler that raises is a bug: it ends the receive loop, and the daemon fails loudly.
         self._on_message(body)
         return True
