@@ -62,6 +62,9 @@ class CoreConfig:
     assign_resend: float = 0.25  # AssignTask is re-sent this often until the worker confirms
     queue_limit: int = 256  # per (model, kind)
     max_attempts: int = 3  # placements per task before it fails
+    # A dead node stays visible (exoctl shows it "dead") this long, then it is forgotten: workers
+    # that restart under a new node id must not pile up as dead rows forever.
+    forget_dead_after: float = 300.0
 
     @property
     def node_timeout(self) -> float:
@@ -129,9 +132,12 @@ class MasterCore:
                 MasterHeartbeat(session=self.config.session, interval=self.config.heartbeat_interval)
             )
         deadline = now - self.config.node_timeout
+        forget_before = now - self.config.forget_dead_after
         for node in list(self.state.nodes.values()):
             if node.alive and node.last_seen < deadline:
                 self._node_died(node, now)
+            elif not node.alive and node.last_seen < forget_before:
+                self._forget_node(node, now)
         for entry in self.ledger.expire(now):
             task = self.state.tasks[entry.task_id]
             assert task.status is TaskStatus.PENDING and task.instance_id == entry.instance_id
@@ -367,6 +373,11 @@ class MasterCore:
             affected.add(inst.model)
         for model in sorted(affected):
             self._fail_stranded_queues(model, now)
+
+    def _forget_node(self, node: NodeView, now: float) -> None:
+        for iid in sorted(node.instances):
+            self._remove_instance(iid, now, why=f"node {node.node_id} has been dead too long")
+        del self.state.nodes[node.node_id]
 
     def _remove_instance(self, instance_id: InstanceId, now: float, why: str) -> None:
         inst = self.state.instances[instance_id]

@@ -129,6 +129,9 @@ def run(
     heartbeat_liveness: int = typer.Option(3, envvar="EXO_HEARTBEAT_LIVENESS", min=1),
     ledger_ttl: float = typer.Option(5.0, envvar="EXO_LEDGER_TTL", min=0.1),
     queue_limit: int = typer.Option(256, envvar="EXO_QUEUE_LIMIT", min=0),
+    forget_dead_after: float = typer.Option(
+        300.0, envvar="EXO_FORGET_DEAD_AFTER", min=0.0, help="Seconds a dead node stays listed."
+    ),
     seed: int = typer.Option(0, envvar="EXO_SEED", help="Seed for the random policies."),
     log_format: LogFormat = typer.Option(LogFormat.AUTO, envvar="EXO_LOG_FORMAT"),
     log_level: str = typer.Option("info", envvar="EXO_LOG_LEVEL"),
@@ -143,6 +146,7 @@ def run(
         heartbeat_liveness=heartbeat_liveness,
         ledger_ttl=max(ledger_ttl, heartbeat_interval * heartbeat_liveness + heartbeat_interval),
         queue_limit=queue_limit,
+        forget_dead_after=forget_dead_after,
     )
     raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port)))
 

@@ -485,3 +485,15 @@ def test_unknown_nodes_can_subscribe_and_unsubscribe() -> None:
     core = MasterCore()
     assert core.handle(NodeSubscribed(node_id=NodeId("x")), 0.0) == []
     assert core.handle(NodeUnsubscribed(node_id=NodeId("x")), 0.0) == []
+
+
+def test_a_dead_node_is_listed_for_a_while_then_forgotten() -> None:
+    core = cluster(2, forget_dead_after=60.0)
+    core.tick(10.0)  # both nodes silent past liveness: dead, still listed
+    assert [n.alive for n in core.state.nodes.values()] == [False, False]
+    assert {row.status for row in core.view(10.0).instances} == {"dead"}
+    core.handle(heartbeat(1, report(1)), 30.0)  # node1 comes back; node0 stays silent
+    core.tick(30.0)
+    core.tick(61.0)
+    assert list(core.state.nodes) == [node_of(1)] and list(core.state.instances) == [instance_of(1)]
+    core.check_invariants()
