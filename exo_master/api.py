@@ -38,7 +38,6 @@ from protocol.messages import FinishReason, InstanceStatus, Usage
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder()
-_TASK_STATUSES = tuple(str(s) for s in TaskStatus)
 
 
 class ApiError(Exception):
@@ -310,18 +309,18 @@ class Api:
             raise ApiError(
                 400, "query parameter 'tasks' must be an integer", "invalid_request_error", param="tasks"
             ) from exc
-        status = request.query_params.get("status")
-        if status is not None and status not in _TASK_STATUSES:
+        raw_status = request.query_params.get("status")
+        try:
+            status = TaskStatus(raw_status) if raw_status is not None else None
+        except ValueError as exc:
             raise ApiError(
                 400,
-                f"query parameter 'status' must be one of {', '.join(_TASK_STATUSES)}",
+                f"query parameter 'status' must be one of {', '.join(TaskStatus)}",
                 "invalid_request_error",
                 param="status",
-            )
+            ) from exc
         gaps = self.runtime.bus.sequences.gaps if self.runtime.bus else {}
-        view = self.runtime.core.view(
-            self.runtime.clock(), task_limit=limit, gaps=gaps, status=TaskStatus(status) if status else None
-        )
+        view = self.runtime.core.view(self.runtime.clock(), task_limit=limit, gaps=gaps, status=status)
         return Response(_json.encode(view), media_type="application/json")
 
     async def cancel_task(self, request: Request) -> Response:

@@ -15,8 +15,6 @@ from rich.text import Text
 
 from exo_master.views import ClusterView, InstanceRow, NodeRow, TaskRow
 
-TASK_STATUSES = ("queued", "pending", "running", "finished", "failed", "cancelled")
-
 _INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
 _TASK_STYLE = {
     "queued": "yellow",
