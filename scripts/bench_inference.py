@@ -45,6 +45,7 @@ import typer
 from rich.console import Console
 
 from exo_master.launcher import ClusterSpec, ClusterStartError, LocalCluster
+from exo_master.loadgen import BurstFailed, burst_responses
 
 console = Console(stderr=True, soft_wrap=True)
 BURST = 4
@@ -282,16 +283,15 @@ async def burst_once(
 ) -> tuple[float, int, list[int]]:
     """n concurrent non-streaming requests: (wall seconds, total completion tokens, per-instance counts)."""
     body = chat_body(model_id, prompt, max_tokens, stream=False)
-    limits = httpx.Limits(max_connections=n)
-    async with httpx.AsyncClient(base_url=api_url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        started = time.perf_counter()
-        responses = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(n)))
-        wall = time.perf_counter() - started
+    started = time.perf_counter()
+    try:
+        responses = await burst_responses(api_url, n, body)
+    except BurstFailed as exc:
+        raise BenchError(f"burst request: {exc}") from exc
+    wall = time.perf_counter() - started
     tokens = 0
     instances: Counter[str] = Counter()
     for response in responses:
-        if response.status_code != 200:
-            raise BenchError(f"burst request: HTTP {response.status_code}: {response.text[:200]}")
         tokens += int(response.json()["usage"]["completion_tokens"])
         instances[response.headers.get("x-exo-instance", "?")] += 1
     return wall, tokens, sorted(instances.values(), reverse=True)
