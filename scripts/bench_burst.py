@@ -19,8 +19,8 @@ from typing import Any
 
 import typer
 
-from exo_master.launcher import ClusterSpec, LocalCluster
-from exo_master.loadgen import burst, spread
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster
+from exo_master.devtools.loadgen import burst, spread
 from exo_master.placement import POLICY_NAMES
 
 SHAPES = ((16, 2), (64, 4))

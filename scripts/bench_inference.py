@@ -44,8 +44,8 @@ import httpx
 import typer
 from rich.console import Console
 
-from exo_master.launcher import ClusterSpec, ClusterStartError, LocalCluster
-from exo_master.loadgen import BurstFailed, burst_responses
+from exo_master.devtools.launcher import ClusterSpec, ClusterStartError, LocalCluster
+from exo_master.devtools.loadgen import BurstFailed, burst_responses
 
 console = Console(stderr=True, soft_wrap=True)
 BURST = 4

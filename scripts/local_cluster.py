@@ -20,7 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from exo_master.launcher import ClusterSpec, ClusterStartError, LocalCluster
+from exo_master.devtools.launcher import ClusterSpec, ClusterStartError, LocalCluster
 
 console = Console()
 DEMO_QUESTIONS = [

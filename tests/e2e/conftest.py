@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_master.launcher import ClusterSpec, LocalCluster
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster
 
 ClusterFactory = Callable[..., LocalCluster]
 

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from exo_master.launcher import LocalCluster, wait_for
+from exo_master.devtools.launcher import LocalCluster, wait_for
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e

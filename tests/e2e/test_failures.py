@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
-from exo_master.launcher import LocalCluster
-from exo_master.loadgen import burst, spread
+from exo_master.devtools.launcher import LocalCluster
+from exo_master.devtools.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e

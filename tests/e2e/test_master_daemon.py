@@ -11,7 +11,7 @@ import httpx
 import pytest
 import zmq
 
-from exo_master.launcher import free_port_pair, wait_for
+from exo_master.devtools.launcher import free_port_pair, wait_for
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e

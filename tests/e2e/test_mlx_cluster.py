@@ -8,8 +8,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from exo_master.launcher import LocalCluster
-from exo_master.loadgen import burst, spread
+from exo_master.devtools.launcher import LocalCluster
+from exo_master.devtools.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mlx]

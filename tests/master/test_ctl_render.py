@@ -9,8 +9,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from exo_master import ctl_render as render
-from exo_master.ctl import error_message
+from exo_master.exoctl import render
+from exo_master.exoctl.cli import error_message
 from exo_master.views import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 
 

@@ -51,7 +51,7 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from exo_master import ctl_render as render
+from exo_master.exoctl import render
 from exo_master.state import TaskStatus
 from exo_master.views import ClusterView
 

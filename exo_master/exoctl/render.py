@@ -1,8 +1,8 @@
 """Pure rendering for `exoctl`: ClusterView rows in, rich Tables and JSON-ready dicts out.
 
-No I/O here (the CLI in `exo_master.ctl` fetches and prints), so every helper is unit-testable.
+No I/O here (the CLI in `exo_master.exoctl.cli` fetches and prints), so every helper is unit-testable.
 JSON documents reuse the ClusterView field names unchanged (see `exo_master.views`); the only
-additions are `totals` (for `load`) and the wrapper keys documented in `exo_master.ctl`.
+additions are `totals` (for `load`) and the wrapper keys documented in `exo_master.exoctl.cli`.
 """
 
 from __future__ import annotations

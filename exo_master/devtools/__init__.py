@@ -1,0 +1,1 @@
+"""Development helpers: start a local cluster (launcher) and send request bursts (loadgen)."""
