@@ -40,7 +40,8 @@ def spread(instances: list[str]) -> list[int]:
     return sorted(Counter(instances).values(), reverse=True)
 
 
-if __name__ == "__main__":  # python -m exo_master.devtools.loadgen API_URL N [MODEL]: prints the instances as JSON
+# python -m exo_master.devtools.loadgen API_URL N [MODEL]: prints the instances as JSON
+if __name__ == "__main__":
     import json
     import sys
 
