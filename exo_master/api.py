@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from exo_master.events import (
+from exo_master.core.events import (
     ClientEffect,
     RejectReason,
     TaskCompleted,
@@ -30,9 +30,9 @@ from exo_master.events import (
     TaskQueued,
     TaskRejected,
 )
+from exo_master.core.lifecycle import TaskStatus
 from exo_master.openai_schema import ChatCompletionRequest, ImageGenerationRequest
 from exo_master.runtime import MasterRuntime, TaskWaiter
-from exo_master.state import TaskStatus
 from protocol.ids import TaskId
 from protocol.messages import FinishReason, InstanceStatus, Usage
 

@@ -19,7 +19,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from exo_master.events import NodeSubscribed, NodeUnsubscribed
+from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
 from protocol.ids import NodeId

@@ -17,7 +17,7 @@ import zmq
 from exo_master.api import build_app
 from exo_master.bus import MasterBus
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.placement import POLICY_NAMES
+from exo_master.core.placement import POLICY_NAMES
 from exo_master.runtime import MasterRuntime
 from protocol.logs import LogFormat, configure_logging
 

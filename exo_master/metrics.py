@@ -48,9 +48,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from exo_master.events import Effect, RejectReason, TaskPlaced
+from exo_master.core.events import Effect, RejectReason, TaskPlaced
+from exo_master.core.lifecycle import TaskStatus
+from exo_master.core.view_rows import ClusterView
 from exo_master.runtime import MasterRuntime
-from exo_master.state import TaskStatus
 from protocol.messages import InstanceStatus
 
 # A decision is microseconds of pure Python; milliseconds mean something is wrong.
@@ -86,79 +87,79 @@ class MasterCollector(Collector):
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._scheduling()
-        yield from self._instances()
-        yield from self._nodes()
+        view = self.runtime.core.view(self.runtime.clock(), task_limit=0)
+        yield from self._scheduling(view)
+        yield from self._instances(view)
+        yield from self._nodes(view)
         yield from self._bus()
 
-    def _scheduling(self) -> Iterator[Metric]:
-        core = self.runtime.core
+    def _scheduling(self, view: ClusterView) -> Iterator[Metric]:
+        counts = self.runtime.core.counters()
         info = GaugeMetricFamily(
             "exo_master_info", "The master's policy and session.", labels=["policy", "session"]
         )
-        info.add_metric([core.policy.name, core.config.session], 1)
+        info.add_metric([view.policy, view.session], 1)
         yield info
 
         queued = GaugeMetricFamily(
             "exo_queue_depth", "Requests waiting at the master, per model.", labels=["model"]
         )
-        for model in sorted(core.state.by_model):
-            queued.add_metric([model], core.queues.depth_for_model(model))
+        for row in view.models:
+            queued.add_metric([row.model], row.queued)
         yield queued
 
         live = GaugeMetricFamily("exo_live_tasks", "Tasks not yet ended, by status.", labels=["status"])
-        running = sum(len(inst.confirmed) for inst in core.state.instances.values())
-        live.add_metric([str(TaskStatus.QUEUED)], len(core.queues))
-        live.add_metric([str(TaskStatus.PENDING)], len(core.ledger))
-        live.add_metric([str(TaskStatus.RUNNING)], running)
+        live.add_metric([str(TaskStatus.QUEUED)], counts.queued)
+        live.add_metric([str(TaskStatus.PENDING)], counts.pending)
+        live.add_metric([str(TaskStatus.RUNNING)], counts.running)
         yield live
 
-        stats = core.stats
-        finals = {str(s): stats.finals.get(s, 0) for s in _FINAL}
+        finals = {str(s): counts.finals.get(s, 0) for s in _FINAL}
         yield _labelled_counter("exo_tasks_ended", "Tasks ended, by final status.", "status", finals.items())
         yield _counter(
             "exo_placements",
             "Tasks bound to an instance (first placements and re-placements).",
-            stats.placements,
+            counts.placements,
         )
         yield _counter(
-            "exo_replacements", "Tasks re-placed after their instance was lost or silent.", stats.replacements
+            "exo_replacements",
+            "Tasks re-placed after their instance was lost or silent.",
+            counts.replacements,
         )
-        rejections = {str(r): stats.rejections.get(r, 0) for r in RejectReason}
+        rejections = {str(r): counts.rejections.get(r, 0) for r in RejectReason}
         yield _labelled_counter(
             "exo_rejections", "Submissions refused, by reason.", "reason", rejections.items()
         )
         yield _counter(
             "exo_orphan_cancels",
             "Cancels sent for tasks a worker ran that nobody wanted.",
-            stats.orphan_cancels,
+            counts.orphan_cancels,
         )
         yield _counter(
-            "exo_late_events", "Worker events about tasks already ended or moved.", stats.late_events
+            "exo_late_events", "Worker events about tasks already ended or moved.", counts.late_events
         )
-        yield _counter("exo_chunk_gaps", "Output chunks lost between worker and master.", stats.chunk_gaps)
+        yield _counter("exo_chunk_gaps", "Output chunks lost between worker and master.", counts.chunk_gaps)
 
-        ledger = core.ledger
+        ledger = counts.ledger
         yield GaugeMetricFamily(
-            "exo_ledger_entries", "Assignments awaiting their worker's confirmation.", value=len(ledger)
+            "exo_ledger_entries", "Assignments awaiting their worker's confirmation.", value=counts.pending
         )
         yield _counter(
-            "exo_ledger_reservations", "Ledger entries made (one per placement).", ledger.stats.reserved
+            "exo_ledger_reservations", "Ledger entries made (one per placement).", ledger["reserved"]
         )
         yield _counter(
-            "exo_ledger_confirmations", "Ledger entries confirmed by the worker.", ledger.stats.confirmed
+            "exo_ledger_confirmations", "Ledger entries confirmed by the worker.", ledger["confirmed"]
         )
         yield _counter(
             "exo_ledger_releases",
             "Ledger entries dropped unconfirmed (cancel, end, loss).",
-            ledger.stats.released,
+            ledger["released"],
         )
         yield _counter(
-            "exo_ledger_expiries", "Ledger entries whose TTL ran out (then re-placed).", ledger.stats.expired
+            "exo_ledger_expiries", "Ledger entries whose TTL ran out (then re-placed).", ledger["expired"]
         )
 
-    def _instances(self) -> Iterator[Metric]:
-        core = self.runtime.core
+    def _instances(self, view: ClusterView) -> Iterator[Metric]:
         families = {
             "in_flight": _instance_gauge("exo_instance_in_flight", "Tasks confirmed by the worker."),
             "pending": _instance_gauge("exo_instance_pending", "Tasks assigned, awaiting confirmation."),
@@ -173,24 +174,19 @@ class MasterCollector(Collector):
         failed = CounterMetricFamily(
             "exo_instance_failed", "Tasks failed on the instance.", labels=_INSTANCE_LABELS
         )
-        for iid in sorted(core.state.instances):
-            inst = core.state.instances[iid]
-            node = core.state.nodes.get(inst.node_id)
-            labels = [inst.instance_id, inst.node_id, inst.model]
-            ready = inst.status is InstanceStatus.READY and node is not None and node.alive
-            families["in_flight"].add_metric(labels, len(inst.confirmed))
-            families["pending"].add_metric(labels, core.ledger.pending(iid))
-            families["max"].add_metric(labels, inst.max_concurrency)
-            families["ready"].add_metric(labels, 1 if ready else 0)
-            completed.add_metric(labels, inst.completed)
-            failed.add_metric(labels, inst.failed)
+        for row in view.instances:
+            labels = [row.instance_id, row.node_id, row.model]
+            families["in_flight"].add_metric(labels, row.in_flight)
+            families["pending"].add_metric(labels, row.pending)
+            families["max"].add_metric(labels, row.max_concurrency)
+            families["ready"].add_metric(labels, 1 if row.status == InstanceStatus.READY else 0)
+            completed.add_metric(labels, row.completed)
+            failed.add_metric(labels, row.failed)
         yield from families.values()
         yield completed
         yield failed
 
-    def _nodes(self) -> Iterator[Metric]:
-        nodes = self.runtime.core.state.nodes
-        now = self.runtime.clock()
+    def _nodes(self, view: ClusterView) -> Iterator[Metric]:
         up = GaugeMetricFamily(
             "exo_node_up", "1 while the node heartbeats, 0 once declared dead.", labels=["node"]
         )
@@ -200,11 +196,10 @@ class MasterCollector(Collector):
         age = GaugeMetricFamily(
             "exo_node_heartbeat_age_seconds", "Seconds since the node's last heartbeat.", labels=["node"]
         )
-        for node_id in sorted(nodes):
-            node = nodes[node_id]
-            up.add_metric([node_id], 1 if node.alive else 0)
-            subscribed.add_metric([node_id], 1 if node.subscribed else 0)
-            age.add_metric([node_id], max(0.0, now - node.last_seen))
+        for row in view.nodes:
+            up.add_metric([row.node_id], 1 if row.alive else 0)
+            subscribed.add_metric([row.node_id], 1 if row.subscribed else 0)
+            age.add_metric([row.node_id], row.last_heartbeat_age)
         yield up
         yield subscribed
         yield age

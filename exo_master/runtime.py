@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from itertools import islice
 
 import structlog
 
 from exo_master.bus import Inbound, MasterBus
 from exo_master.core import MasterCore
-from exo_master.events import (
+from exo_master.core.events import (
     CancelRequest,
     ClientEffect,
     Effect,
@@ -76,7 +75,7 @@ class MasterRuntime:
 
     def cancel(self, task_id: TaskId, reason: str) -> bool:
         """Cancel a live task; False when no such task is live."""
-        if task_id not in self.core.state.tasks:
+        if not self.core.is_live(task_id):
             return False
         self._dispatch(self.core.handle(CancelRequest(task_id=task_id, reason=reason), self.clock()))
         return True
@@ -112,12 +111,11 @@ class MasterRuntime:
                         waiter.inbox.put_nowait(effect)
 
     def _log_placement(self, placed: TaskPlaced) -> None:
-        task = self.core.state.tasks.get(placed.task_id)
+        task = self.core.task(placed.task_id)
         if task is None:
             return
-        members = self.core.state.by_model.get(task.model, {})
         # The loads the decision compared (bounded: a log line is no place for 1000 instances).
-        loads = {iid: self.core.load(inst) for iid, inst in islice(members.items(), 16)}
+        loads = self.core.loads_of(task.model, limit=16)
         log.info(
             "placement",
             task_id=placed.task_id,

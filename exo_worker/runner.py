@@ -156,7 +156,7 @@ class Runner:
         reason = self._refusal(assign)
         if reason is not None:
             self._log.warning("task.refused", task_id=task_id, reason=reason)
-            self._finish(task_id, self._failed(task_id, reason))
+            self._finish(task_id, self._failed(task_id, reason, refused=True))
             return
         self._active[task_id] = _Task(assign)
         self._callbacks.accepted(self._accepted(task_id))
@@ -290,8 +290,14 @@ class Runner:
             usage=usage,
         )
 
-    def _failed(self, task_id: TaskId, reason: str) -> TaskFailed:
-        return TaskFailed(node_id=self.node_id, task_id=task_id, instance_id=self.instance_id, reason=reason)
+    def _failed(self, task_id: TaskId, reason: str, refused: bool = False) -> TaskFailed:
+        return TaskFailed(
+            node_id=self.node_id,
+            task_id=task_id,
+            instance_id=self.instance_id,
+            reason=reason,
+            refused=refused,
+        )
 
 
 class RunnerGroup:
@@ -313,7 +319,11 @@ class RunnerGroup:
         reason = f"unknown instance {assign.instance_id} on node {self.node_id} (instances: {known})"
         self._callbacks.failed(
             TaskFailed(
-                node_id=self.node_id, task_id=assign.task_id, instance_id=assign.instance_id, reason=reason
+                node_id=self.node_id,
+                task_id=assign.task_id,
+                instance_id=assign.instance_id,
+                reason=reason,
+                refused=True,
             )
         )
 

@@ -136,6 +136,9 @@ class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFailed", ta
     task_id: TaskId
     instance_id: InstanceId
     reason: str
+    # True when the worker never started the task (shutting down, instance not ready or unknown):
+    # the master re-places it instead of failing the request.
+    refused: bool = False
 
 
 WorkerMessage = WorkerHeartbeat | TaskAccepted | TaskChunk | TaskFinished | TaskFailed

@@ -19,9 +19,9 @@ from typing import Any
 
 import typer
 
+from exo_master.core.placement import POLICY_NAMES
 from exo_master.devtools.launcher import ClusterSpec, LocalCluster
 from exo_master.devtools.loadgen import burst, spread
-from exo_master.placement import POLICY_NAMES
 
 SHAPES = ((16, 2), (64, 4))
 

@@ -21,8 +21,8 @@ from collections import deque
 import msgspec
 
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.events import NodeSubscribed, SubmitTask, TaskPlaced
-from exo_master.placement import POLICY_NAMES
+from exo_master.core.events import NodeSubscribed, SubmitTask, TaskPlaced
+from exo_master.core.placement import POLICY_NAMES
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     ChatMessage,

@@ -51,9 +51,9 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
+from exo_master.core.lifecycle import TaskStatus
+from exo_master.core.view_rows import ClusterView
 from exo_master.exoctl import render
-from exo_master.state import TaskStatus
-from exo_master.views import ClusterView
 
 DEFAULT_API = "http://127.0.0.1:52415"
 

@@ -13,7 +13,7 @@ import msgspec
 from rich.table import Table
 from rich.text import Text
 
-from exo_master.views import ClusterView, InstanceRow, NodeRow, TaskRow
+from exo_master.core.view_rows import ClusterView, InstanceRow, NodeRow, TaskRow
 
 _INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
 _TASK_STYLE = {

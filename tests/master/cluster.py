@@ -7,8 +7,8 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.events import Effect, NodeSubscribed, SubmitTask, TaskPlaced
-from exo_master.state import TaskStatus
+from exo_master.core.events import Effect, NodeSubscribed, SubmitTask, TaskPlaced
+from exo_master.core.lifecycle import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     ChatMessage,
@@ -187,31 +187,8 @@ def loads(core: MasterCore) -> dict[InstanceId, int]:
 def recount_loads(core: MasterCore) -> dict[InstanceId, int]:
     """Every instance's load recounted from the task records alone."""
     counts = dict.fromkeys(core.state.instances, 0)
-    for task in core.state.tasks.values():
+    for task in core.book.live.values():
         if task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
             assert task.instance_id is not None
             counts[task.instance_id] += 1
     return counts
-
-
-def check_pools(core: MasterCore) -> None:
-    """Each candidate pool holds exactly the eligible instances of its (model, kind), and its freshest
-    heap entry for each member with a free slot carries that member's current score."""
-    for (model, kind), pool in core._pools.items():
-        eligible = {
-            iid
-            for iid, inst in core.state.by_model.get(model, {}).items()
-            if kind in inst.kinds
-            and inst.status is InstanceStatus.READY
-            and not inst.retired
-            and core.state.nodes[inst.node_id].alive
-            and core.state.nodes[inst.node_id].subscribed
-        }
-        assert set(pool.members) == eligible, f"pool {model}/{kind} drift"
-        fresh = {iid: score for score, stamp, iid in pool._heap if pool._stamps.get(iid) == stamp}
-        for iid, inst in pool.members.items():
-            load = core.load(inst)
-            if load < inst.max_concurrency:
-                assert fresh.get(iid) == (load + 1) / inst.capacity, f"stale score for {iid} in {kind}"
-            else:
-                assert iid not in fresh, f"full instance {iid} is still offered for {kind}"

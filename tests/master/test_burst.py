@@ -170,7 +170,7 @@ def test_every_task_kind_shares_one_balanced_path(n: int, k: int) -> None:
     placements = burst(core, n, kinds=ALL_KINDS)
     assert {p.instance_id for p in placements} <= {instance_of(i) for i in range(k)}
     assert max(per_instance(placements).values()) == math.ceil(n / k)
-    kinds = {core.state.tasks[p.task_id].kind for p in placements}
+    kinds = {core.book.live[p.task_id].kind for p in placements}
     assert kinds == set(ALL_KINDS[: min(n, 3)])
     core.check_invariants()
 

@@ -9,9 +9,9 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
+from exo_master.core.view_rows import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 from exo_master.exoctl import render
 from exo_master.exoctl.cli import error_message
-from exo_master.views import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 
 
 def instance(

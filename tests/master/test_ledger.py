@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_master.ledger import PendingLedger, Reservation
+from exo_master.core.ledger import PendingLedger, Reservation
 from protocol.ids import InstanceId, TaskId
 
 A, B = InstanceId("a"), InstanceId("b")

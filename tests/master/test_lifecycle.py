@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 
 from exo_master.core import MasterCore
-from exo_master.events import (
+from exo_master.core.events import (
     CancelRequest,
     NodeSubscribed,
     NodeUnsubscribed,
@@ -18,7 +18,7 @@ from exo_master.events import (
     TaskPlaced,
     TaskQueued,
 )
-from exo_master.state import TaskStatus
+from exo_master.core.lifecycle import TaskStatus
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
@@ -66,7 +66,7 @@ def worker_effects(effects: list[object]) -> list[object]:
 
 
 def task_status(core: MasterCore, task_id: str) -> TaskStatus:
-    task = core.state.task(TaskId(task_id))
+    task = core.task(TaskId(task_id))
     assert task is not None
     return task.status
 
@@ -78,9 +78,9 @@ def test_accept_moves_a_task_from_the_ledger_to_the_state_without_changing_load(
     core = cluster(2)
     (p,) = burst(core, 1)
     inst = core.state.instances[p.instance_id]
-    assert (core.ledger.pending(p.instance_id), len(inst.confirmed), core.load(inst)) == (1, 0, 1)
+    assert (core.book.ledger.pending(p.instance_id), len(inst.confirmed), core.load(inst)) == (1, 0, 1)
     assert accept(core, p) == []
-    assert (core.ledger.pending(p.instance_id), len(inst.confirmed), core.load(inst)) == (0, 1, 1)
+    assert (core.book.ledger.pending(p.instance_id), len(inst.confirmed), core.load(inst)) == (0, 1, 1)
     assert task_status(core, p.task_id) is TaskStatus.RUNNING
     core.check_invariants()
 
@@ -122,7 +122,7 @@ def test_accepting_a_task_that_was_placed_elsewhere_since_cancels_the_old_copy()
     assert new is not None and new.instance_id != old.instance_id
     late = accept(core, old, now=5.1)
     assert late == [CancelTask(task_id=old.task_id, node_id=old.node_id, instance_id=old.instance_id)]
-    task = core.state.tasks[old.task_id]
+    task = core.book.live[old.task_id]
     assert (task.status, task.instance_id) == (TaskStatus.PENDING, new.instance_id)
     core.check_invariants()
 
@@ -161,7 +161,7 @@ def test_a_chunk_before_the_accept_confirms_the_task() -> None:
     (p,) = burst(core, 1)
     assert chunk(core, p, 0) == [TaskOutput(task_id=p.task_id, index=0, text="x")]
     assert task_status(core, p.task_id) is TaskStatus.RUNNING
-    assert core.ledger.pending(p.instance_id) == 0
+    assert core.book.ledger.pending(p.instance_id) == 0
     assert accept(core, p) == []  # the lost-and-found accept changes nothing
     assert core.load(core.state.instances[p.instance_id]) == 1
     core.check_invariants()
@@ -214,7 +214,7 @@ def test_a_task_can_finish_before_its_accept_arrives() -> None:
     core = cluster(1)
     (p,) = burst(core, 1)
     assert only(finish(core, p), TaskCompleted)
-    assert len(core.ledger) == 0 and core.load(core.state.instances[p.instance_id]) == 0
+    assert len(core.book.ledger) == 0 and core.load(core.state.instances[p.instance_id]) == 0
     core.check_invariants()
 
 
@@ -298,7 +298,7 @@ def test_an_unconfirmed_task_is_placed_elsewhere_when_its_ttl_runs_out() -> None
     assert new is not None and new.task_id == old.task_id
     assert new.instance_id != old.instance_id and new.attempt == 2
     assert CancelTask(task_id=old.task_id, node_id=old.node_id, instance_id=old.instance_id) in effects
-    assert core.ledger.stats.expired == 1 and core.stats.replacements == 1
+    assert core.book.ledger.stats.expired == 1 and core.stats.replacements == 1
     core.check_invariants()
 
 
@@ -324,7 +324,7 @@ def test_a_task_nobody_confirms_fails_after_max_attempts() -> None:
         errored += only(effects, TaskErrored)
     assert placements == core.config.max_attempts == 3
     assert len(errored) == 1 and errored[0].unavailable and "3 attempts" in errored[0].message
-    assert not core.state.tasks and len(core.ledger) == 0
+    assert not core.book.live and len(core.book.ledger) == 0
     core.check_invariants()
 
 
@@ -374,7 +374,7 @@ def test_a_pending_task_listed_active_is_confirmed_by_the_snapshot() -> None:
     (p,) = burst(core, 1)
     assert core.handle(heartbeat(0, report(0, active=[p.task_id])), 0.5) == []
     assert task_status(core, p.task_id) is TaskStatus.RUNNING
-    assert len(core.ledger) == 0
+    assert len(core.book.ledger) == 0
     core.check_invariants()
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.events import NodeSubscribed
+from exo_master.core.events import NodeSubscribed
 from exo_master.metrics import MasterMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.ids import InstanceId, NodeId, TaskId
@@ -37,7 +37,7 @@ def test_collector_reads_core_ledger_and_queue_at_scrape_time() -> None:
     metrics = MasterMetrics(runtime)
     for n in range(4):
         runtime.submit(TaskId(f"t{n}"), params())
-    placed = {tid: t.instance_id for tid, t in runtime.core.state.tasks.items() if t.instance_id}
+    placed = {tid: t.instance_id for tid, t in runtime.core.book.live.items() if t.instance_id}
     first = sorted(placed)[0]
     runtime.core.handle(
         TaskAccepted(task_id=first, node_id=NodeId(placed[first].split("/")[0]), instance_id=placed[first]),

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from exo_master.core import MasterCore
-from exo_master.events import (
+from exo_master.core.events import (
     CancelRequest,
     NodeSubscribed,
     RejectReason,
@@ -17,8 +17,8 @@ from exo_master.events import (
     TaskQueued,
     TaskRejected,
 )
-from exo_master.queue import WaitQueues
-from exo_master.state import TaskStatus
+from exo_master.core.lifecycle import TaskStatus
+from exo_master.core.queue import WaitQueues
 from protocol.ids import InstanceId, ModelId, TaskId
 from protocol.messages import AssignTask, CancelTask, InstanceReport, InstanceStatus, TaskKind
 from tests.master.cluster import (
@@ -74,7 +74,7 @@ def test_a_finished_task_hands_its_slot_to_the_head_of_the_queue(freed: int) -> 
     assert bound.instance_id == instance_of(freed)
     assert bound.waited == pytest.approx(1.0)
     assert [a.instance_id for a in only(effects, AssignTask)] == [instance_of(freed)]
-    assert len(core.queues) == 0
+    assert len(core.book.queues) == 0
     core.check_invariants()
 
 
@@ -113,8 +113,8 @@ def test_past_the_queue_limit_requests_are_rejected_with_a_reason() -> None:
     (rejected,) = only(submit(core, "q3"), TaskRejected)
     assert rejected.task_id == "q3" and rejected.reason is RejectReason.QUEUE_FULL
     assert "retry" in rejected.message and str(MODEL) in rejected.message
-    assert core.state.task(TaskId("q3")) is None
-    assert len(core.queues) == 2
+    assert core.task(TaskId("q3")) is None
+    assert len(core.book.queues) == 2
     core.check_invariants()
 
 
@@ -136,7 +136,7 @@ def test_unknown_model_is_rejected() -> None:
     effects = core.handle(SubmitTask(task_id=TaskId("t"), params=params(model=ModelId("nope"))), 0.0)
     (rejected,) = only(effects, TaskRejected)
     assert rejected.reason is RejectReason.UNKNOWN_MODEL and "nope" in rejected.message
-    assert len(effects) == 1 and not core.state.tasks
+    assert len(effects) == 1 and not core.book.live
 
 
 def test_a_kind_no_instance_serves_is_rejected() -> None:
@@ -191,13 +191,13 @@ def test_queued_requests_wait_while_a_node_lives_and_fail_when_the_last_one_dies
     assert [n.alive for n in core.state.nodes.values()] == [False] * (K - 1) + [True]
     assert not only(effects, TaskErrored)
     # The dead nodes' tasks had streamed nothing, so they wait for a slot again, ahead of q1 and q2.
-    queue = core.queues.tasks((MODEL, TaskKind.TEXT_GENERATION))
+    queue = core.book.queues.tasks((MODEL, TaskKind.TEXT_GENERATION))
     assert len(queue) == (K - 1) * C + 2 and queue[-2:] == ["q1", "q2"]
     effects = core.tick(7.0)  # now the last node is silent too
     errored = only(effects, TaskErrored)
     assert {e.task_id for e in errored} == {p.task_id for p in placed} | {"q1", "q2"}
     assert all(e.unavailable for e in errored)
-    assert not core.state.tasks and len(core.queues) == 0
+    assert not core.book.live and len(core.book.queues) == 0
     core.check_invariants()
 
 
@@ -210,7 +210,7 @@ def test_every_queued_request_fails_when_its_only_node_dies() -> None:
     errored = {e.task_id: e for e in only(effects, TaskErrored)}
     assert {"q1", "q2"} <= errored.keys()
     assert all(e.unavailable and "no live instance" in e.message for e in errored.values())
-    assert len(core.queues) == 0
+    assert len(core.book.queues) == 0
     core.check_invariants()
 
 
@@ -221,7 +221,7 @@ def test_queued_requests_fail_when_the_only_instance_reports_failed() -> None:
     effects = core.handle(heartbeat(0, report(0, max_concurrency=1, status=InstanceStatus.FAILED)), 1.0)
     errored = {e.task_id for e in only(effects, TaskErrored)}
     assert errored == {"t0", "q1"}
-    assert len(core.queues) == 0 and not core.state.tasks
+    assert len(core.book.queues) == 0 and not core.book.live
     core.check_invariants()
 
 
@@ -248,7 +248,7 @@ def test_queued_requests_survive_an_instance_replaced_within_one_heartbeat() -> 
     # for the next slot, at the head of the line.
     (placed,) = only(effects, TaskPlaced)
     assert placed.instance_id == InstanceId("node0/1")
-    assert core.queues.tasks((MODEL, TaskKind.TEXT_GENERATION)) == [
+    assert core.book.queues.tasks((MODEL, TaskKind.TEXT_GENERATION)) == [
         ({first.task_id, "q1"} - {placed.task_id}).pop()
     ]
     core.check_invariants()
@@ -261,11 +261,11 @@ def test_cancelling_a_queued_request_removes_it_from_the_line() -> None:
     effects = core.handle(CancelRequest(task_id=TaskId("q2")), 1.0)
     # It was never sent anywhere: nothing to tell a worker, only whoever waits on it.
     assert effects == [TaskErrored(task_id=TaskId("q2"), message="cancelled by client", cancelled=True)]
-    assert core.queues.tasks((MODEL, TaskKind.TEXT_GENERATION)) == ["q1", "q3"]
+    assert core.book.queues.tasks((MODEL, TaskKind.TEXT_GENERATION)) == ["q1", "q3"]
     assert queued_position(submit(core, "q4")) == 3
     bound = [placement_of(finish(core, p, now=2.0)) for p in placed[:3]]
     assert [b.task_id for b in bound if b] == ["q1", "q3", "q4"]
-    cancelled = core.state.task(TaskId("q2"))
+    cancelled = core.task(TaskId("q2"))
     assert cancelled is not None and cancelled.status is TaskStatus.CANCELLED
     core.check_invariants()
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.events import (
+from exo_master.core.events import (
     CancelRequest,
     Effect,
     NodeSubscribed,
@@ -31,7 +31,8 @@ from exo_master.events import (
     TaskQueued,
     TaskRejected,
 )
-from exo_master.state import TaskStatus
+from exo_master.core.invariants import check_pools
+from exo_master.core.lifecycle import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
@@ -47,7 +48,7 @@ from protocol.messages import (
     WorkerHeartbeat,
     WorkerMessage,
 )
-from tests.master.cluster import ALL_KINDS, MODEL, check_pools, loads, node_of, params, recount_loads
+from tests.master.cluster import ALL_KINDS, MODEL, loads, node_of, params, recount_loads
 
 TEXT, IMAGE = TaskKind.TEXT_GENERATION, TaskKind.IMAGE_GENERATION
 # node -> its instances: (kinds, max_concurrency, capacity)
@@ -247,7 +248,7 @@ class ClusterMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def client_cancel(self, data: st.DataObject) -> None:
         task_id = data.draw(st.sampled_from(self.submitted))
-        if task_id in self.core.state.tasks:
+        if task_id in self.core.book.live:
             self.client_cancelled.add(task_id)
         self.feed(CancelRequest(task_id=task_id))
 
@@ -359,42 +360,42 @@ class ClusterMachine(RuleBasedStateMachine):
     def every_live_task_is_counted_in_exactly_one_place(self) -> None:
         core = self.core
         places: Counter[TaskId] = Counter()
-        for key in core.queues.queue_keys():
-            places.update(core.queues.tasks(key))
+        for key in core.book.queues.queue_keys():
+            places.update(core.book.queues.tasks(key))
         for inst in core.state.instances.values():
             places.update(inst.confirmed)
-            places.update(core.ledger.tasks_on(inst.instance_id))
-        assert set(places) == set(core.state.tasks) and all(n == 1 for n in places.values())
+            places.update(core.book.ledger.tasks_on(inst.instance_id))
+        assert set(places) == set(core.book.live) and all(n == 1 for n in places.values())
         for iid in core.state.instances:
-            for task_id in core.ledger.tasks_on(iid):
-                task = core.state.tasks[task_id]  # no ledger entry outlives its task
+            for task_id in core.book.ledger.tasks_on(iid):
+                task = core.book.live[task_id]  # no ledger entry outlives its task
                 assert task.status is TaskStatus.PENDING and task.instance_id == iid
 
     @invariant()
     def waiting_requests_wait_only_for_a_reason(self) -> None:
         core = self.core
-        for key in core.queues.queue_keys():
-            assert core._has_live_candidate(key), f"{key} queue is stranded"
-            pool = core._pools.get(key)
+        for key in core.book.queues.queue_keys():
+            assert core.has_live_candidate(key), f"{key} queue is stranded"
+            pool = core.pool(*key)
             for inst in pool.members.values() if pool else ():
                 assert core.load(inst) >= inst.max_concurrency, f"{inst.instance_id} idles while {key} waits"
 
     @invariant()
     def every_request_is_accounted_for_once(self) -> None:
-        state = self.core.state
+        core = self.core
         for task_id in self.submitted:
             if task_id in self.rejected:
-                assert state.task(task_id) is None and self.finals[task_id] == 0
-            elif task_id in state.tasks:
+                assert core.task(task_id) is None and self.finals[task_id] == 0
+            elif task_id in core.book.live:
                 assert self.finals[task_id] == 0
             elif task_id in self.client_cancelled:
-                assert self.finals[task_id] == 1 and state.recent[task_id].status is TaskStatus.CANCELLED
+                assert self.finals[task_id] == 1 and core.book.recent[task_id].status is TaskStatus.CANCELLED
             else:
                 assert self.finals[task_id] == 1, f"{task_id} ended without telling its client"
                 ended_as = (
                     TaskStatus.FINISHED if self.final_kind[task_id] is TaskCompleted else TaskStatus.FAILED
                 )
-                assert state.recent[task_id].status is ended_as
+                assert core.book.recent[task_id].status is ended_as
 
     def teardown(self) -> None:
         """Heal everything and let the cluster run dry: every request must reach its end."""
@@ -404,7 +405,7 @@ class ClusterMachine(RuleBasedStateMachine):
                 inst.present, inst.status = True, InstanceStatus.READY
             self.feed(NodeSubscribed(node_id=node_of(n)))
         for _ in range(200):
-            if not self.core.state.tasks:
+            if not self.core.book.live:
                 break
             for worker in self.workers.values():
                 while worker.inbox:
@@ -412,7 +413,7 @@ class ClusterMachine(RuleBasedStateMachine):
             for worker, inst, task_id in self.running():
                 self.send(worker, [worker.end(inst, task_id, FinishReason.STOP)])
             self.advance(0.5)
-        assert not self.core.state.tasks, f"stuck: {list(self.core.state.tasks.values())[:3]}"
+        assert not self.core.book.live, f"stuck: {list(self.core.book.live.values())[:3]}"
         self.every_request_is_accounted_for_once()
         self.bookkeeping_matches_a_recount()
 

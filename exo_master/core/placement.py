@@ -10,17 +10,17 @@ from __future__ import annotations
 import random
 from typing import Protocol
 
-from exo_master.pool import InstancePool
-from exo_master.state import InstanceView
+from exo_master.core.pool import InstancePool, score
+from exo_master.core.records import InstanceRecord
 from protocol.ids import InstanceId
 
 
 class LoadView(Protocol):
-    def load(self, inst: InstanceView) -> int:
+    def load(self, inst: InstanceRecord) -> int:
         """Confirmed in-flight (state) + pending (ledger)."""
         ...
 
-    def confirmed(self, inst: InstanceView) -> int: ...
+    def confirmed(self, inst: InstanceRecord) -> int: ...
 
 
 class Policy(Protocol):
@@ -28,21 +28,15 @@ class Policy(Protocol):
 
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
-    ) -> InstanceView | None: ...
+    ) -> InstanceRecord | None: ...
 
 
-def _has_slot(inst: InstanceView, load: int) -> bool:
+def _has_slot(inst: InstanceRecord, load: int) -> bool:
     return load < inst.max_concurrency
 
 
-def _free(pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]) -> list[InstanceView]:
+def _free(pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]) -> list[InstanceRecord]:
     return [i for i in pool.ordered() if i.instance_id not in exclude and _has_slot(i, loads.load(i))]
-
-
-def _score(inst: InstanceView, load: int) -> float:
-    # Projected completion if this task is added: greedy on (load + 1) / capacity is the
-    # earliest-finish rule, which splits equal tasks optimally across unequal instances.
-    return (load + 1) / inst.capacity
 
 
 class LeastLoaded:
@@ -52,7 +46,7 @@ class LeastLoaded:
 
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
-    ) -> InstanceView | None:
+    ) -> InstanceRecord | None:
         return pool.pop_best(exclude)
 
 
@@ -64,8 +58,8 @@ class StateOnly:
 
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
-    ) -> InstanceView | None:
-        best: InstanceView | None = None
+    ) -> InstanceRecord | None:
+        best: InstanceRecord | None = None
         best_load = 0
         for inst in pool.ordered():
             confirmed = loads.confirmed(inst)
@@ -83,7 +77,7 @@ class RoundRobin:
 
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
-    ) -> InstanceView | None:
+    ) -> InstanceRecord | None:
         members = list(pool.ordered())
         n = len(members)
         for step in range(n):
@@ -105,7 +99,7 @@ class RandomChoice:
 
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
-    ) -> InstanceView | None:
+    ) -> InstanceRecord | None:
         free = _free(pool, loads, exclude)
         return self._rng.choice(free) if free else None
 
@@ -120,12 +114,12 @@ class PowerOfTwo:
 
     def choose(
         self, pool: InstancePool, loads: LoadView, exclude: frozenset[InstanceId]
-    ) -> InstanceView | None:
+    ) -> InstanceRecord | None:
         free = _free(pool, loads, exclude)
         if len(free) <= 1:
             return free[0] if free else None
         a, b = self._rng.sample(free, 2)
-        return a if _score(a, loads.load(a)) <= _score(b, loads.load(b)) else b
+        return a if score(loads.load(a), a.capacity) <= score(loads.load(b), b.capacity) else b
 
 
 POLICY_NAMES = ("least-loaded", "state-only", "round-robin", "random", "power-of-two")

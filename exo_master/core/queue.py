@@ -39,6 +39,9 @@ class WaitQueues:
     def queue_keys(self) -> list[QueueKey]:
         return list(self._queues)
 
+    def keys_of(self, model: ModelId) -> list[QueueKey]:
+        return [key for key in self._queues if key[0] == model]
+
     def push(self, key: QueueKey, task_id: TaskId, admission: int) -> int | None:
         """Append; return the 1-based position, or None when the queue is full.
 

@@ -1,0 +1,36 @@
+"""The core's settings and its counters (what /metrics exports about scheduling)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    policy: str = "least-loaded"
+    seed: int = 0
+    session: str = "master"
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3  # missed heartbeats before a node is dead
+    ledger_ttl: float = 5.0  # well above liveness x interval: a silent node is declared dead first
+    assign_resend: float = 0.25  # AssignTask is re-sent this often until the worker confirms
+    queue_limit: int = 256  # per (model, kind)
+    max_attempts: int = 3  # placements per task before it fails
+    # A dead node stays visible (exoctl shows it "dead") this long, then it is forgotten: workers
+    # that restart under a new node id must not pile up as dead rows forever.
+    forget_dead_after: float = 300.0
+
+    @property
+    def node_timeout(self) -> float:
+        return self.heartbeat_interval * self.heartbeat_liveness
+
+
+@dataclass(slots=True)
+class CoreStats:
+    placements: int = 0
+    replacements: int = 0  # attempts lost and put back in line
+    rejections: dict[str, int] = field(default_factory=dict)
+    finals: dict[str, int] = field(default_factory=dict)
+    orphan_cancels: int = 0
+    chunk_gaps: int = 0
+    late_events: int = 0

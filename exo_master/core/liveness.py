@@ -1,0 +1,128 @@
+"""Liveness and loss: nodes that fall silent, instances that go away, assignments nobody confirmed,
+and what happens to their tasks.
+
+First phase only: these functions make instances ineligible and displace or fail tasks; they never
+place anything. `Scheduler.settle`, called once the whole event has been applied, re-places.
+"""
+
+from __future__ import annotations
+
+from exo_master.core.config import CoreConfig
+from exo_master.core.events import Effect
+from exo_master.core.lifecycle import TaskRecord, TaskStatus
+from exo_master.core.records import ClusterState, InstanceRecord, NodeRecord
+from exo_master.core.scheduling import Scheduler
+from exo_master.core.tasks import TaskBook
+from protocol.ids import InstanceId, NodeId, TaskId
+from protocol.messages import CancelTask
+
+
+class Liveness:
+    def __init__(
+        self,
+        config: CoreConfig,
+        state: ClusterState,
+        book: TaskBook,
+        scheduler: Scheduler,
+        out: list[Effect],
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.book = book
+        self.scheduler = scheduler
+        self.out = out
+        self.subscribed: set[NodeId] = set()  # XPUB subscriptions seen, also for nodes not yet known
+
+    # ---- nodes ----------------------------------------------------------------------------------
+
+    def check_nodes(self, now: float) -> None:
+        deadline = now - self.config.node_timeout
+        forget_before = now - self.config.forget_dead_after
+        dying = [n for n in self.state.nodes.values() if n.alive and n.last_seen < deadline]
+        for node in dying:  # every dying node ineligible before any task moves
+            node.alive = False
+            for iid in sorted(node.instances):
+                self.scheduler.reindex(self.state.instances[iid])
+        for node in dying:
+            why = f"node {node.node_id} stopped responding (no heartbeat for {now - node.last_seen:.1f} s)"
+            for iid in sorted(node.instances):
+                self.evacuate(self.state.instances[iid], why, now)
+        for node in [n for n in self.state.nodes.values() if not n.alive and n.last_seen < forget_before]:
+            why = f"node {node.node_id} has been dead too long"
+            self.retire(dict.fromkeys(sorted(node.instances), why), now)
+            del self.state.nodes[node.node_id]
+
+    def seen(self, node_id: NodeId, now: float) -> None:
+        """Any message from a live node proves it still alive. A node already declared dead comes
+        back only with a full snapshot (its heartbeat), since its work was moved meanwhile."""
+        node = self.state.nodes.get(node_id)
+        if node is not None and node.alive:
+            node.last_seen = now
+
+    def revive(self, node: NodeRecord, now: float) -> None:
+        node.last_seen = now
+        if not node.alive:
+            node.alive = True
+            for iid in sorted(node.instances):
+                self.scheduler.reindex(self.state.instances[iid])
+
+    def set_subscribed(self, node_id: NodeId, subscribed: bool) -> None:
+        if subscribed:
+            self.subscribed.add(node_id)
+        else:
+            self.subscribed.discard(node_id)
+        node = self.state.nodes.get(node_id)
+        if node is None:
+            return
+        node.subscribed = subscribed
+        for iid in sorted(node.instances):
+            self.scheduler.reindex(self.state.instances[iid])
+
+    # ---- instances ------------------------------------------------------------------------------
+
+    def retire(self, leaving: dict[InstanceId, str], now: float) -> None:
+        """Instances are going away (id -> why): all of them ineligible first, then their tasks move."""
+        insts = [self.state.instances[iid] for iid in leaving]
+        for inst in insts:
+            inst.retired = True
+            self.scheduler.reindex(inst)
+        for inst in insts:
+            self.evacuate(inst, leaving[inst.instance_id], now)
+            self.state.remove_instance(inst.instance_id)
+
+    def evacuate(self, inst: InstanceRecord, why: str, now: float) -> None:
+        """The instance is lost: what it had not started is displaced, what it ran is lost too."""
+        self.evacuate_pending(inst, why)
+        for task_id in sorted(inst.confirmed):
+            self.lose_attempt(self.book.live[task_id], why, now)
+
+    def evacuate_pending(self, inst: InstanceRecord, why: str) -> None:
+        for task_id in self.book.ledger.tasks_on(inst.instance_id):
+            self.book.unbind(self.book.live[task_id], why)
+            self.cancel_copy(task_id, inst.instance_id)
+
+    # ---- tasks ----------------------------------------------------------------------------------
+
+    def lose_attempt(self, task: TaskRecord, why: str, now: float) -> None:
+        """The task's instance lost it. Run it again elsewhere unless its client already has output:
+        a second run would not continue the same text."""
+        if task.status is TaskStatus.RUNNING and task.next_chunk > 0:
+            self.book.fail(task, now, why, unavailable=True)
+            return
+        self.book.unbind(task, why)
+
+    def expire_unconfirmed(self, now: float) -> list[tuple[TaskId, InstanceId]]:
+        """Assignments no worker confirmed within the ledger TTL are displaced; returns where each
+        was, so the old copy can be cancelled once it is known whether the task moved."""
+        expired = []
+        for entry in self.book.ledger.expire(now):
+            task = self.book.live[entry.task_id]
+            assert task.status is TaskStatus.PENDING and task.instance_id == entry.instance_id
+            self.book.unbind(task, "not confirmed in time")
+            expired.append((entry.task_id, entry.instance_id))
+        return expired
+
+    def cancel_copy(self, task_id: TaskId, instance_id: InstanceId) -> None:
+        inst = self.state.instances.get(instance_id)
+        if inst is not None:
+            self.out.append(CancelTask(task_id=task_id, node_id=inst.node_id, instance_id=instance_id))

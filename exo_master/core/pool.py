@@ -1,0 +1,93 @@
+"""Candidate index for one (model, task kind): the instances a request of that kind may go to.
+
+It keeps the eligible instances in registration order for the scanning policies, and a lazily
+invalidated min-heap keyed on the projected completion score for least-loaded, so that the default
+decision costs O(log k) instead of a scan of all k instances. An instance's heap entry carries a
+stamp; a change of its score bumps the stamp and pushes a fresh entry, which makes older entries
+stale. A re-index that changes nothing (a heartbeat restating the same load) pushes nothing, so the
+heap does not grow with heartbeat volume. Among equal scores the entry with the older stamp wins:
+the instance that has waited longest at that load goes first, a rotation that never favours list
+order.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterator
+
+from exo_master.core.records import InstanceRecord
+from protocol.ids import InstanceId
+
+HeapEntry = tuple[float, int, InstanceId]
+
+
+def score(load: int, capacity: float) -> float:
+    """Projected completion if one more task is added. Greedy on (load + 1) / capacity is the
+    earliest-finish rule, which splits equal tasks optimally across unequal instances."""
+    return (load + 1) / capacity
+
+
+class InstancePool:
+    def __init__(self) -> None:
+        self.members: dict[InstanceId, InstanceRecord] = {}
+        self.cursor = 0  # for round-robin
+        self._heap: list[HeapEntry] = []
+        self._stamps: dict[InstanceId, int] = {}
+        # What each member's live heap entry was computed from (None: full, no entry).
+        self._indexed: dict[InstanceId, tuple[int, float, int] | None] = {}
+        self._clock = 0
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def update(self, inst: InstanceRecord, eligible: bool, load: int) -> None:
+        """Record an instance's current eligibility and load (confirmed + pending)."""
+        iid = inst.instance_id
+        if not eligible:
+            if self.members.pop(iid, None) is not None:
+                del self._stamps[iid], self._indexed[iid]
+            return
+        basis = (load, inst.capacity, inst.max_concurrency)
+        if iid in self.members and self._indexed[iid] == basis:
+            return  # same score as its live entry: keep the entry (and its place in the rotation)
+        self._clock += 1
+        self.members[iid] = inst
+        self._stamps[iid] = self._clock
+        self._indexed[iid] = basis
+        if load < inst.max_concurrency:  # a full instance has no entry: it is not offered
+            heapq.heappush(self._heap, (score(load, inst.capacity), self._clock, iid))
+        if len(self._heap) > 4 * len(self.members) + 64:
+            self._compact()
+
+    def pop_best(self, exclude: frozenset[InstanceId] = frozenset()) -> InstanceRecord | None:
+        """Remove and return the instance with the lowest projected score that has a free slot.
+
+        The caller must change the returned instance's load and `update` it (its entry is gone).
+        """
+        skipped: list[HeapEntry] = []
+        found: InstanceRecord | None = None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            _, stamp, iid = entry
+            if self._stamps.get(iid) != stamp:
+                continue  # stale
+            if iid in exclude:
+                skipped.append(entry)
+                continue
+            found = self.members[iid]
+            self._indexed[iid] = None  # its entry is consumed: the next update must push
+            break
+        for entry in skipped:
+            heapq.heappush(self._heap, entry)
+        return found
+
+    def ordered(self) -> Iterator[InstanceRecord]:
+        return iter(self.members.values())
+
+    def offered(self) -> dict[InstanceId, float]:
+        """Each member's live heap score (members that are full have none): for checks and tests."""
+        return {iid: s for s, stamp, iid in self._heap if self._stamps.get(iid) == stamp}
+
+    def _compact(self) -> None:
+        self._heap = [e for e in self._heap if self._stamps.get(e[2]) == e[1]]
+        heapq.heapify(self._heap)

@@ -1,0 +1,186 @@
+"""Scheduling: who may take work (the eligibility rule), the candidate pools, placement, and the
+settling step that puts displaced and waiting tasks on free slots, oldest first.
+
+Every entry point of the core first applies its event (which may make instances ineligible and
+displace tasks, but never places anything), then calls `settle` once: that is the second phase of
+loss handling, so a lost task is never re-placed onto a sibling instance that is about to be lost
+in the same event, and one loss costs a task exactly one attempt.
+"""
+
+from __future__ import annotations
+
+from exo_master.core.config import CoreConfig, CoreStats
+from exo_master.core.events import Effect, TaskPlaced
+from exo_master.core.lifecycle import TaskRecord
+from exo_master.core.placement import Policy
+from exo_master.core.pool import InstancePool
+from exo_master.core.queue import QueueKey
+from exo_master.core.records import ClusterState, InstanceRecord
+from exo_master.core.tasks import TaskBook
+from protocol.ids import InstanceId, ModelId
+from protocol.messages import AssignTask, InstanceStatus, TaskKind
+
+
+def assign_message(task: TaskRecord) -> AssignTask:
+    assert task.instance_id is not None and task.node_id is not None
+    return AssignTask(
+        task_id=task.task_id, node_id=task.node_id, instance_id=task.instance_id, params=task.params
+    )
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: CoreConfig,
+        state: ClusterState,
+        book: TaskBook,
+        policy: Policy,
+        stats: CoreStats,
+        out: list[Effect],
+    ) -> None:
+        self.config = config
+        self.state = state
+        self.book = book
+        self.policy = policy
+        self.stats = stats
+        self.out = out
+        self.pools: dict[QueueKey, InstancePool] = {}
+        self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
+        self._touched: set[ModelId] = set()  # models whose instances changed eligibility or left
+        book.on_load_change = self.reindex
+
+    # ---- the rules, each stated once ------------------------------------------------------------
+
+    def eligible(self, inst: InstanceRecord) -> bool:
+        """May receive an AssignTask now: its node is alive and subscribed, it is ready and staying."""
+        node = self.state.nodes.get(inst.node_id)
+        return (
+            node is not None
+            and node.alive
+            and node.subscribed
+            and inst.status is InstanceStatus.READY
+            and not inst.retired
+        )
+
+    def may_serve(self, inst: InstanceRecord, kind: TaskKind) -> bool:
+        """Will take `kind` requests now or once it has loaded: worth waiting for."""
+        return (
+            kind in inst.kinds
+            and inst.status is not InstanceStatus.FAILED
+            and not inst.retired
+            and self.state.node_alive(inst)
+        )
+
+    def has_live_candidate(self, key: QueueKey) -> bool:
+        model, kind = key
+        return any(self.may_serve(inst, kind) for inst in self.state.by_model.get(model, {}).values())
+
+    def load(self, inst: InstanceRecord) -> int:
+        return self.book.load(inst)
+
+    def confirmed(self, inst: InstanceRecord) -> int:
+        return len(inst.confirmed)
+
+    # ---- the candidate index --------------------------------------------------------------------
+
+    def reindex(self, inst: InstanceRecord) -> None:
+        """An instance's load or eligibility changed: bring every pool it belongs to up to date."""
+        eligible = self.eligible(inst)
+        load = self.book.load(inst)
+        for kind in inst.kinds:
+            self.pool((inst.model, kind)).update(inst, eligible, load)
+        if eligible and load < inst.max_concurrency:
+            self._woken.add(inst.model)
+        elif not eligible:
+            self._touched.add(inst.model)
+
+    def drop_kind(self, inst: InstanceRecord, kind: TaskKind) -> None:
+        """The instance stopped serving `kind`: it leaves that pool (its queue may be stranded)."""
+        self.pool((inst.model, kind)).update(inst, False, 0)
+        self._touched.add(inst.model)
+
+    def pool(self, key: QueueKey) -> InstancePool:
+        pool = self.pools.get(key)
+        if pool is None:
+            pool = self.pools[key] = InstancePool()
+        return pool
+
+    # ---- placement ------------------------------------------------------------------------------
+
+    def place(self, task: TaskRecord, now: float) -> bool:
+        """Bind a queued task to the instance the policy chooses; False when every one is full."""
+        pool = self.pools.get((task.model, task.kind))
+        if pool is None or not pool.members:
+            return False
+        avoid = frozenset({task.lost_on}) if task.lost_on is not None else frozenset[InstanceId]()
+        inst = self.policy.choose(pool, self, avoid)
+        if inst is None and avoid:
+            inst = self.policy.choose(pool, self, frozenset())  # better the same instance than none
+        if inst is None:
+            return False
+        assert self.eligible(inst), f"policy chose {inst.instance_id}, which cannot take work"
+        load_before = self.book.load(inst)
+        self.book.bind(task, inst, now)
+        self.stats.placements += 1
+        self.out.append(
+            TaskPlaced(
+                task_id=task.task_id,
+                instance_id=inst.instance_id,
+                node_id=inst.node_id,
+                policy=self.policy.name,
+                attempt=task.attempts,
+                load_before=load_before,
+                waited=now - task.submitted_at,
+            )
+        )
+        self.out.append(assign_message(task))
+        return True
+
+    def settle(self, now: float) -> None:
+        """Second phase of every event: displaced tasks go back in line by age (or fail when their
+        tries are spent), free slots serve the oldest waiting task of the kinds they take, and
+        queues nobody can serve any more fail."""
+        for task in self.book.take_displaced():
+            if task.attempts >= self.config.max_attempts:
+                message = f"task not accepted after {task.attempts} attempts (last: {task.lost_reason})"
+                self.book.fail(task, now, message, unavailable=True)
+                continue
+            self.book.queues.requeue((task.model, task.kind), task.task_id, task.admission)
+            self._woken.add(task.model)
+            self._touched.add(task.model)
+        woken, self._woken = self._woken, set()
+        if self.book.queues:
+            for model in sorted(woken):
+                self._drain(model, now)
+        touched, self._touched = self._touched, set()
+        if self.book.queues:
+            for model in sorted(touched):
+                self._fail_stranded(model, now)
+
+    def _drain(self, model: ModelId, now: float) -> None:
+        """Place waiting tasks of `model` while any can be placed, oldest first across kinds."""
+        queues = self.book.queues
+        blocked: set[QueueKey] = set()
+        while True:
+            heads = [
+                (head[1], key, head[0])
+                for key in queues.keys_of(model)
+                if key not in blocked and (head := queues.peek(key)) is not None
+            ]
+            if not heads:
+                return
+            _, key, task_id = min(heads)
+            if not self.place(self.book.live[task_id], now):
+                blocked.add(key)
+
+    def _fail_stranded(self, model: ModelId, now: float) -> None:
+        queues = self.book.queues
+        for key in queues.keys_of(model):
+            if self.has_live_candidate(key):
+                continue
+            for task_id in queues.tasks(key):
+                task = self.book.live[task_id]
+                message = f"no live instance of model {model!r} is left"
+                if task.lost_reason is not None:
+                    message = f"{task.lost_reason}; {message}"
+                self.book.fail(task, now, message, unavailable=True)

@@ -1,0 +1,106 @@
+"""The core's read-only face: the cluster rows served on /v1/cluster/state (and read by exoctl and
+/metrics), and the counters. Built on demand; the shells never read the core's records directly."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import chain, islice
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from exo_master.core.lifecycle import TaskRecord, TaskStatus
+from exo_master.core.view_rows import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
+from protocol.messages import InstanceStatus
+
+if TYPE_CHECKING:
+    from exo_master.core.master import MasterCore
+
+
+class CoreCounters(msgspec.Struct, frozen=True, kw_only=True):
+    """Monotonic counters and live gauges of the core, for /metrics."""
+
+    placements: int
+    replacements: int
+    rejections: dict[str, int]
+    finals: dict[str, int]
+    orphan_cancels: int
+    chunk_gaps: int
+    late_events: int
+    ledger: dict[str, int]  # reserved, confirmed, released, expired
+    queued: int
+    pending: int
+    running: int
+
+
+def build_view(
+    core: MasterCore, now: float, task_limit: int, gaps: dict[str, int], status: TaskStatus | None
+) -> ClusterView:
+    state, book = core.state, core.book
+    nodes = [
+        NodeRow(
+            node_id=n.node_id,
+            address=n.address,
+            alive=n.alive,
+            subscribed=n.subscribed,
+            last_heartbeat_age=max(0.0, now - n.last_seen),
+            instances=sorted(n.instances),
+            sequence_gaps=gaps.get(n.node_id, 0),
+        )
+        for n in sorted(state.nodes.values(), key=lambda n: n.node_id)
+    ]
+    instances = [
+        InstanceRow(
+            instance_id=inst.instance_id,
+            node_id=inst.node_id,
+            model=inst.model,
+            kinds=[str(k) for k in inst.kinds],
+            status=str(inst.status) if state.node_alive(inst) else "dead",
+            in_flight=len(inst.confirmed),
+            pending=book.ledger.pending(inst.instance_id),
+            queued=book.queues.depth_for_model(inst.model),
+            capacity=inst.capacity,
+            max_concurrency=inst.max_concurrency,
+            completed=inst.completed,
+            failed=inst.failed,
+            error=inst.error,
+        )
+        for inst in sorted(state.instances.values(), key=lambda i: i.instance_id)
+    ]
+    models = [
+        ModelRow(
+            model=model,
+            instances=len(members),
+            ready=sum(
+                1 for i in members.values() if i.status is InstanceStatus.READY and state.node_alive(i)
+            ),
+            queued=book.queues.depth_for_model(model),
+        )
+        for model, members in sorted(state.by_model.items())
+    ]
+    # Live tasks first, then the recently ended ones, newest first; only `task_limit` rows built.
+    candidates: Iterator[TaskRecord] = chain(book.live.values(), reversed(book.recent.values()))
+    if status is not None:
+        candidates = (t for t in candidates if t.status == status)
+    tasks = [
+        TaskRow(
+            task_id=t.task_id,
+            kind=str(t.kind),
+            model=t.model,
+            status=str(t.status),
+            instance_id=t.instance_id,
+            node_id=t.node_id,
+            age=max(0.0, now - t.submitted_at),
+            attempts=t.attempts,
+            error=t.error,
+        )
+        for t in islice(candidates, max(0, task_limit))
+    ]
+    return ClusterView(
+        policy=core.policy.name,
+        session=core.config.session,
+        nodes=nodes,
+        instances=instances,
+        models=models,
+        tasks=tasks,
+    )
