@@ -107,26 +107,39 @@ class SimWorker:
             return [m for inst in targets for m in self._cancel(inst, msg.task_id)]
         inst = self.instances.get(msg.instance_id)
         if inst is None or not inst.present:
-            return [
-                TaskFailed(node_id=self.node_id, task_id=msg.task_id, instance_id=msg.instance_id, reason="?")
-            ]
-        if msg.task_id in inst.finals:
-            return [inst.finals[msg.task_id]]
+            refusal = TaskFailed(
+                node_id=self.node_id,
+                task_id=msg.task_id,
+                instance_id=msg.instance_id,
+                reason="?",
+                refused=True,
+            )
+            return [refusal]
+        final = inst.finals.get(msg.task_id)
+        if final is not None and not _cancelled(final):
+            return [final]
+        inst.finals.pop(msg.task_id, None)  # like the Runner: a cancelled task assigned again runs anew
         if msg.task_id not in inst.active:
             if inst.status is not InstanceStatus.READY or msg.kind not in inst.kinds:
-                return [self.end(inst, msg.task_id, None)]
+                return [self.end(inst, msg.task_id, None, refused=True)]
             inst.active[msg.task_id] = 0
         return [TaskAccepted(node_id=self.node_id, task_id=msg.task_id, instance_id=inst.instance_id)]
 
     def _cancel(self, inst: SimInstance, task_id: TaskId) -> list[WorkerMessage]:
         return [self.end(inst, task_id, FinishReason.CANCELLED)] if task_id in inst.active else []
 
-    def end(self, inst: SimInstance, task_id: TaskId, reason: FinishReason | None) -> FinalMessage:
+    def end(
+        self, inst: SimInstance, task_id: TaskId, reason: FinishReason | None, refused: bool = False
+    ) -> FinalMessage:
         inst.active.pop(task_id, None)
         final: FinalMessage
         if reason is None:
             final = TaskFailed(
-                node_id=self.node_id, task_id=task_id, instance_id=inst.instance_id, reason="x"
+                node_id=self.node_id,
+                task_id=task_id,
+                instance_id=inst.instance_id,
+                reason="x",
+                refused=refused,
             )
         else:
             final = TaskFinished(
@@ -140,6 +153,50 @@ class SimWorker:
         for inst in self.instances.values():
             inst.active.clear()
             inst.finals.clear()
+
+
+def _cancelled(final: FinalMessage) -> bool:
+    return isinstance(final, TaskFinished) and final.finish_reason is FinishReason.CANCELLED
+
+
+@dataclass
+class Told:
+    """What the master has been told, kept apart from the core: the oracle for eligibility."""
+
+    subscribed: dict[NodeId, bool] = field(default_factory=dict)
+    reports: dict[InstanceId, InstanceReport] = field(default_factory=dict)  # from the last snapshot
+    last_heard: dict[NodeId, float] = field(default_factory=dict)
+    dead: set[NodeId] = field(default_factory=set)
+
+    def event(self, event: object, now: float) -> None:
+        if isinstance(event, NodeSubscribed | NodeUnsubscribed):
+            self.subscribed[event.node_id] = isinstance(event, NodeSubscribed)
+        elif isinstance(event, WorkerHeartbeat):
+            prefix = f"{event.node_id}/"
+            self.reports = {i: r for i, r in self.reports.items() if not i.startswith(prefix)}
+            self.reports.update((r.instance_id, r) for r in event.instances)
+            self.dead.discard(event.node_id)
+            self.last_heard[event.node_id] = now
+        elif isinstance(event, TaskAccepted | TaskChunk | TaskFinished | TaskFailed) and (
+            event.node_id not in self.dead  # a dead node comes back only with a snapshot
+        ):
+            self.last_heard[event.node_id] = now
+
+    def tick(self, now: float) -> None:
+        for node, heard in self.last_heard.items():
+            if heard < now - CONFIG.node_timeout:
+                self.dead.add(node)
+
+    def may_take(self, instance_id: InstanceId, kind: TaskKind) -> bool:
+        node = NodeId(instance_id.split("/")[0])
+        r = self.reports.get(instance_id)
+        return (
+            node not in self.dead
+            and self.subscribed.get(node, False)
+            and r is not None
+            and r.status is InstanceStatus.READY
+            and kind in r.kinds
+        )
 
 
 class ClusterMachine(RuleBasedStateMachine):
@@ -168,6 +225,9 @@ class ClusterMachine(RuleBasedStateMachine):
         self.finals: Counter[TaskId] = Counter()
         self.final_kind: dict[TaskId, type] = {}
         self.last_output: dict[TaskId, int] = {}
+        self.told = Told()
+        self.kind_of: dict[TaskId, TaskKind] = {}
+        self.attempts: Counter[TaskId] = Counter()
         for n, worker in self.workers.items():
             self.feed(NodeSubscribed(node_id=node_of(n)))
             self.feed(worker.heartbeat())
@@ -175,11 +235,23 @@ class ClusterMachine(RuleBasedStateMachine):
     # ---- plumbing ------------------------------------------------------------------------------
 
     def feed(self, event: object) -> list[Effect]:
+        self.told.event(event, self.now)
         effects = self.core.handle(event, self.now)  # type: ignore[arg-type]
         self.route(effects)
         return effects
 
     def route(self, effects: list[Effect]) -> None:
+        placed = [e for e in effects if isinstance(e, TaskPlaced)]
+        per_task = Counter(p.task_id for p in placed)
+        assert all(n == 1 for n in per_task.values()), f"a task placed twice in one step: {per_task}"
+        for p in placed:
+            kind = self.kind_of[p.task_id]
+            assert self.told.may_take(p.instance_id, kind), (
+                f"{p.task_id} placed on ineligible {p.instance_id}"
+            )
+            self.attempts[p.task_id] += 1
+            assert p.attempt == self.attempts[p.task_id], f"an attempt lost without a placement: {p}"
+        self.check_age_order(placed)
         for e in effects:
             if isinstance(e, AssignTask | CancelTask):
                 worker = self.workers[int(e.node_id.removeprefix("node"))]
@@ -207,7 +279,21 @@ class ClusterMachine(RuleBasedStateMachine):
                 self.feed(m)
 
     def tick(self) -> None:
+        self.told.tick(self.now)
         self.route(self.core.tick(self.now))
+
+    def check_age_order(self, placed: list[TaskPlaced]) -> None:
+        """No request placed in this step may have overtaken an older one still waiting that its
+        instance could have served (across kinds; admission order is submission order)."""
+        if not placed:
+            return
+        waiting = self.core.view(self.now, task_limit=10**6, status=TaskStatus.QUEUED).tasks
+        for p in placed:
+            report = self.told.reports[p.instance_id]
+            for w in waiting:
+                older = int(w.task_id[1:]) < int(p.task_id[1:])
+                kind = self.kind_of[TaskId(w.task_id)]
+                assert not (older and kind in report.kinds), f"{p.task_id} overtook waiting {w.task_id}"
 
     def running(self) -> list[tuple[SimWorker, SimInstance, TaskId]]:
         return [
@@ -236,6 +322,7 @@ class ClusterMachine(RuleBasedStateMachine):
         for kind, known_model in requests:
             task_id = TaskId(f"t{self.next_id}")
             self.next_id += 1
+            self.kind_of[task_id] = kind
             model = MODEL if known_model else ModelId("unknown")
             effects = self.feed(SubmitTask(task_id=task_id, params=params(kind, model)))
             outcomes = [e for e in effects if isinstance(e, TaskPlaced | TaskQueued | TaskRejected)]
@@ -420,7 +507,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
 TestCluster = ClusterMachine.TestCase
 TestCluster.settings = settings(
-    max_examples=200,
+    max_examples=500,
     stateful_step_count=50,
     derandomize=True,
     deadline=None,
