@@ -3,9 +3,9 @@
 It keeps the eligible instances in registration order for the scanning policies, and a lazily
 invalidated min-heap keyed on the projected completion score for least-loaded, so that the default
 decision costs O(log k) instead of a scan of all k instances. An instance's heap entry carries a
-stamp; a change of its score bumps the stamp and pushes a fresh entry, which makes older entries
-stale. A re-index that changes nothing (a heartbeat restating the same load) pushes nothing, so the
-heap does not grow with heartbeat volume. Among equal scores the entry with the older stamp wins:
+stamp; any update bumps the stamp and pushes a fresh entry, which makes older entries stale. The
+core updates an instance only when its load or eligibility changed (a heartbeat that restates the
+same instance pushes nothing), so the heap does not grow with heartbeat volume. Among equal scores the entry with the older stamp wins:
 the instance that has waited longest at that load goes first, a rotation that never favours list
 order.
 """
@@ -33,8 +33,6 @@ class InstancePool:
         self.cursor = 0  # for round-robin
         self._heap: list[HeapEntry] = []
         self._stamps: dict[InstanceId, int] = {}
-        # What each member's live heap entry was computed from (None: full, no entry).
-        self._indexed: dict[InstanceId, tuple[int, float, int] | None] = {}
         self._clock = 0
 
     def __len__(self) -> int:
@@ -45,15 +43,11 @@ class InstancePool:
         iid = inst.instance_id
         if not eligible:
             if self.members.pop(iid, None) is not None:
-                del self._stamps[iid], self._indexed[iid]
+                del self._stamps[iid]
             return
-        basis = (load, inst.capacity, inst.max_concurrency)
-        if iid in self.members and self._indexed[iid] == basis:
-            return  # same score as its live entry: keep the entry (and its place in the rotation)
         self._clock += 1
         self.members[iid] = inst
         self._stamps[iid] = self._clock
-        self._indexed[iid] = basis
         if load < inst.max_concurrency:  # a full instance has no entry: it is not offered
             heapq.heappush(self._heap, (score(load, inst.capacity), self._clock, iid))
         if len(self._heap) > 4 * len(self.members) + 64:
@@ -75,7 +69,6 @@ class InstancePool:
                 skipped.append(entry)
                 continue
             found = self.members[iid]
-            self._indexed[iid] = None  # its entry is consumed: the next update must push
             break
         for entry in skipped:
             heapq.heappush(self._heap, entry)

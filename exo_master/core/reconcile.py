@@ -82,6 +82,14 @@ class Reconciler:
             self.state.add_instance(inst)
             self.scheduler.reindex(inst)
             return None
+        inst.error = report.error
+        if (inst.kinds, inst.status, inst.max_concurrency, inst.capacity) == (
+            report.kinds,
+            report.status,
+            report.max_concurrency,
+            report.capacity,
+        ):
+            return None  # the usual heartbeat: nothing to re-index, so the placement heap stays small
         for dropped in set(inst.kinds) - set(report.kinds):
             self.scheduler.drop_kind(inst, dropped)
         was_ready = inst.status is InstanceStatus.READY
@@ -89,7 +97,6 @@ class Reconciler:
         inst.status = report.status
         inst.max_concurrency = report.max_concurrency
         inst.capacity = report.capacity
-        inst.error = report.error
         self.scheduler.reindex(inst)
         return inst if was_ready and inst.status is not InstanceStatus.READY else None
 

@@ -87,8 +87,12 @@ class Scheduler:
         """An instance's load or eligibility changed: bring every pool it belongs to up to date."""
         eligible = self.eligible(inst)
         load = self.book.load(inst)
+        model, pools = inst.model, self.pools
         for kind in inst.kinds:
-            self.pool((inst.model, kind)).update(inst, eligible, load)
+            pool = pools.get((model, kind))
+            if pool is None:
+                pool = self.pool((model, kind))
+            pool.update(inst, eligible, load)
         if eligible and load < inst.max_concurrency:
             self._woken.add(inst.model)
         elif not eligible:
@@ -118,7 +122,6 @@ class Scheduler:
             inst = self.policy.choose(pool, self, frozenset())  # better the same instance than none
         if inst is None:
             return False
-        assert self.eligible(inst), f"policy chose {inst.instance_id}, which cannot take work"
         load_before = self.book.load(inst)
         self.book.bind(task, inst, now)
         self.stats.placements += 1
@@ -139,23 +142,27 @@ class Scheduler:
     def settle(self, now: float) -> None:
         """Second phase of every event: displaced tasks go back in line by age (or fail when their
         tries are spent), free slots serve the oldest waiting task of the kinds they take, and
-        queues nobody can serve any more fail."""
-        for task in self.book.take_displaced():
-            if task.attempts >= self.config.max_attempts:
-                message = f"task not accepted after {task.attempts} attempts (last: {task.lost_reason})"
-                self.book.fail(task, now, message, unavailable=True)
-                continue
-            self.book.queues.requeue((task.model, task.kind), task.task_id, task.admission)
-            self._woken.add(task.model)
-            self._touched.add(task.model)
-        woken, self._woken = self._woken, set()
-        if self.book.queues:
-            for model in sorted(woken):
-                self._drain(model, now)
-        touched, self._touched = self._touched, set()
-        if self.book.queues:
-            for model in sorted(touched):
-                self._fail_stranded(model, now)
+        queues nobody can serve any more fail. Nearly free when nothing waits (the common case)."""
+        if self.book.displaced:
+            for task in self.book.take_displaced():
+                if task.attempts >= self.config.max_attempts:
+                    message = f"task not accepted after {task.attempts} attempts (last: {task.lost_reason})"
+                    self.book.fail(task, now, message, unavailable=True)
+                    continue
+                self.book.queues.requeue((task.model, task.kind), task.task_id, task.admission)
+                self._woken.add(task.model)
+                self._touched.add(task.model)
+        if self._woken:
+            if self.book.queues:
+                # Placing only changes its own model's instances: nothing woken here is missed.
+                for model in sorted(self._woken):
+                    self._drain(model, now)
+            self._woken.clear()
+        if self._touched:
+            if self.book.queues:
+                for model in sorted(self._touched):
+                    self._fail_stranded(model, now)
+            self._touched.clear()
 
     def _drain(self, model: ModelId, now: float) -> None:
         """Place waiting tasks of `model` while any can be placed, oldest first across kinds."""
