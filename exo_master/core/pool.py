@@ -5,9 +5,9 @@ invalidated min-heap keyed on the projected completion score for least-loaded, s
 decision costs O(log k) instead of a scan of all k instances. An instance's heap entry carries a
 stamp; any update bumps the stamp and pushes a fresh entry, which makes older entries stale. The
 core updates an instance only when its load or eligibility changed (a heartbeat that restates the
-same instance pushes nothing), so the heap does not grow with heartbeat volume. Among equal scores the entry with the older stamp wins:
-the instance that has waited longest at that load goes first, a rotation that never favours list
-order.
+same instance pushes nothing), so the heap does not grow with heartbeat volume. Among equal scores
+the entry with the older stamp wins: the instance that has waited longest at that load goes first,
+a rotation that never favours list order.
 """
 
 from __future__ import annotations
