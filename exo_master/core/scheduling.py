@@ -21,6 +21,9 @@ from protocol.ids import InstanceId, ModelId
 from protocol.messages import AssignTask, InstanceStatus, TaskKind
 
 
+_NOWHERE: frozenset[InstanceId] = frozenset()
+
+
 def assign_message(task: TaskRecord) -> AssignTask:
     assert task.instance_id is not None and task.node_id is not None
     return AssignTask(
@@ -116,10 +119,10 @@ class Scheduler:
         pool = self.pools.get((task.model, task.kind))
         if pool is None or not pool.members:
             return False
-        avoid = frozenset({task.lost_on}) if task.lost_on is not None else frozenset[InstanceId]()
+        avoid = frozenset({task.lost_on}) if task.lost_on is not None else _NOWHERE
         inst = self.policy.choose(pool, self, avoid)
         if inst is None and avoid:
-            inst = self.policy.choose(pool, self, frozenset())  # better the same instance than none
+            inst = self.policy.choose(pool, self, _NOWHERE)  # better the same instance than none
         if inst is None:
             return False
         load_before = self.book.load(inst)
@@ -153,13 +156,13 @@ class Scheduler:
                 self._woken.add(task.model)
                 self._touched.add(task.model)
         if self._woken:
-            if self.book.queues:
+            if self.book.queues.waiting:
                 # Placing only changes its own model's instances: nothing woken here is missed.
                 for model in sorted(self._woken):
                     self._drain(model, now)
             self._woken.clear()
         if self._touched:
-            if self.book.queues:
+            if self.book.queues.waiting:
                 for model in sorted(self._touched):
                     self._fail_stranded(model, now)
             self._touched.clear()

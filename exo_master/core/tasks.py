@@ -79,7 +79,8 @@ class TaskBook:
 
     def bind(self, task: TaskRecord, inst: InstanceRecord, now: float) -> None:
         advance(task, Trigger.PLACE)
-        self.queues.remove(task.task_id)
+        if task.task_id in self.queues.waiting:
+            self.queues.remove(task.task_id)
         self.ledger.reserve(task.task_id, inst.instance_id, now)
         task.instance_id = inst.instance_id
         task.node_id = inst.node_id
