@@ -20,7 +20,6 @@ from exo_master.core.tasks import TaskBook
 from protocol.ids import InstanceId, ModelId
 from protocol.messages import AssignTask, InstanceStatus, TaskKind
 
-
 _NOWHERE: frozenset[InstanceId] = frozenset()
 
 
