@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
 from protocol.messages import Message
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
-    origin: str
+    origin: Annotated[str, msgspec.Meta(max_length=512)]
     # Per-publisher, starting at 1, +1 per message; a receiver that sees a jump counts a gap.
-    seq: int
+    seq: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
     sent_at: float
     body: Message
+    # A fresh id per worker process: two live processes with one node id are told apart by it.
+    incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
 class SequenceTracker:
@@ -43,10 +47,13 @@ class SequenceTracker:
 class Stamper:
     """Wraps outgoing bodies in envelopes with this publisher's next sequence number."""
 
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, incarnation: str = "") -> None:
         self.origin = origin
+        self.incarnation = incarnation
         self._seq = 0
 
     def stamp(self, body: Message, now: float) -> Envelope:
         self._seq += 1
-        return Envelope(origin=self.origin, seq=self._seq, sent_at=now, body=body)
+        return Envelope(
+            origin=self.origin, seq=self._seq, sent_at=now, body=body, incarnation=self.incarnation
+        )
