@@ -21,7 +21,9 @@ Metrics (all prefixed exo_):
     placements_total / replacements_total                counter   placement decisions that bound
                                                                    a task / re-placements after loss
     rejections_total{reason}                             counter   unknown_model, queue_full, ...
-    orphan_cancels_total, late_events_total, chunk_gaps_total   counter
+    orphan_cancels_total, late_events_total, chunks_out_of_order_total,
+    duplicate_chunks_total, output_fetches_total, outputs_lost_total, queue_timeouts_total,
+    refused_nodes_total   counter
     ledger_entries                                       gauge     current reservations
     ledger_reservations_total, ledger_confirmations_total,
     ledger_releases_total, ledger_expiries_total         counter   ledger entry lifecycle
@@ -61,6 +63,19 @@ DECISION_BUCKETS = (
 QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _FINAL = tuple(s for s in TaskStatus if s.is_final)
 _INSTANCE_LABELS = ["instance", "node", "model"]
+
+
+# CoreCounters fields exported as plain counters, named exo_<field>_total.
+_PLAIN_COUNTERS = (
+    ("orphan_cancels", "Cancels sent for tasks a worker ran that nobody wanted."),
+    ("late_events", "Worker events about tasks already ended or moved."),
+    ("chunks_out_of_order", "Output chunks that arrived early and were held in order."),
+    ("duplicate_chunks", "Output chunks received twice (dropped)."),
+    ("output_fetches", "Requests to a worker to send missing output again."),
+    ("outputs_lost", "Tasks failed because their output could not be recovered."),
+    ("queue_timeouts", "Requests failed after waiting --queue-timeout for a slot."),
+    ("refused_nodes", "Heartbeats ignored because --max-nodes was reached."),
+)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -130,15 +145,8 @@ class MasterCollector(Collector):
         yield _labelled_counter(
             "exo_rejections", "Submissions refused, by reason.", "reason", rejections.items()
         )
-        yield _counter(
-            "exo_orphan_cancels",
-            "Cancels sent for tasks a worker ran that nobody wanted.",
-            counts.orphan_cancels,
-        )
-        yield _counter(
-            "exo_late_events", "Worker events about tasks already ended or moved.", counts.late_events
-        )
-        yield _counter("exo_chunk_gaps", "Output chunks lost between worker and master.", counts.chunk_gaps)
+        for name, doc in _PLAIN_COUNTERS:
+            yield _counter(f"exo_{name}", doc, getattr(counts, name))
 
         ledger = counts.ledger
         yield GaugeMetricFamily(

@@ -151,7 +151,7 @@ class Scheduler:
                     message = f"task not accepted after {task.attempts} attempts (last: {task.lost_reason})"
                     self.book.fail(task, now, message, unavailable=True)
                     continue
-                self.book.queues.requeue((task.model, task.kind), task.task_id, task.admission)
+                self.book.requeue(task, now)
                 self._woken.add(task.model)
                 self._touched.add(task.model)
         if self._woken:
@@ -165,6 +165,21 @@ class Scheduler:
                 for model in sorted(self._touched):
                     self._fail_stranded(model, now)
             self._touched.clear()
+
+    def expire_waiting(self, now: float) -> None:
+        """Fail requests that waited `queue_timeout` for a slot: never wait forever."""
+        waiting = self.book.queues.waiting
+        if not waiting:
+            return
+        limit = self.config.queue_timeout
+        for task_id in [t for t in waiting if now - self.book.live[t].queued_at >= limit]:
+            task = self.book.live[task_id]
+            self.stats.queue_timeouts += 1
+            message = (
+                f"waited {now - task.queued_at:.0f} s for a free slot on model {task.model!r} "
+                f"(the master's --queue-timeout is {limit:g} s); retry later or add instances"
+            )
+            self.book.fail(task, now, message, unavailable=True)
 
     def _drain(self, model: ModelId, now: float) -> None:
         """Place waiting tasks of `model` while any can be placed, oldest first across kinds."""
