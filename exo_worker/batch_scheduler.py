@@ -84,6 +84,9 @@ class BatchScheduler:
         self.prompt_cache = prompt_cache
         self._log = structlog.get_logger(__name__)
         self._active: dict[int, _Sequence] = {}
+        # Every admitted request whose outcome is not set yet, in the batch or just leaving it: on a
+        # failure, fail_all ends them all, so no awaiting task is left without an answer.
+        self._owned: set[GenRequest] = set()
         self._generator = self._new_generator()
 
     def _new_generator(self) -> Any:
@@ -138,6 +141,7 @@ class BatchScheduler:
             self._log.exception("admission failed")
             request.settle(EngineError(f"generation failed: {one_line(exc)}"))
             return
+        self._owned.add(request)
         self._active[uid] = _Sequence(
             request=request,
             uid=uid,
@@ -169,7 +173,7 @@ class BatchScheduler:
             _, responses = self._generator.next()
         except Exception as exc:  # a model failure: every sequence of this batch is lost with it
             self._log.exception("batch step failed", sequences=len(self._active))
-            self._fail_all(EngineError(f"generation failed: {one_line(exc)}"))
+            self.fail_all(EngineError(f"generation failed: {one_line(exc)}"))
             return
         pieces: list[tuple[Delivery, str]] = []
         ended: list[tuple[_Sequence, FinishReason]] = []
@@ -196,18 +200,18 @@ class BatchScheduler:
         deliver_all(pieces)
         for seq, reason in ended:
             failure = seq.request.delivery.failure()
-            seq.request.settle(failure if failure is not None else seq.outcome(reason))
+            self._settle(seq.request, failure if failure is not None else seq.outcome(reason))
         for seq in list(self._active.values()):
             failure = seq.request.delivery.failure()
             if failure is not None:
                 self._remove(seq, keep_cache=False)
-                seq.request.settle(failure)
+                self._settle(seq.request, failure)
         self._drop_stopped()  # a cancel set while the text was delivered: honoured within one token
 
     def _drop_stopped(self) -> None:
         for seq in [s for s in self._active.values() if s.request.stopped()]:
             self._remove(seq, keep_cache=False)
-            seq.request.settle(seq.outcome(FinishReason.CANCELLED))
+            self._settle(seq.request, seq.outcome(FinishReason.CANCELLED))
 
     def _remove(self, seq: _Sequence, *, keep_cache: bool) -> None:
         del self._active[seq.uid]
@@ -216,17 +220,22 @@ class BatchScheduler:
             cache, tokens = caches[seq.uid]
             self.prompt_cache.insert(tokens, cache)
 
-    def _fail_all(self, error: EngineError, *, restart: bool = True) -> None:
-        active, self._active = list(self._active.values()), {}
+    def fail_all(self, error: EngineError, *, restart: bool = True) -> None:
+        """End every sequence of the batch with `error` (and start a fresh generator)."""
+        self._active = {}
         self._generator.close()
         if restart:  # a fresh generator: the failed one's batch state is not to be trusted
             self._generator = self._new_generator()
-        for seq in active:
-            seq.request.settle(error)
+        for request in list(self._owned):
+            self._settle(request, error)
+
+    def _settle(self, request: GenRequest, outcome: RunOutcome | EngineError) -> None:
+        self._owned.discard(request)
+        request.settle(outcome)
 
     def close(self) -> None:
         """Release the generator; anything still in the batch fails (the engine is going away)."""
-        self._fail_all(EngineError("the engine is closed"), restart=False)
+        self.fail_all(EngineError("the engine is closed"), restart=False)
 
 
 def one_line(exc: BaseException) -> str:

@@ -24,8 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
+
 from exo_worker.batch_scheduler import CANCELLED, BatchScheduler, GenRequest
 from exo_worker.engine import EngineError
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(slots=True)
@@ -109,12 +113,26 @@ class MlxThread:
                 if request.start():
                     request.settle(CANCELLED)
             if self._scheduler is not None:
-                for request in admitted:
-                    self._scheduler.admit(request)
-                self._scheduler.step()
+                self._serve(self._scheduler, admitted)
         if self._scheduler is not None:
             self._scheduler.close()
         if "mlx.core" in sys.modules:
             import mlx.core as mx
 
             mx.clear_streams()
+
+    @staticmethod
+    def _serve(scheduler: BatchScheduler, admitted: list[GenRequest]) -> None:
+        try:
+            for request in admitted:
+                scheduler.admit(request)
+            scheduler.step()
+        except Exception as exc:
+            # A bug outside the model call (which the scheduler handles itself). The thread must
+            # go on, or every request of this engine would wait forever: fail the batch, not the thread.
+            log.exception("batch scheduling failed")
+            error = EngineError(f"engine error: {type(exc).__name__}: {exc}")
+            scheduler.fail_all(error)
+            for request in admitted:  # those that never made it into the batch
+                if not request.future.done() and (request.future.running() or request.start()):
+                    request.settle(error)

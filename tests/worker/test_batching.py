@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_worker.engine import RunOutcome
+from exo_worker.engine import EngineError, RunOutcome
 from exo_worker.mlx_engine import MlxEngine
 from protocol.ids import ModelId
 from protocol.messages import ChatMessage, FinishReason, TextGenerationParams
@@ -163,3 +163,22 @@ def test_a_failing_on_text_fails_only_its_own_request(batched: MlxEngine) -> Non
     bad, good = asyncio.run(main())
     assert isinstance(bad, Exception) and "on_text failed: ValueError: boom" in str(bad)
     assert all(outcome.finish_reason is FinishReason.LENGTH for _, outcome in good)
+
+
+def test_a_scheduling_bug_fails_the_batch_and_the_engine_goes_on(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = MlxEngine(tiny_model_dir, label="tiny", max_batch=2, prompt_cache_bytes=1 << 20)
+    asyncio.run(engine.load())
+    assert engine._prompt_cache is not None
+
+    def broken(tokens: list[int], cache: object) -> None:
+        raise RuntimeError("cache bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(engine._prompt_cache, "insert", broken)
+        with pytest.raises(EngineError, match=r"engine error: RuntimeError: cache bug"):
+            asyncio.run(_gather(engine, [_params("Hello", 4, temperature=0.0)]))
+    results, _ = asyncio.run(_gather(engine, [_params("Hello", 4, temperature=0.0)]))
+    _, outcome = results[0]
+    assert outcome.finish_reason is FinishReason.LENGTH and outcome.usage.completion_tokens == 4
