@@ -253,7 +253,10 @@ from exo_worker.mlx_engine import MlxEngine
 from protocol.messages import ChatMessage, TextGenerationParams
 engine = MlxEngine(sys.argv[1])
 asyncio.run(engine.load())
-params = TextGenerationParams(model="tiny", messages=(ChatMessage(role="user", content="hi"),), max_tokens=8)
+# Greedy: the tiny model never picks EOS then, so the run always ends at max_tokens ("length").
+params = TextGenerationParams(
+    model="tiny", messages=(ChatMessage(role="user", content="hi"),), max_tokens=8, temperature=0.0
+)
 print(asyncio.run(engine.run(params, lambda _: None, threading.Event())).finish_reason)
 """
 
