@@ -218,3 +218,15 @@ def test_the_worker_heartbeat_carries_each_instance_cache_stats(tiny_model_dir: 
     daemon = WorkerDaemon(config, factory)
     heartbeat = daemon.snapshot()
     assert [r.prompt_cache for r in heartbeat.instances] == [PromptCacheStats(budget_bytes=1 << 20)] * 2
+
+
+@pytest.mark.mlx
+def test_the_mlx_engine_factory_sizes_the_batch_and_the_cache(tiny_model_dir: Path) -> None:
+    from exo_worker.daemon import EngineName, build_engine_factory
+
+    factory = build_engine_factory(
+        EngineName.MLX, str(tiny_model_dir), 50.0, max_concurrency=3, prompt_cache_bytes=12345
+    )
+    engine = factory(InstanceId("n/0"))
+    assert isinstance(engine, MlxEngine)
+    assert (engine.max_batch, engine.prompt_cache_stats().budget_bytes) == (3, 12345)
