@@ -63,13 +63,9 @@ class Delivery:
         """The error `on_text` raised, as the EngineError that fails this request."""
         if self.error is None:
             return None
-        return EngineError(f"on_text failed: {type(self.error).__name__}: {self.error}")
-
-    def __call__(self, piece: str) -> None:
-        """Deliver one piece and wait for it (outside a batch step: a final flush)."""
-        done = self.post(piece)
-        if done is not None:
-            self.wait(done)
+        failure = EngineError(f"on_text failed: {type(self.error).__name__}: {self.error}")
+        failure.__cause__ = self.error
+        return failure
 
 
 def deliver_all(pieces: Iterable[tuple[Delivery, str]]) -> None:

@@ -139,6 +139,30 @@ def test_a_cache_hit_returns_the_same_text_as_no_cache(tiny_model_dir: Path) -> 
 
 
 @pytest.mark.mlx
+def test_concurrent_requests_mixing_hits_and_misses_match_no_cache(tiny_model_dir: Path) -> None:
+    cached, uncached = _engine(tiny_model_dir, 64 << 20), _engine(tiny_model_dir, 0)
+    _run(cached, _params(("system", SYSTEM), ("user", "Warm the cache")))
+    batch = [
+        _params(("system", SYSTEM), ("user", "What is the capital of France?"), max_tokens=10),  # hit
+        _params(("user", "Hello, world!"), max_tokens=14),  # only the template's first tokens
+        _params(("system", SYSTEM), ("user", "Hi"), max_tokens=12, temperature=0.7, seed=5),  # hit
+        _params(("system", "Something else entirely."), ("user", "Hi"), max_tokens=9),
+    ]
+
+    async def together(engine: MlxEngine) -> list[tuple[str, RunOutcome]]:
+        async def one(p: TextGenerationParams) -> tuple[str, RunOutcome]:
+            pieces: list[str] = []
+            outcome = await engine.run(p, pieces.append, threading.Event())
+            return "".join(pieces), outcome
+
+        return list(await asyncio.gather(*(one(p) for p in batch)))
+
+    hits = cached.prompt_cache_stats().hits
+    assert asyncio.run(together(cached)) == asyncio.run(together(uncached))
+    assert cached.prompt_cache_stats().hits >= hits + 2
+
+
+@pytest.mark.mlx
 def test_a_second_request_with_a_shared_system_prompt_reuses_its_tokens(tiny_model_dir: Path) -> None:
     engine = _engine(tiny_model_dir, 64 << 20)
     _, first = _run(engine, _params(("system", SYSTEM), ("user", "What is the capital of France?")))
