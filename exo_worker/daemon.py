@@ -231,8 +231,19 @@ def served_model_id(model: str) -> ModelId:
     return ModelId(path.resolve().name if path.is_dir() else model)
 
 
-def build_engine_factory(engine: EngineName, model: str, sim_tokens_per_s: float) -> EngineFactory:
-    """Resolve the backend once; raises ModelLoadError when the model cannot be found."""
+def build_engine_factory(
+    engine: EngineName,
+    model: str,
+    sim_tokens_per_s: float,
+    *,
+    max_concurrency: int = 4,
+    prompt_cache_bytes: int | None = None,
+) -> EngineFactory:
+    """Resolve the backend once; raises ModelLoadError when the model cannot be found.
+
+    An MLX instance batches up to `max_concurrency` sequences and keeps a prompt cache of at most
+    `prompt_cache_bytes` (None: derived from the memory available; 0: no prompt cache).
+    """
     if engine is EngineName.SIM:
         from exo_worker.sim_engine import SimEngine
 
@@ -244,7 +255,9 @@ def build_engine_factory(engine: EngineName, model: str, sim_tokens_per_s: float
     except ImportError as exc:
         raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
     path = resolve_model(model)
-    return lambda instance_id: MlxEngine(path, label=model)
+    return lambda instance_id: MlxEngine(
+        path, label=model, max_batch=max_concurrency, prompt_cache_bytes=prompt_cache_bytes
+    )
 
 
 async def _serve(daemon: WorkerDaemon) -> int:
@@ -309,6 +322,16 @@ def serve(
     heartbeat_liveness: Annotated[
         int, typer.Option("--heartbeat-liveness", envvar="EXO_HEARTBEAT_LIVENESS", min=1)
     ] = 3,
+    prompt_cache_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-cache-bytes",
+            envvar="EXO_PROMPT_CACHE_BYTES",
+            min=0,
+            help="Byte budget of each MLX instance's prompt (KV) cache; 0 turns it off. "
+            "Default: an eighth of the memory available at start, shared by the instances.",
+        ),
+    ] = None,
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar="EXO_LOG_FORMAT")] = LogFormat.AUTO,
     log_level: Annotated[str, typer.Option("--log-level", envvar="EXO_LOG_LEVEL")] = "info",
 ) -> None:
@@ -323,7 +346,17 @@ def serve(
     model_name = model or _DEFAULT_MODEL[engine]
     structlog.contextvars.bind_contextvars(node_id=node)
     try:
-        factory = build_engine_factory(engine, model_name, sim_tokens_per_s)
+        if prompt_cache_bytes is None and engine is EngineName.MLX:
+            from exo_worker.prompt_cache import default_budget_bytes
+
+            prompt_cache_bytes = default_budget_bytes(instances)
+        factory = build_engine_factory(
+            engine,
+            model_name,
+            sim_tokens_per_s,
+            max_concurrency=max_concurrency,
+            prompt_cache_bytes=prompt_cache_bytes,
+        )
     except ModelLoadError as exc:
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
@@ -339,7 +372,13 @@ def serve(
         accept_delay=sim_accept_delay,
     )
     log.info(
-        "worker.starting", engine=engine.value, model=model_name, instances=instances, master=str(address)
+        "worker.starting",
+        engine=engine.value,
+        model=model_name,
+        instances=instances,
+        master=str(address),
+        max_concurrency=max_concurrency,
+        prompt_cache_bytes=prompt_cache_bytes,
     )
     try:
         daemon = WorkerDaemon(config, factory)

@@ -1,7 +1,9 @@
 """Runners: the per-instance task executor, and the group that routes master commands to them.
 
-A Runner owns one Engine and its `max_concurrency` slots. Tasks beyond the slots wait in a local
-FIFO (the master should not send them, but baseline placement policies overfill on purpose). It
+A Runner owns one Engine and its `max_concurrency` slots: every task holding a slot is running in
+the engine at the same time (a batching engine such as MlxEngine decodes them together, its batch
+as wide as the slots). Tasks beyond the slots wait in a local FIFO (the master should not send
+them, but baseline placement policies overfill on purpose). It
 reports what happens through callbacks that take protocol messages, so the bus shell only has to
 publish them and this module can be tested without sockets.
 
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from exo_worker.engine import Engine, EngineError, ModelLoadError
+from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
@@ -195,6 +197,9 @@ class Runner:
             capacity=self.capacity,
             active_tasks=tuple(self._active),
             error=self.error,
+            prompt_cache=(
+                self.engine.prompt_cache_stats() if isinstance(self.engine, ReportsPromptCache) else None
+            ),
         )
 
     # ---- internals ---------------------------------------------------------------------------

@@ -105,6 +105,21 @@ TaskParams = TextGenerationParams | ImageGenerationParams | ImageEditsParams
 # ---- worker -> master ------------------------------------------------------------------------
 
 
+# Counters and sizes in heartbeats are bounded so a bad frame cannot smuggle in absurd numbers.
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class PromptCacheStats(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance's prompt (KV) cache: its size now and what it has saved since the worker started."""
+
+    size_bytes: _Count = 0  # held by cached entries now
+    budget_bytes: _Count = 0  # the most it may hold (--prompt-cache-bytes)
+    entries: _Count = 0
+    hits: _Count = 0  # requests that reused at least one cached token
+    misses: _Count = 0  # requests that reused none
+    reused_tokens: _Count = 0  # prompt tokens not processed again, summed over all requests
+
+
 class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     """One model instance as its worker sees it; part of every heartbeat (a full snapshot)."""
 
@@ -121,6 +136,8 @@ class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     # master fetches a final it never received, or acknowledges one it has.
     finished_tasks: TaskIds = ()
     error: Reason | None = None
+    # None: the engine keeps no prompt cache (the sim engine, or an older worker).
+    prompt_cache: PromptCacheStats | None = None
 
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="WorkerHeartbeat", tag_field="type"):

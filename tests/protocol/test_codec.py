@@ -299,6 +299,34 @@ def test_missing_required_field_is_a_protocol_error() -> None:
         decode(msgspec.msgpack.encode(raw))
 
 
+@pytest.mark.parametrize("field", ["size_bytes", "hits", "misses", "reused_tokens"])
+@pytest.mark.parametrize("value", [-1, 2**63])
+def test_out_of_range_prompt_cache_stats_are_protocol_errors(field: str, value: int) -> None:
+    report = {"instance_id": "i", "model": "m", "prompt_cache": {field: value}}
+    body = {"type": "WorkerHeartbeat", "node_id": "n", "instances": [report]}
+    raw = {"origin": "w", "seq": 1, "sent_at": 0.0, "body": body}
+    with pytest.raises(ProtocolError):
+        decode(msgspec.msgpack.encode(raw))
+
+
+def test_an_instance_report_without_prompt_cache_stats_decodes_as_none() -> None:
+    report = {"instance_id": "i", "model": "m"}
+    body = {"type": "WorkerHeartbeat", "node_id": "n", "instances": [report]}
+    envelope = decode(msgspec.msgpack.encode({"origin": "w", "seq": 1, "sent_at": 0.0, "body": body}))
+    assert isinstance(envelope.body, messages.WorkerHeartbeat)
+    assert envelope.body.instances[0].prompt_cache is None
+
+
+def test_prompt_cache_stats_round_trip_in_a_heartbeat() -> None:
+    stats = messages.PromptCacheStats(
+        size_bytes=123, budget_bytes=2**40, entries=3, hits=5, misses=2, reused_tokens=2**62
+    )
+    report = messages.InstanceReport(instance_id="i", model="m", prompt_cache=stats)  # type: ignore[arg-type]
+    heartbeat = messages.WorkerHeartbeat(node_id="n", instances=(report,))  # type: ignore[arg-type]
+    envelope = decode(encode(Stamper("w").stamp(heartbeat, 1.0)))
+    assert envelope.body == heartbeat
+
+
 @pytest.mark.parametrize("capacity", [0.0, -1.0, float("nan")])
 def test_non_positive_capacity_is_a_protocol_error(capacity: float) -> None:
     report = {"instance_id": "i", "model": "m", "capacity": capacity}
