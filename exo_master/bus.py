@@ -20,11 +20,13 @@ import zmq
 import zmq.asyncio
 
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
+from exo_master.incarnations import IncarnationGuard, Verdict
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
 from protocol.ids import NodeId
 from protocol.messages import (
     MasterMessage,
+    NodeRefused,
     TaskAccepted,
     TaskChunk,
     TaskFailed,
@@ -36,6 +38,7 @@ from protocol.messages import (
 log = structlog.get_logger("exo_master.bus")
 
 HIGH_WATER_MARK = 10_000
+MAX_WORKER_FRAME_BYTES = 4 * 1024 * 1024
 _WORKER_TYPES = (WorkerHeartbeat, TaskAccepted, TaskChunk, TaskFinished, TaskFailed)
 _NODE_PREFIX = b"node/"
 
@@ -47,6 +50,8 @@ class BusCounters:
     received: dict[str, int] = field(default_factory=dict)
     sent: dict[str, int] = field(default_factory=dict)
     malformed: int = 0
+    held: int = 0  # messages from a newcomer process while its predecessor may still be alive
+    refused: int = 0  # messages from a second live process with an existing node id
 
 
 def subscription_event(frame: bytes) -> NodeSubscribed | NodeUnsubscribed | None:
@@ -64,7 +69,7 @@ def subscription_event(frame: bytes) -> NodeSubscribed | NodeUnsubscribed | None
 
 
 class MasterBus:
-    def __init__(self, host: str, port: int, origin: str) -> None:
+    def __init__(self, host: str, port: int, origin: str, incarnation_grace: float = 2.0) -> None:
         self.endpoint_out = f"tcp://{host}:{port}"
         self.endpoint_in = f"tcp://{host}:{port + 1}"
         self._ctx = zmq.asyncio.Context()
@@ -74,6 +79,8 @@ class MasterBus:
         self._stampers: dict[bytes, Stamper] = {}
         self.sequences = SequenceTracker()
         self.counters = BusCounters()
+        self.incarnations = IncarnationGuard(incarnation_grace)
+        self._told: set[tuple[NodeId, str]] = set()
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._sub = self._ctx.socket(zmq.SUB)
 
@@ -82,6 +89,9 @@ class MasterBus:
         self._xpub.setsockopt(zmq.SNDHWM, HIGH_WATER_MARK)
         self._xpub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.RCVHWM, HIGH_WATER_MARK)
+        # A larger frame is dropped by libzmq (and the sending peer disconnected) before it is
+        # read: no worker message is near this once its fields are within the protocol's bounds.
+        self._sub.setsockopt(zmq.MAXMSGSIZE, MAX_WORKER_FRAME_BYTES)
         self._sub.setsockopt(zmq.LINGER, 0)
         self._sub.setsockopt(zmq.SUBSCRIBE, b"")
         self._xpub.bind(self.endpoint_out)
@@ -118,12 +128,34 @@ class MasterBus:
                 self.counters.malformed += 1
                 log.warning("bus.malformed_frame", error=str(exc), frames=len(frames))
                 continue
+            body = envelope.body
+            verdict = self.incarnations.observe(body.node_id, envelope.incarnation, time.monotonic())
+            if verdict is not Verdict.ADMIT:
+                await self._turn_away(body.node_id, envelope.incarnation, verdict)
+                continue
             missed = self.sequences.observe(envelope.origin, envelope.seq)
             if missed:
                 log.warning("bus.sequence_gap", origin=envelope.origin, missed=missed, seq=envelope.seq)
             name = type(envelope.body).__name__
             self.counters.received[name] = self.counters.received.get(name, 0) + 1
             await deliver(envelope.body)
+
+    async def _turn_away(self, node_id: NodeId, incarnation: str, verdict: Verdict) -> None:
+        if verdict is Verdict.HOLD:
+            self.counters.held += 1
+            return
+        self.counters.refused += 1
+        if self.counters.refused == 1 or (node_id, incarnation) not in self._told:
+            self._told.add((node_id, incarnation))
+            log.error("bus.duplicate_node", node_id=node_id, incarnation=incarnation)
+        reason = (
+            f"node id {node_id!r} is already served by another running worker; stop that one, or give "
+            "this one its own --node-id"
+        )
+        # Every message it sends is answered, so a refusal lost on the bus is repeated.
+        await self.send(
+            codec.node_topic(node_id), NodeRefused(node_id=node_id, incarnation=incarnation, reason=reason)
+        )
 
     def close(self) -> None:
         self._xpub.close(linger=0)

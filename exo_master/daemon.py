@@ -53,7 +53,9 @@ def _bind_http(host: str, port: int) -> socket.socket:
 
 async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken (2)."""
-    bus = MasterBus(host, bus_port, origin=f"master-{config.session}")
+    bus = MasterBus(
+        host, bus_port, origin=f"master-{config.session}", incarnation_grace=2 * config.heartbeat_interval
+    )
     try:
         # Bind everything before serving anything: a taken port is one clear line, not a traceback.
         bus.bind()
@@ -132,6 +134,10 @@ def run(
     forget_dead_after: float = typer.Option(
         300.0, envvar="EXO_FORGET_DEAD_AFTER", min=0.0, help="Seconds a dead node stays listed."
     ),
+    queue_timeout: float = typer.Option(
+        300.0, envvar="EXO_QUEUE_TIMEOUT", min=0.1, help="Seconds a request may wait for a free slot."
+    ),
+    max_nodes: int = typer.Option(1024, envvar="EXO_MAX_NODES", min=1, help="Nodes the master tracks."),
     seed: int = typer.Option(0, envvar="EXO_SEED", help="Seed for the random policies."),
     log_format: LogFormat = typer.Option(LogFormat.AUTO, envvar="EXO_LOG_FORMAT"),
     log_level: str = typer.Option("info", envvar="EXO_LOG_LEVEL"),
@@ -147,6 +153,8 @@ def run(
         ledger_ttl=max(ledger_ttl, heartbeat_interval * heartbeat_liveness + heartbeat_interval),
         queue_limit=queue_limit,
         forget_dead_after=forget_dead_after,
+        queue_timeout=queue_timeout,
+        max_nodes=max_nodes,
     )
     raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port)))
 

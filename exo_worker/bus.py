@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,13 +32,25 @@ import zmq.asyncio
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
 from protocol.ids import NodeId
-from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, MasterMessage, WorkerMessage
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    MasterHeartbeat,
+    MasterMessage,
+    NodeRefused,
+    TaskAck,
+    WorkerMessage,
+)
 
 log = structlog.get_logger("exo_worker.bus")
+
+_MASTER_TYPES = (AssignTask, CancelTask, MasterHeartbeat, FetchOutput, TaskAck, NodeRefused)
 
 # Explicit high-water marks: the default (1000) silently drops chunk bursts from many concurrent
 # streams; 10k small frames per socket still bounds memory to a few MB if the master stalls.
 DEFAULT_HWM = 10_000
+MAX_MASTER_FRAME_BYTES = 64 * 1024 * 1024
 # A short linger lets the last messages (final CANCELLED results at shutdown) flush, yet closing
 # never blocks for long when the master is gone. Reconnects close with linger 0: nobody is listening.
 DEFAULT_LINGER_MS = 100
@@ -125,7 +138,9 @@ class WorkerBus:
         self._hwm = hwm
         self._linger_ms = linger_ms
         self._clock = clock
-        self._stamper = Stamper(origin=node_id)
+        # A fresh id per process: the master tells two live processes with one node id apart.
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._stamper = Stamper(origin=node_id, incarnation=self.incarnation)
         self.tracker = SequenceTracker()
         self.stats = BusStats()
         # "" until the first MasterHeartbeat; echoed in every WorkerHeartbeat.
@@ -157,6 +172,8 @@ class WorkerBus:
         sub = self._ctx.socket(zmq.SUB)
         self._configure(sub)
         sub.setsockopt(zmq.RCVHWM, self._hwm)
+        # Assignments carry prompts, bounded by the master's API; nothing legitimate is near this.
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MASTER_FRAME_BYTES)
         sub.setsockopt(zmq.SUBSCRIBE, codec.node_topic(self.node_id))
         sub.setsockopt(zmq.SUBSCRIBE, codec.BROADCAST_TOPIC)
         sub.connect(self.master.bus_endpoint)
@@ -208,14 +225,24 @@ class WorkerBus:
         """Receive until cancelled, marking the master lost while it is silent (libzmq reconnects)."""
         if self._sub is None:
             self.connect()
+        silent_since = self._clock()
         while True:
             await self._listen()
             if not self.master_lost.is_set():
+                silent_since = self._clock() - self.liveness_timeout()
                 self.stats.master_losses += 1
                 self.master_alive.clear()
                 self.master_lost.set()
                 self._log.warning(
                     "master.lost", silent_s=round(self.liveness_timeout(), 3), session=self.master_session
+                )
+            else:
+                # Say so every window, with where we are looking: a wrong address must not look idle.
+                self._log.warning(
+                    "master.unreachable",
+                    tries=self.master.bus_endpoint,
+                    publishes_to=self.master.inbox_endpoint,
+                    silent_s=round(self._clock() - silent_since, 1),
                 )
 
     async def _listen(self) -> None:
@@ -244,7 +271,9 @@ class WorkerBus:
             self._malformed(str(exc))
             return False
         body = envelope.body
-        if not isinstance(body, AssignTask | CancelTask | MasterHeartbeat):
+        if not isinstance(
+            body, AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
+        ):
             self._malformed(f"unexpected {type(body).__name__} from {envelope.origin}")
             return False
         if isinstance(body, MasterHeartbeat):

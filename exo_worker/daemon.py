@@ -14,6 +14,7 @@ import re
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,23 @@ from exo_worker.engine import Engine, ModelLoadError
 from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.logs import LogFormat, configure_logging
-from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, MasterMessage, WorkerHeartbeat
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    MasterHeartbeat,
+    MasterMessage,
+    NodeRefused,
+    TaskAck,
+    WorkerHeartbeat,
+)
 
 log = structlog.get_logger("exo_worker.daemon")
 
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_MODEL_LOAD = 2
+EXIT_USAGE = 2  # refused by the master: another live process serves this node id
 
 EngineFactory = Callable[[InstanceId], Engine]
 
@@ -92,6 +103,9 @@ class WorkerDaemon:
         self._address = socket.gethostname()
         self._last_session_snapshot = ""
         self._delayed: set[asyncio.TimerHandle] = set()
+        # Set when the master refuses this process (another live process serves our node id).
+        self.refused = asyncio.Event()
+        self.refusal = ""
 
     def snapshot(self) -> WorkerHeartbeat:
         return WorkerHeartbeat(
@@ -121,6 +135,13 @@ class WorkerDaemon:
             self.runners.handle_assign(message)
         elif isinstance(message, CancelTask):
             self.runners.handle_cancel(message)
+        elif isinstance(message, FetchOutput):
+            self.runners.handle_fetch(message)
+        elif isinstance(message, TaskAck):
+            self.runners.handle_ack(message)
+        elif isinstance(message, NodeRefused) and message.incarnation == self.bus.incarnation:
+            self.refusal = message.reason
+            self.refused.set()
         elif isinstance(message, MasterHeartbeat) and message.session != self._last_session_snapshot:
             # A new (or restarted) master: give it our full state now rather than up to 1 s later.
             self._last_session_snapshot = message.session
@@ -139,27 +160,33 @@ class WorkerDaemon:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
+        refused = asyncio.create_task(self.refused.wait(), name="refused")
         loader = asyncio.create_task(self.runners.load_all(), name="load")
         try:
-            await asyncio.wait([loader, stopper, *background], return_when=asyncio.FIRST_COMPLETED)
-            if loader.done():
+            await asyncio.wait([loader, stopper, refused, *background], return_when=asyncio.FIRST_COMPLETED)
+            if loader.done() and not refused.done():
                 code = self._loaded(loader)
                 if code != EXIT_OK:
                     return code
-                await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([stopper, refused, *background], return_when=asyncio.FIRST_COMPLETED)
             for task in background:
                 if task.done():
                     task.result()  # a crashed bus or heartbeat loop is a bug: surface it
+            if refused.done():
+                log.error("worker.refused", node_id=self.config.node_id, reason=self.refusal)
+                print(f"exo-worker: {self.refusal}", file=sys.stderr, flush=True)
+                return EXIT_USAGE
             return EXIT_OK
         finally:
             loader.cancel()
             stopper.cancel()
+            refused.cancel()
             for handle in self._delayed:
                 handle.cancel()
             await self.runners.shutdown(self.config.shutdown_grace)
             for task in background:
                 task.cancel()
-            await asyncio.gather(loader, stopper, *background, return_exceptions=True)
+            await asyncio.gather(loader, stopper, refused, *background, return_exceptions=True)
             self.bus.close()
             log.info("worker.stopped", node_id=self.config.node_id, bus=_stats(self))
 

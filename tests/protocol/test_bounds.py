@@ -79,3 +79,18 @@ def test_envelopes_carry_the_incarnation() -> None:
     stamper = Stamper("n", incarnation="abc123")
     envelope = stamper.stamp(messages.MasterHeartbeat(session="s"), now=1.0)
     assert decode(msgspec.msgpack.encode(envelope)).incarnation == "abc123"
+
+
+def test_sequence_numbers_tell_reordering_from_loss() -> None:
+    from protocol.envelope import SequenceTracker
+
+    tracker = SequenceTracker()
+    for seq in (1, 2, 5, 3, 6, 4, 4):  # 3 and 4 arrive late; 4 twice
+        tracker.observe("w", seq)
+    assert tracker.gaps["w"] == 0, "late messages were counted as lost"
+    assert tracker.reordered["w"] == 2 and tracker.duplicates["w"] == 1
+    tracker.observe("w", 9)  # 7 and 8 never come
+    assert tracker.gaps["w"] == 2
+    tracker.observe("w", 1)  # the publisher restarted
+    tracker.observe("w", 2)
+    assert tracker.gaps["w"] == 2
