@@ -75,6 +75,8 @@ class ClusterSpec:
     log_dir: Path | None = None
     log_format: str = "json"
     worker_args: list[str] = field(default_factory=list)
+    # HOST:PORT the workers connect to; None: the master's bus (tests put a fault proxy between).
+    worker_master: str | None = None
     master_args: list[str] = field(default_factory=list)
 
 
@@ -121,7 +123,7 @@ class LocalCluster:
         s = self.spec
         args = [
             "exo_worker.daemon",
-            "--master", f"{s.host}:{self.bus_port}",
+            "--master", s.worker_master or f"{s.host}:{self.bus_port}",
             "--node-id", node_id,
             "--engine", s.engine,
             "--instances", str(s.instances_per_worker),
