@@ -237,6 +237,16 @@ class MasterCollector(Collector):
             "Received frames that failed to decode.",
             counters.malformed if counters else 0,
         )
+        yield _counter(
+            "exo_bus_duplicate_node_messages",
+            "Messages refused from a second live process using an existing node id.",
+            counters.refused if counters else 0,
+        )
+        yield _counter(
+            "exo_bus_held_messages",
+            "Messages dropped from a restarted worker while its old process might still be alive.",
+            counters.held if counters else 0,
+        )
 
 
 class MasterMetrics:
