@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import LocalCluster
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair, wait_for
 from exo_master.devtools.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
@@ -95,3 +96,20 @@ def test_a_restarted_worker_with_the_same_node_id_is_admitted(start_cluster: Clu
     cluster.start_worker("node1")  # a new process, a new incarnation: admitted once the old is silent
     cluster.wait_ready(1, timeout=30)
     assert spread(asyncio.run(burst(cluster.api_url, 4, max_tokens=4))) == [4]
+
+
+def test_a_worker_that_cannot_reach_its_master_says_where_it_looks(tmp_path: Path) -> None:
+    nowhere = free_port_pair()
+    cluster = LocalCluster(ClusterSpec(workers=0, heartbeat_interval=0.2, log_dir=tmp_path))
+    try:
+        cluster.spec.worker_master = f"127.0.0.1:{nowhere}"
+        cluster.start_worker("lost")
+        log = tmp_path / "lost.log"
+
+        def said_twice() -> bool:
+            lines = log.read_text().splitlines() if log.exists() else []
+            return sum("master.unreachable" in line and f":{nowhere}" in line for line in lines) >= 2
+
+        wait_for(said_twice, timeout=30, what="two master.unreachable lines naming the address")
+    finally:
+        cluster.stop()

@@ -161,3 +161,13 @@ def test_chunk_messages_from_another_node_are_ignored() -> None:
     )
     assert core.handle(forged, 0.1) == []
     assert core.counters().late_events == 1
+
+
+def test_a_node_that_streams_stays_alive_without_heartbeats() -> None:
+    core = cluster(1)  # default liveness: 3 s
+    (p,) = burst(core, 1)
+    accept(core, p)
+    for i in range(10):  # 5 s of output, no heartbeat at all (they were lost)
+        chunk(core, p, i, now=0.5 * (i + 1))
+        assert not only(core.tick(0.5 * (i + 1)), TaskErrored)
+    assert core.view(5.0).nodes[0].alive
