@@ -80,7 +80,7 @@ def proxied_cluster(
         if proxy.poll() is None:
             proxy.send_signal(signal.SIGTERM)
             proxy.wait(timeout=10)
-        return json.loads(stats.read_text()) if stats.exists() else {}  # type: ignore[no-any-return]
+        return json.loads(stats.read_text()) if stats.exists() else {}
 
     try:
         assert proxy.stdout is not None and proxy.stdout.readline().strip() == b"fault_proxy.ready"
