@@ -33,6 +33,10 @@ Metrics (all prefixed exo_):
     bus_sequence_gaps_total                              counter   messages missed, all publishers
     bus_sequence_gaps_by_origin_total{origin}            counter   messages missed, per publisher
     bus_malformed_frames_total                           counter   frames that failed to decode
+    bus_refusals_total{reason}                           counter   peers refused at the handshake
+                                                                   (unknown_key, no_curve, ...)
+    bus_identity_drops_total{reason}                     counter   messages dropped by the identity
+                                                                   checks (origin_mismatch, ...)
     placement_decision_seconds                           histogram core time per submission
     queue_wait_seconds                                   histogram submission to placement
 """
@@ -233,6 +237,14 @@ class MasterCollector(Collector):
             "exo_bus_malformed_frames",
             "Received frames that failed to decode.",
             counters.malformed if counters else 0,
+        )
+        refusals = bus.curve.counters.refusals if bus is not None and bus.curve is not None else {}
+        yield _labelled_counter(
+            "exo_bus_refusals", "Bus peers refused at the handshake, by reason.", "reason", refusals.items()
+        )
+        drops = bus.guard.drops if bus is not None else {}
+        yield _labelled_counter(
+            "exo_bus_identity_drops", "Worker messages dropped by identity checks.", "reason", drops.items()
         )
 
 
