@@ -18,6 +18,8 @@ published throughout; a (re)started master rebuilds its view of this worker from
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -140,7 +142,7 @@ class WorkerBus:
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._pub: zmq.Socket[bytes] | None = None
-        self._monitors: list[zmq.asyncio.Socket] = []
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.Socket[Any], str]] = []
         self._log = log.bind(node_id=node_id, master=str(master))
 
     # ---- sockets -----------------------------------------------------------------------------
@@ -151,7 +153,7 @@ class WorkerBus:
         self._open_sockets()
 
     def close(self) -> None:
-        for mon in self._monitors:
+        for mon, _, _ in self._monitors:
             mon.close(linger=0)
         self._monitors.clear()
         self._close_sockets(self._linger_ms)
@@ -166,20 +168,29 @@ class WorkerBus:
         sub.setsockopt(zmq.RCVHWM, self._hwm)
         sub.setsockopt(zmq.SUBSCRIBE, codec.node_topic(self.node_id))
         sub.setsockopt(zmq.SUBSCRIBE, codec.BROADCAST_TOPIC)
-        self._watch(sub)
+        self._watch(sub, self.master.bus_endpoint)
         sub.connect(self.master.bus_endpoint)
         # The PUB is a plain (blocking-API) socket on the same context: a PUB never blocks on send
         # (it drops at HWM), so a synchronous send() lets runner callbacks publish without awaiting.
         pub: zmq.Socket[bytes] = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PUB)
         self._configure(pub)
         pub.setsockopt(zmq.SNDHWM, self._hwm)
-        self._watch(pub)
+        self._watch(pub, self.master.inbox_endpoint)
         pub.connect(self.master.inbox_endpoint)
         self._sub, self._pub = sub, pub
 
-    def _watch(self, sock: zmq.Socket[Any]) -> None:
+    def _watch(self, sock: zmq.Socket[Any], endpoint: str) -> None:
         if self.curve is not None and self._ctx is not None:
-            self._monitors.append(monitor_socket(sock, self._ctx))
+            self._monitors.append((monitor_socket(sock, self._ctx), sock, endpoint))
+
+    @staticmethod
+    def _redial(sock: zmq.Socket[Any], endpoint: str) -> None:
+        """Connect again after a ZAP refusal, which ends a connection for good in libzmq."""
+        if sock.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):  # already gone with the refused connection
+            sock.disconnect(endpoint)
+        sock.connect(endpoint)
 
     def _configure(self, sock: zmq.Socket[Any]) -> None:
         if self.curve is not None:
@@ -225,8 +236,10 @@ class WorkerBus:
             self.connect()
         watchers = []
         if self.curve is not None:
-            for mon in self._monitors:
-                watch = watch_handshakes(self.curve, mon, self._log)
+            backoff = (self._backoff_initial, self._backoff_max)
+            for mon, sock, endpoint in self._monitors:
+                redial = functools.partial(self._redial, sock, endpoint)
+                watch = watch_handshakes(self.curve, mon, self._log, redial, backoff)
                 watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
         try:
             await self._serve()

@@ -5,12 +5,19 @@ ZeroMQ (it just reconnects), so a socket monitor watches both sockets and says w
 - the master refused this worker's key (ZAP answered 400): its public key is not authorized;
 - the handshake broke before that: the master key configured here is not the master's;
 - the master speaks plaintext, or the other way round.
-Each is logged once, and again only after a handshake succeeded in between (no flood while libzmq
-retries with backoff).
+Each is logged once, and again only after a handshake succeeded in between (no flood while it
+retries).
+
+A refusal by ZAP ends the connection for good in libzmq (a protocol error: it never reconnects on
+its own), so the worker re-dials itself with capped exponential backoff: a worker whose key is
+added to the master's directory later gets in without a restart. The other failures are plain
+disconnects, which libzmq retries with the socket's own reconnect backoff.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,20 +83,33 @@ def load_client_curve(secret_key: Path | None, master_key: Path | None) -> Clien
     return ClientCurve(keypair=load_keypair(secret_key), master_public=load_public(master_key))
 
 
-async def watch_handshakes(curve: ClientCurve, monitor: zmq.asyncio.Socket, bound: Any) -> None:
-    """Log failed handshakes on one socket, once per kind until a handshake succeeds; until cancelled."""
+async def watch_handshakes(
+    curve: ClientCurve,
+    monitor: zmq.asyncio.Socket,
+    bound: Any,
+    redial: Callable[[], None],
+    backoff: tuple[float, float] = (0.5, 10.0),
+) -> None:
+    """Log failed handshakes on one socket (once per kind until one succeeds) and re-dial after a
+    refusal; until cancelled."""
     reported: set[str] = set()
+    delay = backoff[0]
     while True:
         event = parse_monitor_message(await monitor.recv_multipart())
         if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             if reported:
                 bound.info("bus.handshake_ok")
             reported.clear()
+            delay = backoff[0]
             continue
         failure = curve.describe_failure(event["event"], event["value"])
         if failure is not None and failure[0] not in reported:
             reported.add(failure[0])
             bound.error(failure[0], error=failure[1])
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            await asyncio.sleep(delay)  # retry backoff before dialling again
+            delay = min(delay * 2, backoff[1])
+            redial()
 
 
 def monitor_socket(sock: zmq.Socket[Any], ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:

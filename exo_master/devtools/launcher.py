@@ -196,6 +196,9 @@ class LocalCluster:
         return proc
 
     def start(self, ready_timeout: float = 60.0) -> LocalCluster:
+        if self.keys is not None:  # authorized before the master reads its directory
+            for i in range(self.spec.workers):
+                self.keys.worker(f"node{i + 1}")
         self.start_master()
         self.wait_healthy(timeout=30)
         for i in range(self.spec.workers):
