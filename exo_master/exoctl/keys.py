@@ -4,8 +4,9 @@
     exoctl keys generate mac-mini-2        # on each worker's Mac
 
 Writes NAME.key (public: copy it to the other side) and NAME.key_secret (mode 0600: never leaves
-the machine) into --dir (default $XDG_CONFIG_HOME/exo/keys or ~/.config/exo/keys), and prints the
-paths and the public key's fingerprint (compare it on both machines after copying).
+the machine) into --dir (default $XDG_CONFIG_HOME/exo/keys or ~/.config/exo/keys), makes the
+`authorized/` directory next to them (where a master keeps its workers' NAME.key files), and
+prints the paths and the public key's fingerprint (compare it on both machines after copying).
 """
 
 from __future__ import annotations
@@ -33,13 +34,17 @@ def generate_command(
     target = directory if directory is not None else default_keys_dir()
     try:
         public, secret = generate(target.expanduser(), name)
+        authorized = target.expanduser() / "authorized"
+        authorized.mkdir(exist_ok=True)
         print_ = fingerprint(load_public(public))
     except (KeyFileError, OSError) as exc:
         typer.echo(f"exoctl: {exc}", err=True)
         raise typer.Exit(1) from None
     if as_json:
-        typer.echo(json.dumps({"public": str(public), "secret": str(secret), "fingerprint": print_}))
+        shown = {"public": str(public), "secret": str(secret), "authorized": str(authorized)}
+        typer.echo(json.dumps({**shown, "fingerprint": print_}))
         return
     typer.echo(f"public key:  {public}  (copy this one)")
     typer.echo(f"secret key:  {secret}  (mode 0600, keep it here)")
     typer.echo(f"fingerprint: {print_}")
+    typer.echo(f"authorized:  {authorized}/  (on the master: the workers' NAME.key files go here)")

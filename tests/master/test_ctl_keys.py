@@ -19,6 +19,7 @@ def test_generate_prints_paths_and_fingerprint(tmp_path: Path) -> None:
     shown = json.loads(result.output)
     assert stat.S_IMODE(Path(shown["secret"]).stat().st_mode) == 0o600
     assert shown["fingerprint"] == keys.fingerprint(keys.load_public(Path(shown["public"])))
+    assert Path(shown["authorized"]).is_dir()
 
 
 def test_default_dir_is_under_xdg_config_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
