@@ -26,7 +26,7 @@ import zmq
 import zmq.asyncio
 
 from exo_master.bus_auth import MasterCurve
-from exo_master.bus_identity import IdentityGuard
+from exo_master.bus_identity import DropReason, IdentityGuard
 from exo_master.events import NodeSubscribed, NodeUnsubscribed
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
@@ -134,25 +134,34 @@ class MasterBus:
     def _admit_subscription(
         self, frame: bytes, event: NodeSubscribed | NodeUnsubscribed | None, key: str | None
     ) -> bool:
-        """Apply (manual XPUB) a subscription to the broadcast topic or to a node the peer speaks for.
+        """Apply (manual XPUB) a subscription to the broadcast topic or to a node the peer speaks for;
+        True when the event may go on to the core.
 
         Called right after the recv, with no await in between: libzmq applies it to the pipe that
-        sent the last subscription. Unsubscriptions (also those of a closed connection) always apply.
+        sent the last subscription. An unsubscription is always applied to its own pipe (harmless),
+        but reaches the core only from the node's key: otherwise another peer could subscribe and
+        unsubscribe node A's topic and make the master stop placing on A. The ones libzmq makes
+        for a closed connection carry no User-Id and pass.
         """
-        if not frame:
+        if not frame or frame[0] not in (0, 1):
             return False
         topic = frame[1:]
-        if frame[0] == 0:
+        subscribe = frame[0] == 1
+        if not subscribe:
             self._xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
-            return True
-        if isinstance(event, NodeSubscribed):
+        refused: str | None = None
+        if isinstance(event, NodeSubscribed | NodeUnsubscribed):
             refused = self.guard.check_key(event.node_id, key, time.monotonic())
-        else:
-            refused = None if topic == codec.BROADCAST_TOPIC else "foreign_topic"
+        elif subscribe and topic != codec.BROADCAST_TOPIC:
+            refused = self.guard.refuse(DropReason.FOREIGN_TOPIC)
         if refused is not None:
-            log.warning("bus.subscription_refused", reason=refused, topic=topic[:80].decode(errors="replace"))
+            total = self.guard.drops[refused]
+            if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
+                topic_text = topic[:80].decode(errors="replace")
+                log.warning("bus.subscription_refused", reason=refused, topic=topic_text, total=total)
             return False
-        self._xpub.setsockopt(zmq.SUBSCRIBE, topic)
+        if subscribe:
+            self._xpub.setsockopt(zmq.SUBSCRIBE, topic)
         return True
 
     async def serve_workers(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
@@ -176,15 +185,9 @@ class MasterBus:
                 continue
             refused = self.guard.check_message(envelope.origin, envelope.body, key, time.monotonic())
             if refused is not None:
-                log.warning(
-                    "bus.identity_refused",
-                    reason=refused,
-                    origin=envelope.origin[:80],
-                    node_id=envelope.body.node_id[:80],
-                    type=type(envelope.body).__name__,
-                    bound_key=_short(self.guard.bound_key(envelope.body.node_id)),
-                    key=_short(key),
-                )
+                total = self.guard.drops[refused]
+                if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
+                    self._log_refusal(refused, total, envelope.origin, envelope.body, key)
                 continue
             missed = self.sequences.observe(envelope.origin, envelope.seq)
             if missed:
@@ -192,6 +195,20 @@ class MasterBus:
             name = type(envelope.body).__name__
             self.counters.received[name] = self.counters.received.get(name, 0) + 1
             await deliver(envelope.body)
+
+    def _log_refusal(
+        self, reason: str, total: int, origin: str, body: WorkerMessage, key: str | None
+    ) -> None:
+        log.warning(
+            "bus.identity_refused",
+            reason=reason,
+            total=total,
+            origin=origin[:80],
+            node_id=body.node_id[:80],
+            type=type(body).__name__,
+            bound_key=_short(self.guard.bound_key(body.node_id)),
+            key=_short(key),
+        )
 
     def close(self) -> None:
         if self.curve is not None:

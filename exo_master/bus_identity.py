@@ -9,7 +9,8 @@ Pure (the time is passed in). For every worker message:
   binding idle for `release_after` seconds is released, so a machine that got a new key, or a
   node id that moved, gets in again once the old one is gone. A key may hold several node ids
   (several workers on one machine may share one key), but a node id has one key.
-Mismatches are dropped, logged and counted by reason.
+Subscriptions on the master's XPUB go through `check_key` too (a node's topic is read only with its
+key). Mismatches are dropped, logged and counted by reason.
 
 The core separately accepts a message about a task only from the node the task is bound to; with
 these checks, "from the node" is proven, not claimed.
@@ -30,6 +31,7 @@ class DropReason:
     FOREIGN_INSTANCE = "foreign_instance"  # an instance id outside the node's namespace
     KEY_MISMATCH = "key_mismatch"  # the node id is bound to another key
     TOO_MANY_NODES = "too_many_nodes"  # the binding table is full of live nodes
+    FOREIGN_TOPIC = "foreign_topic"  # a subscription to neither a node topic nor the broadcast one
 
 
 @dataclass(slots=True)
@@ -82,6 +84,10 @@ class IdentityGuard:
         for node_id in idle:
             del self._bindings[node_id]
         return bool(idle)
+
+    def refuse(self, reason: str) -> str:
+        """Count a refusal decided by the shell (e.g. a subscription to a foreign topic)."""
+        return self._drop(reason)
 
     def _drop(self, reason: str) -> str:
         self.drops[reason] = self.drops.get(reason, 0) + 1

@@ -202,6 +202,15 @@ def test_forged_messages_from_another_authorized_node_are_dropped(
             return all(drops.get(reason, 0) >= n for reason, n in expected.items())
 
         wait_for(all_dropped, 15, "every forged message to be dropped")
+        # Subscribing to node1's topic is refused; unsubscribing it must not unsubscribe node1.
+        before = _counter(cluster, "exo_bus_identity_drops")["key_mismatch"]
+        forger.sub.setsockopt(zmq.SUBSCRIBE, b"node/node1\x00")
+        forger.sub.setsockopt(zmq.UNSUBSCRIBE, b"node/node1\x00")
+        wait_for(
+            lambda: _counter(cluster, "exo_bus_identity_drops")["key_mismatch"] >= before + 2,
+            15,
+            "the forged subscription and unsubscription to be refused",
+        )
         text, finish = _read_stream(response)
     finally:
         response.close()
@@ -210,8 +219,8 @@ def test_forged_messages_from_another_authorized_node_are_dropped(
     assert finish == "length"  # the real end, 60 tokens later, not the forged stop or failure
     state = cluster.state()
     assert state is not None
-    assert {n["node_id"] for n in state["nodes"]} == {"node1"}
-    assert all(n["alive"] for n in state["nodes"])
+    assert [(n["node_id"], n["alive"], n["subscribed"]) for n in state["nodes"]] == [("node1", True, True)]
+    assert httpx.post(f"{cluster.api_url}/v1/chat/completions", json=CHAT, timeout=30).status_code == 200
 
 
 def _read_stream(response: Any) -> tuple[str, str | None]:
