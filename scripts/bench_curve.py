@@ -2,8 +2,9 @@
 
 Two parts, each alternating plaintext and CURVE rounds so both see the same machine load:
 - bus: raw sockets and the real codec, a worker-like PUB to a master-like SUB (behind the ZAP
-  authenticator for CURVE): one-way throughput of TaskChunk envelopes (small and 1 KiB text), and
-  the round trip worker -> master -> worker (PUB/SUB then XPUB/SUB back), p50/p99.
+  authenticator for CURVE): one-way throughput of TaskChunk envelopes (small and 1 KiB text) with
+  the process CPU time per message (libzmq's I/O threads, where CURVE works, included), and the
+  round trip worker -> master -> worker (PUB/SUB then XPUB/SUB back), p50/p99.
 - cluster: a real master and a sim worker per mode (launched like `make run`, CURVE keys made by
   the launcher), both up at once: sequential 1-token completions (latency p50/p99, a new connection
   each) and a concurrent batch of 64-token completions (requests/s, tokens/s).
@@ -95,8 +96,10 @@ class BusPair:
         body = TaskChunk(node_id=node, task_id=task, instance_id=instance, index=index, text=text)
         return codec.encode_frames(codec.MASTER_TOPIC, self.stamper.stamp(body, time.time()))
 
-    def throughput(self, n: int, text: str) -> float:
-        """Messages per second, worker PUB -> master SUB, decoded on arrival."""
+    def throughput(self, n: int, text: str) -> tuple[float, float]:
+        """(messages per second, process CPU microseconds per message), worker PUB -> master SUB,
+        decoded on arrival. The CPU time counts every thread, libzmq's I/O threads (where CURVE
+        encrypts and decrypts) included, so it shows the cost even when Python is the bottleneck."""
         got = 0
 
         def receive() -> None:
@@ -105,14 +108,16 @@ class BusPair:
                 codec.decode_frames(self.m_in.recv_multipart())
                 got += 1
 
+        payloads = [self.frames(text, i) for i in range(n)]
         reader = threading.Thread(target=receive)
         reader.start()
-        started = time.perf_counter()
-        for i in range(n):
-            self.w_out.send_multipart(self.frames(text, i))
+        started, cpu = time.perf_counter(), time.process_time()
+        for frames in payloads:
+            self.w_out.send_multipart(frames)
         reader.join(timeout=120)
         assert got == n, f"lost {n - got} of {n} messages"
-        return n / (time.perf_counter() - started)
+        wall, cpu = time.perf_counter() - started, time.process_time() - cpu
+        return n / wall, cpu / n * 1e6
 
     def round_trips(self, n: int) -> list[float]:
         """Seconds per worker -> master -> worker round trip, one at a time."""
@@ -143,26 +148,31 @@ class _Allow:
 
 
 def bench_bus(rounds: int, messages: int, pings: int) -> dict[str, Any]:
-    small: dict[str, list[float]] = {m: [] for m in MODES}
-    large: dict[str, list[float]] = {m: [] for m in MODES}
+    """Both pairs stay up; each round measures both modes, in alternating order, block by block."""
+    keys = ("msgs_per_s_small", "cpu_us_per_msg_small", "msgs_per_s_1kib", "cpu_us_per_msg_1kib")
+    samples: dict[str, dict[str, list[float]]] = {m: {k: [] for k in keys} for m in MODES}
     rtts: dict[str, list[float]] = {m: [] for m in MODES}
-    for _ in range(rounds):
-        for mode in MODES:
-            pair = BusPair(curve=mode == "curve")
-            try:
-                small[mode].append(pair.throughput(messages, "token"))
-                large[mode].append(pair.throughput(messages // 4, "x" * 1024))
+    pairs = {mode: BusPair(curve=mode == "curve") for mode in MODES}
+    try:
+        for r in range(rounds):
+            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                pair, s = pairs[mode], samples[mode]
+                rate, cpu = pair.throughput(messages, "token")
+                s["msgs_per_s_small"].append(rate)
+                s["cpu_us_per_msg_small"].append(cpu)
+                rate, cpu = pair.throughput(messages // 4, "x" * 1024)
+                s["msgs_per_s_1kib"].append(rate)
+                s["cpu_us_per_msg_1kib"].append(cpu)
                 rtts[mode] += pair.round_trips(pings)
-            finally:
-                pair.close()
+    finally:
+        for pair in pairs.values():
+            pair.close()
     result: dict[str, Any] = {}
     for mode in MODES:
-        result[mode] = {
-            "msgs_per_s_small": round(statistics.median(small[mode])),
-            "msgs_per_s_1kib": round(statistics.median(large[mode])),
-            "round_trip_p50_us": round(_pct(rtts[mode], 0.5) * 1e6, 1),
-            "round_trip_p99_us": round(_pct(rtts[mode], 0.99) * 1e6, 1),
-        }
+        row = {k: round(statistics.median(v), 2) for k, v in samples[mode].items()}
+        row["round_trip_p50_us"] = round(_pct(rtts[mode], 0.5) * 1e6, 1)
+        row["round_trip_p99_us"] = round(_pct(rtts[mode], 0.99) * 1e6, 1)
+        result[mode] = row
     result["curve_over_plaintext"] = {
         key: round(result["curve"][key] / result["plaintext"][key], 3) for key in result["plaintext"]
     }
@@ -247,10 +257,10 @@ def bench_cluster(rounds: int, pings: int, batch: int, log_dir: Path) -> dict[st
 def run(quick: bool) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="exo-bench-curve-"))
     if quick:
-        bus = bench_bus(rounds=2, messages=20_000, pings=500)
+        bus = bench_bus(rounds=4, messages=10_000, pings=250)
         cluster = bench_cluster(rounds=2, pings=100, batch=32, log_dir=log_dir)
     else:
-        bus = bench_bus(rounds=5, messages=100_000, pings=2000)
+        bus = bench_bus(rounds=16, messages=20_000, pings=500)
         cluster = bench_cluster(rounds=5, pings=300, batch=64, log_dir=log_dir)
     return {"benchmark": "curve", "quick": quick, "zmq": zmq.zmq_version(), "bus": bus, "cluster": cluster}
 
