@@ -237,9 +237,10 @@ class WorkerBus:
         watchers = []
         if self.curve is not None:
             backoff = (self._backoff_initial, self._backoff_max)
+            reported: set[str] = set()  # shared: one line per failure, not one per socket
             for mon, sock, endpoint in self._monitors:
                 redial = functools.partial(self._redial, sock, endpoint)
-                watch = watch_handshakes(self.curve, mon, self._log, redial, backoff)
+                watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff)
                 watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
         try:
             await self._serve()

@@ -88,11 +88,11 @@ async def watch_handshakes(
     monitor: zmq.asyncio.Socket,
     bound: Any,
     redial: Callable[[], None],
+    reported: set[str],
     backoff: tuple[float, float] = (0.5, 10.0),
 ) -> None:
-    """Log failed handshakes on one socket (once per kind until one succeeds) and re-dial after a
-    refusal; until cancelled."""
-    reported: set[str] = set()
+    """Log failed handshakes on one socket (once per kind, in `reported`, shared by the worker's
+    sockets, until one succeeds) and re-dial after a refusal; until cancelled."""
     delay = backoff[0]
     while True:
         event = parse_monitor_message(await monitor.recv_multipart())

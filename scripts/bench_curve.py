@@ -231,8 +231,9 @@ def bench_cluster(rounds: int, pings: int, batch: int, log_dir: Path) -> dict[st
         for cluster in clusters.values():
             cluster.start()
             asyncio.run(_batch(cluster.api_url, batch, 64))  # warm-up, not counted
-        for _ in range(rounds):
-            for mode, cluster in clusters.items():
+        for r in range(rounds):
+            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+                cluster = clusters[mode]
                 lat[mode] += asyncio.run(_latencies(cluster.api_url, pings))
                 requests, tokens = asyncio.run(_batch(cluster.api_url, batch, 64))
                 rps[mode].append(requests)

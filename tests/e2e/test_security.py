@@ -122,6 +122,9 @@ def test_unknown_missing_and_wrong_master_keys_are_refused(
     logs = cluster.spec.log_dir
     wait_for(lambda: _logged(logs / "unknown.log", "bus.key_not_authorized"), 30, "the unknown key's line")
     wait_for(lambda: _logged(logs / "wrongmaster.log", "bus.wrong_master_key"), 30, "the wrong key's line")
+    for name, event in (("unknown", "bus.key_not_authorized"), ("wrongmaster", "bus.wrong_master_key")):
+        lines = [e for e in _log_events(logs / f"{name}.log") if e.get("event") == event]
+        assert len(lines) == 1  # one clear line, not one per socket or per retry
     refused = [e for e in _log_events(logs / "master.log") if e.get("event") == "bus.refused"]
     assert keys.fingerprint(keys.load_public(outsider_public)) in {e.get("fingerprint") for e in refused}
     assert _node_ids(cluster) == {"node1"}
