@@ -51,12 +51,16 @@ class RefusalReason:
     UNKNOWN_KEY = "unknown_key"  # a CURVE client whose public key is not authorized
     NO_CURVE = "no_curve"  # a plaintext peer (no --secret-key / --master-key)
     BAD_HANDSHAKE = "bad_handshake"  # undecryptable hello: the peer holds the wrong master key
+    # The peer hung up mid-handshake: usually a plaintext peer that saw the mismatch first (which
+    # side notices first is a race), or one that went away.
+    ABORTED = "aborted"
     PROTOCOL = "protocol"  # any other failed handshake
 
 
 _HINTS = {
     RefusalReason.NO_CURVE: "a peer without CURVE keys: start the worker with --secret-key and --master-key",
     RefusalReason.BAD_HANDSHAKE: "a peer with the wrong master key: check its --master-key file",
+    RefusalReason.ABORTED: "a peer hung up during the handshake (often one without CURVE keys)",
     RefusalReason.PROTOCOL: "a peer that does not speak this protocol",
 }
 
@@ -195,7 +199,7 @@ class MasterCurve:
                     _CRYPTOGRAPHIC: RefusalReason.BAD_HANDSHAKE,
                 }.get(event["value"], RefusalReason.PROTOCOL)
             else:
-                reason = RefusalReason.PROTOCOL
+                reason = RefusalReason.ABORTED
             self.counters.refuse(reason)
             total = self.counters.refusals[reason]
             if total & (total - 1) == 0:  # 1, 2, 4, 8...: visible, never a flood

@@ -180,7 +180,7 @@ class WorkerBus:
         self._sub, self._pub = sub, pub
 
     def _watch(self, sock: zmq.Socket[Any], endpoint: str) -> None:
-        if self.curve is not None and self._ctx is not None:
+        if self._ctx is not None:  # also without keys: to say so when the master requires them
             self._monitors.append((monitor_socket(sock, self._ctx), sock, endpoint))
 
     @staticmethod
@@ -234,14 +234,13 @@ class WorkerBus:
         """Receive until cancelled, marking the master lost while it is silent (libzmq reconnects)."""
         if self._sub is None:
             self.connect()
+        backoff = (self._backoff_initial, self._backoff_max)
+        reported: set[str] = set()  # shared: one line per failure, not one per socket
         watchers = []
-        if self.curve is not None:
-            backoff = (self._backoff_initial, self._backoff_max)
-            reported: set[str] = set()  # shared: one line per failure, not one per socket
-            for mon, sock, endpoint in self._monitors:
-                redial = functools.partial(self._redial, sock, endpoint)
-                watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff)
-                watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
+        for mon, sock, endpoint in self._monitors:
+            redial = functools.partial(self._redial, sock, endpoint)
+            watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff)
+            watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
         try:
             await self._serve()
         finally:

@@ -38,6 +38,11 @@ _EVENTS = (
     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
 _MECHANISM_MISMATCH = 0x11000002
+_FAILURES = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,28 +56,34 @@ class ClientCurve:
         sock.curve_publickey = self.keypair.public
         sock.curve_serverkey = self.master_public
 
-    def describe_failure(self, event: int, value: int) -> tuple[str, str] | None:
-        """(event name, one-line explanation) for a failed handshake; None for anything else."""
-        mine, master = self.keypair.fingerprint, fingerprint(self.master_public)
-        if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-            return (
-                "bus.key_not_authorized",
-                f"the master refused this worker's key {mine}: copy this worker's NAME.key file "
-                "into the master's --authorized-keys directory",
-            )
-        if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
-            return (
-                "bus.master_not_curve",
-                "the master does not use CURVE: start it with --secret-key and --authorized-keys, "
-                "or start this worker without keys",
-            )
-        if event in (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-            return (
-                "bus.wrong_master_key",
-                f"the master rejected the handshake: the configured master key {master} is not "
-                "the master's key (check --master-key; the master logs its key's fingerprint at start)",
-            )
+
+def describe_failure(curve: ClientCurve | None, event: int, value: int) -> tuple[str, str] | None:
+    """(event name, one-line explanation) for a failed handshake; None for anything else."""
+    if event not in _FAILURES:
         return None
+    if curve is None:  # a plaintext worker fails a handshake only against a CURVE master
+        return (
+            "bus.master_requires_curve",
+            "the master requires CURVE keys: start this worker with --secret-key and --master-key "
+            "(make them with `exoctl keys generate NAME`)",
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (
+            "bus.key_not_authorized",
+            f"the master refused this worker's key {curve.keypair.fingerprint}: copy this worker's "
+            "NAME.key file into the master's --authorized-keys directory",
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == _MECHANISM_MISMATCH:
+        return (
+            "bus.master_not_curve",
+            "the master does not use CURVE: start it with --secret-key and --authorized-keys, "
+            "or start this worker without keys",
+        )
+    return (
+        "bus.wrong_master_key",
+        f"the master rejected the handshake: the configured master key {fingerprint(curve.master_public)} "
+        "is not the master's key (check --master-key; the master logs its own fingerprint at start)",
+    )
 
 
 def load_client_curve(secret_key: Path | None, master_key: Path | None) -> ClientCurve | None:
@@ -84,7 +95,7 @@ def load_client_curve(secret_key: Path | None, master_key: Path | None) -> Clien
 
 
 async def watch_handshakes(
-    curve: ClientCurve,
+    curve: ClientCurve | None,
     monitor: zmq.asyncio.Socket,
     bound: Any,
     redial: Callable[[], None],
@@ -102,7 +113,7 @@ async def watch_handshakes(
             reported.clear()
             delay = backoff[0]
             continue
-        failure = curve.describe_failure(event["event"], event["value"])
+        failure = describe_failure(curve, event["event"], event["value"])
         if failure is not None and failure[0] not in reported:
             reported.add(failure[0])
             bound.error(failure[0], error=failure[1])
