@@ -6,8 +6,10 @@ Two parts, each alternating plaintext and CURVE rounds so both see the same mach
   the process CPU time per message (libzmq's I/O threads, where CURVE works, included), and the
   round trip worker -> master -> worker (PUB/SUB then XPUB/SUB back), p50/p99.
 - cluster: a real master and a sim worker per mode (launched like `make run`, CURVE keys made by
-  the launcher), both up at once: sequential 1-token completions (latency p50/p99, a new connection
-  each) and a concurrent batch of 64-token completions (requests/s, tokens/s).
+  the launcher), up at once with a second plaintext cluster as an A/A control (the spread between
+  two identical set-ups, printed next to the CURVE difference): sequential 1-token completions
+  (latency p50/p99, a new connection each) and a concurrent batch of 64-token completions
+  (requests/s, tokens/s).
 
     python scripts/bench_curve.py            # prints a table, writes nothing
     python scripts/bench_curve.py --quick --out bench-curve.json
@@ -209,6 +211,11 @@ async def _batch(url: str, n: int, max_tokens: int) -> tuple[float, float]:
     return n / elapsed, tokens / elapsed
 
 
+# The cluster part adds an A/A control: a second plaintext cluster measured the same way, so the
+# spread between two identical set-ups on this machine is printed next to the CURVE difference.
+CLUSTER_MODES = ("plaintext", "curve", "plaintext_control")
+
+
 def bench_cluster(rounds: int, pings: int, batch: int, log_dir: Path) -> dict[str, Any]:
     clusters = {
         mode: LocalCluster(
@@ -222,17 +229,18 @@ def bench_cluster(rounds: int, pings: int, batch: int, log_dir: Path) -> dict[st
                 worker_args=["--log-level", "warning"],
             )
         )
-        for mode in MODES
+        for mode in CLUSTER_MODES
     }
-    lat: dict[str, list[float]] = {m: [] for m in MODES}
-    rps: dict[str, list[float]] = {m: [] for m in MODES}
-    tps: dict[str, list[float]] = {m: [] for m in MODES}
+    lat: dict[str, list[float]] = {m: [] for m in CLUSTER_MODES}
+    rps: dict[str, list[float]] = {m: [] for m in CLUSTER_MODES}
+    tps: dict[str, list[float]] = {m: [] for m in CLUSTER_MODES}
     try:
         for cluster in clusters.values():
             cluster.start()
             asyncio.run(_batch(cluster.api_url, batch, 64))  # warm-up, not counted
         for r in range(rounds):
-            for mode in MODES if r % 2 == 0 else MODES[::-1]:
+            shift = r % len(CLUSTER_MODES)  # rotate the order: none is always first
+            for mode in CLUSTER_MODES[shift:] + CLUSTER_MODES[:shift]:
                 cluster = clusters[mode]
                 lat[mode] += asyncio.run(_latencies(cluster.api_url, pings))
                 requests, tokens = asyncio.run(_batch(cluster.api_url, batch, 64))
@@ -242,16 +250,17 @@ def bench_cluster(rounds: int, pings: int, batch: int, log_dir: Path) -> dict[st
         for cluster in clusters.values():
             cluster.stop()
     result: dict[str, Any] = {}
-    for mode in MODES:
+    for mode in CLUSTER_MODES:
         result[mode] = {
             "latency_p50_ms": round(_pct(lat[mode], 0.5) * 1e3, 3),
             "latency_p99_ms": round(_pct(lat[mode], 0.99) * 1e3, 3),
             "requests_per_s": round(statistics.median(rps[mode]), 1),
             "tokens_per_s": round(statistics.median(tps[mode])),
         }
-    result["curve_over_plaintext"] = {
-        key: round(result["curve"][key] / result["plaintext"][key], 3) for key in result["plaintext"]
-    }
+    for other in ("curve", "plaintext_control"):
+        result[f"{other}_over_plaintext"] = {
+            key: round(result[other][key] / result["plaintext"][key], 3) for key in result["plaintext"]
+        }
     return result
 
 
@@ -259,20 +268,24 @@ def run(quick: bool) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="exo-bench-curve-"))
     if quick:
         bus = bench_bus(rounds=4, messages=10_000, pings=250)
-        cluster = bench_cluster(rounds=2, pings=100, batch=32, log_dir=log_dir)
+        cluster = bench_cluster(rounds=3, pings=100, batch=32, log_dir=log_dir)
     else:
         bus = bench_bus(rounds=16, messages=20_000, pings=500)
-        cluster = bench_cluster(rounds=5, pings=300, batch=64, log_dir=log_dir)
+        cluster = bench_cluster(rounds=9, pings=200, batch=64, log_dir=log_dir)
     return {"benchmark": "curve", "quick": quick, "zmq": zmq.zmq_version(), "bus": bus, "cluster": cluster}
 
 
 def _table(result: dict[str, Any]) -> str:
-    lines = ["| part | metric | plaintext | curve | curve / plaintext |", "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| part | metric | plaintext | curve | curve / plaintext | A/A control / plaintext |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for part in ("bus", "cluster"):
         section = result[part]
+        control = section.get("plaintext_control_over_plaintext", {})
         for key, ratio in section["curve_over_plaintext"].items():
             plain, curve = section["plaintext"][key], section["curve"][key]
-            lines.append(f"| {part} | {key} | {plain} | {curve} | {ratio} |")
+            lines.append(f"| {part} | {key} | {plain} | {curve} | {ratio} | {control.get(key, '')} |")
     return "\n".join(lines)
 
 
