@@ -35,6 +35,10 @@ Metrics (all prefixed exo_):
     bus_sequence_gaps_total                              counter   messages missed, all publishers
     bus_sequence_gaps_by_origin_total{origin}            counter   messages missed, per publisher
     bus_malformed_frames_total                           counter   frames that failed to decode
+    bus_refusals_total{reason}                           counter   peers refused at the handshake
+                                                                   (unknown_key, no_curve, ...)
+    bus_identity_drops_total{reason}                     counter   messages dropped by the identity
+                                                                   checks (origin_mismatch, ...)
     placement_decision_seconds                           histogram core time per submission
     queue_wait_seconds                                   histogram submission to placement
 """
@@ -246,6 +250,14 @@ class MasterCollector(Collector):
             "exo_bus_held_messages",
             "Messages dropped from a restarted worker while its old process might still be alive.",
             counters.held if counters else 0,
+        )
+        refusals = bus.curve.counters.refusals if bus is not None and bus.curve is not None else {}
+        yield _labelled_counter(
+            "exo_bus_refusals", "Bus peers refused at the handshake, by reason.", "reason", refusals.items()
+        )
+        drops = bus.guard.drops if bus is not None else {}
+        yield _labelled_counter(
+            "exo_bus_identity_drops", "Worker messages dropped by identity checks.", "reason", drops.items()
         )
 
 

@@ -18,6 +18,8 @@ published throughout; a (re)started master rebuilds its view of this worker from
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import time
 import uuid
@@ -29,6 +31,7 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from exo_worker.bus_auth import ClientCurve, monitor_socket, watch_handshakes
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
 from protocol.ids import NodeId
@@ -127,8 +130,10 @@ class WorkerBus:
         hwm: int = DEFAULT_HWM,
         linger_ms: int = DEFAULT_LINGER_MS,
         clock: Callable[[], float] = time.time,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.node_id = node_id
+        self.curve = curve
         self.master = master
         self._on_message = on_message
         self._interval = heartbeat_interval
@@ -152,6 +157,7 @@ class WorkerBus:
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._pub: zmq.Socket[bytes] | None = None
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.Socket[Any], str]] = []
         self._log = log.bind(node_id=node_id, master=str(master))
 
     # ---- sockets -----------------------------------------------------------------------------
@@ -162,6 +168,9 @@ class WorkerBus:
         self._open_sockets()
 
     def close(self) -> None:
+        for mon, _, _ in self._monitors:
+            mon.close(linger=0)
+        self._monitors.clear()
         self._close_sockets(self._linger_ms)
         if self._ctx is not None:
             self._ctx.term()  # returns promptly: every socket is closed with a bounded linger
@@ -176,16 +185,33 @@ class WorkerBus:
         sub.setsockopt(zmq.MAXMSGSIZE, MAX_MASTER_FRAME_BYTES)
         sub.setsockopt(zmq.SUBSCRIBE, codec.node_topic(self.node_id))
         sub.setsockopt(zmq.SUBSCRIBE, codec.BROADCAST_TOPIC)
+        self._watch(sub, self.master.bus_endpoint)
         sub.connect(self.master.bus_endpoint)
         # The PUB is a plain (blocking-API) socket on the same context: a PUB never blocks on send
         # (it drops at HWM), so a synchronous send() lets runner callbacks publish without awaiting.
         pub: zmq.Socket[bytes] = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PUB)
         self._configure(pub)
         pub.setsockopt(zmq.SNDHWM, self._hwm)
+        self._watch(pub, self.master.inbox_endpoint)
         pub.connect(self.master.inbox_endpoint)
         self._sub, self._pub = sub, pub
 
+    def _watch(self, sock: zmq.Socket[Any], endpoint: str) -> None:
+        if self._ctx is not None:  # also without keys: to say so when the master requires them
+            self._monitors.append((monitor_socket(sock, self._ctx), sock, endpoint))
+
+    @staticmethod
+    def _redial(sock: zmq.Socket[Any], endpoint: str) -> None:
+        """Connect again after a ZAP refusal, which ends a connection for good in libzmq."""
+        if sock.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):  # already gone with the refused connection
+            sock.disconnect(endpoint)
+        sock.connect(endpoint)
+
     def _configure(self, sock: zmq.Socket[Any]) -> None:
+        if self.curve is not None:
+            self.curve.secure(sock)
         sock.setsockopt(zmq.LINGER, self._linger_ms)
         sock.setsockopt(zmq.RECONNECT_IVL, max(1, round(self._backoff_initial * 1000)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, round(self._backoff_max * 1000)))
@@ -225,6 +251,20 @@ class WorkerBus:
         """Receive until cancelled, marking the master lost while it is silent (libzmq reconnects)."""
         if self._sub is None:
             self.connect()
+        backoff = (self._backoff_initial, self._backoff_max)
+        reported: set[str] = set()  # shared: one line per failure, not one per socket
+        watchers = []
+        for mon, sock, endpoint in self._monitors:
+            redial = functools.partial(self._redial, sock, endpoint)
+            watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff)
+            watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
+        try:
+            await self._serve()
+        finally:
+            for task in watchers:
+                task.cancel()
+
+    async def _serve(self) -> None:
         silent_since = self._clock()
         while True:
             await self._listen()

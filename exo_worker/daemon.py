@@ -24,9 +24,11 @@ import structlog
 import typer
 
 from exo_worker.bus import MasterAddress, WorkerBus, parse_master_address
+from exo_worker.bus_auth import ClientCurve, load_client_curve
 from exo_worker.engine import Engine, ModelLoadError
 from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
+from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.messages import (
     AssignTask,
@@ -45,6 +47,7 @@ EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_MODEL_LOAD = 2
 EXIT_USAGE = 2  # refused by the master: another live process serves this node id
+EXIT_BAD_KEYS = 2
 
 EngineFactory = Callable[[InstanceId], Engine]
 
@@ -66,6 +69,8 @@ class WorkerConfig:
     # Simulated lag before the worker handles each AssignTask/CancelTask (so confirmation is late,
     # as with the original master's busy event loop); benchmarks use it to expose baseline policies.
     accept_delay: float = 0.0
+    # CURVE keys for the bus (None: plaintext, for a master on loopback or one run with --insecure).
+    curve: ClientCurve | None = None
 
     def instance_id(self, index: int) -> InstanceId:
         return InstanceId(f"{self.node_id}/{index}")
@@ -84,6 +89,7 @@ class WorkerDaemon:
             heartbeat_liveness=config.heartbeat_liveness,
             backoff_initial=config.backoff_initial,
             backoff_max=config.backoff_max,
+            curve=config.curve,
         )
         callbacks = RunnerCallbacks.to(self.bus.send)
         runners = [
@@ -361,6 +367,16 @@ def serve(
     ] = None,
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar="EXO_LOG_FORMAT")] = LogFormat.AUTO,
     log_level: Annotated[str, typer.Option("--log-level", envvar="EXO_LOG_LEVEL")] = "info",
+    secret_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-key", envvar="EXO_SECRET_KEY", help="This worker's CURVE key file (NAME.key_secret)."
+        ),
+    ] = None,
+    master_key: Annotated[
+        Path | None,
+        typer.Option("--master-key", envvar="EXO_MASTER_KEY", help="The master's public key (NAME.key)."),
+    ] = None,
 ) -> None:
     """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
     # Usage errors first: they are typer's to report, before logging is set up.
@@ -372,6 +388,11 @@ def serve(
     configure_logging(log_format, log_level)
     model_name = model or _DEFAULT_MODEL[engine]
     structlog.contextvars.bind_contextvars(node_id=node)
+    try:
+        curve = load_client_curve(secret_key, master_key)
+    except KeyFileError as exc:
+        log.error("worker.bad_keys", error=str(exc))
+        raise typer.Exit(EXIT_BAD_KEYS) from None
     try:
         if prompt_cache_bytes is None and engine is EngineName.MLX:
             from exo_worker.prompt_cache import default_budget_bytes
@@ -397,6 +418,7 @@ def serve(
         heartbeat_interval=heartbeat_interval,
         heartbeat_liveness=heartbeat_liveness,
         accept_delay=sim_accept_delay,
+        curve=curve,
     )
     log.info(
         "worker.starting",
@@ -406,6 +428,8 @@ def serve(
         master=str(address),
         max_concurrency=max_concurrency,
         prompt_cache_bytes=prompt_cache_bytes,
+        curve=curve is not None,
+        key=curve.keypair.fingerprint if curve is not None else None,
     )
     try:
         daemon = WorkerDaemon(config, factory)

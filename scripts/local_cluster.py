@@ -99,6 +99,7 @@ def main(
 
     with LocalCluster(spec) as cluster:
         console.print(f"Starting a master and {workers} {engine} worker(s) of {model!r}; logs in {log_dir}")
+        console.print(f"Bus encrypted with CURVE; the cluster's keys are in {log_dir / 'keys'}")
         try:
             with console.status("waiting for every instance to be ready (model loading)..."):
                 cluster.start(ready_timeout=ready_timeout)

@@ -2,15 +2,21 @@
 
 Used by `scripts/local_cluster.py` (and so `make run`) and by the end-to-end tests, so that what
 the tests start is exactly what a user starts. Only processes started here are ever stopped.
+
+The bus runs CURVE by default, as across machines: the launcher makes a master keypair, one per
+worker and the authorized-keys directory under `keys/` in the log directory (or a temporary one),
+so the secure path is the default one with no extra step. `ClusterSpec(curve=False)` runs plaintext.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +24,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+
+from protocol import keys
 
 
 class ClusterStartError(RuntimeError):
@@ -78,6 +86,33 @@ class ClusterSpec:
     # HOST:PORT the workers connect to; None: the master's bus (tests put a fault proxy between).
     worker_master: str | None = None
     master_args: list[str] = field(default_factory=list)
+    curve: bool = True  # CURVE keys on the bus (made here); False: plaintext, loopback only
+    keys_dir: Path | None = None  # default: log_dir/keys, else a temporary directory
+    api_key: str | None = None  # passed to the master as --api-key and sent by state()
+
+
+class ClusterKeys:
+    """The local cluster's key files: master.key(_secret), workers/NAME.key(_secret), authorized/."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.authorized = directory / "authorized"
+        self.authorized.mkdir(parents=True, exist_ok=True)
+        self.master_public, self.master_secret = self._pair(directory, "master")
+
+    def _pair(self, directory: Path, name: str) -> tuple[Path, Path]:
+        public = directory / f"{name}{keys.PUBLIC_SUFFIX}"
+        secret = directory / f"{name}{keys.SECRET_SUFFIX}"
+        if not secret.exists():
+            public, secret = keys.generate(directory, name)
+        return public, secret
+
+    def worker(self, name: str, authorize: bool = True) -> tuple[Path, Path]:
+        """A worker's (public, secret) files, made on first use; its public key authorized if asked."""
+        public, secret = self._pair(self.directory / "workers", name)
+        if authorize:
+            shutil.copyfile(public, self.authorized / public.name)
+        return public, secret
 
 
 class LocalCluster:
@@ -88,6 +123,13 @@ class LocalCluster:
         self.master: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
+        self._temp_keys: Path | None = None
+        self.keys: ClusterKeys | None = None
+        if spec.curve:
+            directory = spec.keys_dir or (spec.log_dir / "keys" if spec.log_dir is not None else None)
+            if directory is None:
+                directory = self._temp_keys = Path(tempfile.mkdtemp(prefix="exo-keys-"))
+            self.keys = ClusterKeys(directory)
 
     @property
     def api_url(self) -> str:
@@ -115,11 +157,24 @@ class LocalCluster:
                 "--policy", s.policy,
                 "--heartbeat-interval", str(s.heartbeat_interval),
                 "--log-format", s.log_format,
+                *self._master_security_args(),
                 *s.master_args,
             ],
         )  # fmt: skip
 
-    def start_worker(self, node_id: str) -> subprocess.Popen[bytes]:
+    def _master_security_args(self) -> list[str]:
+        args: list[str] = []
+        if self.keys is not None:
+            args += ["--secret-key", str(self.keys.master_secret)]
+            args += ["--authorized-keys", str(self.keys.authorized)]
+        if self.spec.api_key:
+            args += ["--api-key", self.spec.api_key]
+        return args
+
+    def start_worker(
+        self, node_id: str, extra_args: list[str] | None = None, with_keys: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker (with its own authorized key when the cluster runs CURVE and `with_keys`)."""
         s = self.spec
         args = [
             "exo_worker.daemon",
@@ -135,11 +190,17 @@ class LocalCluster:
         ]  # fmt: skip
         if s.model:
             args += ["--model", s.model]
-        proc = self._spawn(node_id, args)
+        if self.keys is not None and with_keys:
+            _, secret = self.keys.worker(node_id)
+            args += ["--secret-key", str(secret), "--master-key", str(self.keys.master_public)]
+        proc = self._spawn(node_id, [*args, *(extra_args or [])])
         self.workers[node_id] = proc
         return proc
 
     def start(self, ready_timeout: float = 60.0) -> LocalCluster:
+        if self.keys is not None:  # authorized before the master reads its directory
+            for i in range(self.spec.workers):
+                self.keys.worker(f"node{i + 1}")
         self.start_master()
         self.wait_healthy(timeout=30)
         for i in range(self.spec.workers):
@@ -147,10 +208,16 @@ class LocalCluster:
         self.wait_ready(self.spec.workers * self.spec.instances_per_worker, timeout=ready_timeout)
         return self
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+
     def state(self, tasks: int = 0) -> dict[str, Any] | None:
         """GET /v1/cluster/state (with up to `tasks` task rows), or None while it does not answer."""
         try:
-            response = httpx.get(f"{self.api_url}/v1/cluster/state", params={"tasks": tasks}, timeout=2)
+            response = httpx.get(
+                f"{self.api_url}/v1/cluster/state", params={"tasks": tasks}, headers=self.headers, timeout=2
+            )
         except httpx.HTTPError:
             return None
         return response.json() if response.status_code == 200 else None
@@ -202,6 +269,9 @@ class LocalCluster:
         for f in self._logs:
             f.close()
         self._logs.clear()
+        if self._temp_keys is not None:
+            shutil.rmtree(self._temp_keys, ignore_errors=True)
+            self._temp_keys = None
 
     def __enter__(self) -> LocalCluster:
         return self
