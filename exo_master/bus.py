@@ -98,6 +98,7 @@ class MasterBus:
         self.counters = BusCounters()
         self.incarnations = IncarnationGuard(incarnation_grace)
         self._told: set[tuple[NodeId, str]] = set()
+        self._subscribers: dict[NodeId, int] = {}  # live subscriptions per node topic
         self._xpub = self._ctx.socket(zmq.XPUB)
         self._sub = self._ctx.socket(zmq.SUB)
         self.curve = curve
@@ -141,11 +142,26 @@ class MasterBus:
             event = subscription_event(frame)
             if not self._admit_subscription(frame, event, _user_id(message)):
                 continue
-            if event is not None:
+            if event is not None and self._subscription_changed(event):
                 log.info(
                     "bus.subscription", node_id=event.node_id, subscribed=isinstance(event, NodeSubscribed)
                 )
                 await deliver(event)
+
+    def _subscription_changed(self, event: NodeSubscribed | NodeUnsubscribed) -> bool:
+        """Count a node topic's subscribers; only the first subscribe and the last unsubscribe
+        change what the core sees. The manual XPUB passes every (un)subscription of every
+        connection: a worker that reconnects subscribes on its new connection before its old one
+        closes, and a refused duplicate's connection closing must not unsubscribe the live one."""
+        count = self._subscribers.get(event.node_id, 0)
+        if isinstance(event, NodeSubscribed):
+            self._subscribers[event.node_id] = count + 1
+            return count == 0
+        if count <= 1:
+            self._subscribers.pop(event.node_id, None)
+            return count == 1
+        self._subscribers[event.node_id] = count - 1
+        return False
 
     def _admit_subscription(
         self, frame: bytes, event: NodeSubscribed | NodeUnsubscribed | None, key: str | None

@@ -65,6 +65,7 @@ def proxied_cluster(
         max_concurrency=16,
         sim_tokens_per_s=400.0,
         worker_master=f"127.0.0.1:{listen}",
+        curve=False,  # the proxy reads and rewrites frames: it speaks plaintext (CURVE is tested elsewhere)
         log_dir=tmp_path / "logs",
     )
     cluster = LocalCluster(spec)
