@@ -50,7 +50,11 @@ def faulty_burst(drop: float, seed: int, tmp: Path) -> dict[str, Any]:
     listen = free_port_pair()
     cluster = LocalCluster(
         ClusterSpec(
-            workers=2, max_concurrency=16, sim_tokens_per_s=400.0, worker_master=f"127.0.0.1:{listen}"
+            workers=2,
+            max_concurrency=16,
+            sim_tokens_per_s=400.0,
+            worker_master=f"127.0.0.1:{listen}",
+            curve=False,
         )
     )
     stats = tmp / f"proxy-{drop}-{seed}.json"
