@@ -31,6 +31,7 @@ from exo_master.core.events import (
     TaskRejected,
 )
 from exo_master.core.lifecycle import TaskStatus
+from exo_master.fastpath import FastPath
 from exo_master.openai_schema import ChatCompletionRequest, ImageGenerationRequest
 from exo_master.runtime import MasterRuntime, TaskWaiter
 from protocol.ids import TaskId
@@ -343,7 +344,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -> Starlette:
+def _expected_error(exc: Exception) -> Response | None:
+    return exc.response() if isinstance(exc, ApiError) else None
+
+
+def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -> FastPath:
     api = Api(runtime)
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
@@ -354,7 +359,8 @@ def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -
         Route("/v1/tasks/{task_id}/cancel", api.cancel_task, methods=["POST"]),
         *(extra_routes or []),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
     )
+    return FastPath(app, {("POST", "/v1/chat/completions"): api.chat_completions}, _expected_error)

@@ -7,7 +7,7 @@ import contextlib
 import signal
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import structlog
 import typer
@@ -37,6 +37,15 @@ class _QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (Linux and macOS: a dependency there), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 def _bind_http(host: str, port: int) -> socket.socket:
@@ -72,7 +81,16 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
 
     app_ = build_app(runtime, extra_routes=[metrics_route(runtime)])
     server = _QuietServer(
-        uvicorn.Config(app_, host=host, port=api_port, log_config=None, access_log=False, lifespan="off")
+        uvicorn.Config(
+            app_,
+            host=host,
+            port=api_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
+            proxy_headers=False,
+        )
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -151,7 +169,9 @@ def run(
         queue_limit=queue_limit,
         forget_dead_after=forget_dead_after,
     )
-    raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port)))
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        code = runner.run(serve(config, host, api_port, bus_port))
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ waits for that task (client effects). Being single-threaded on the loop, no lock
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 
@@ -32,6 +33,13 @@ from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, TaskParam
 log = structlog.get_logger("exo_master")
 
 Clock = Callable[[], float]
+
+
+def _info_enabled() -> bool:
+    """Whether structlog's configured level lets info lines through (cheap: no logger is bound)."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    enabled = getattr(wrapper, "is_enabled_for", None)
+    return True if enabled is None else bool(enabled(wrapper, logging.INFO))
 DecisionObserver = Callable[[float], None]
 
 
@@ -111,6 +119,8 @@ class MasterRuntime:
                         waiter.inbox.put_nowait(effect)
 
     def _log_placement(self, placed: TaskPlaced) -> None:
+        if not _info_enabled():
+            return  # one line per request: not even its fields are gathered when info is off
         task = self.core.task(placed.task_id)
         if task is None:
             return
@@ -133,8 +143,12 @@ class MasterRuntime:
     async def run_sender(self) -> None:
         assert self.bus is not None
         while True:
+            # One wake-up sends everything that is ready: a burst of placements is one batch.
             topic, message = await self._outbox.get()
-            await self.bus.send(topic, message)
+            self.bus.send_now(topic, message)
+            for _ in range(self._outbox.qsize()):
+                topic, message = self._outbox.get_nowait()
+                self.bus.send_now(topic, message)
 
     async def run_ticker(self, period: float) -> None:
         while True:
