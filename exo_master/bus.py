@@ -78,9 +78,9 @@ class MasterBus:
         self.counters = BusCounters()
         self._xpub = self._ctx.socket(zmq.XPUB)
         # The same libzmq socket seen through the plain (synchronous) API, for non-blocking sends.
-        self._xpub_now = zmq.Socket.shadow(self._xpub.underlying)
+        self._xpub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._xpub.underlying)
         self._sub = self._ctx.socket(zmq.SUB)
-        self._sub_now = zmq.Socket.shadow(self._sub.underlying)
+        self._sub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._sub.underlying)
 
     def bind(self) -> None:
         self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription, e.g. after reconnects
@@ -120,7 +120,7 @@ class MasterBus:
 
     async def serve_workers(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
         while True:
-            await self._sub.poll(flags=zmq.POLLIN)
+            await self._sub.poll()  # POLLIN, no timeout
             # Drain what is ready without the asyncio receive path (one future per message), in
             # bounded batches so a flood of chunks cannot starve the HTTP side of the loop.
             for _ in range(_RECV_BATCH):

@@ -40,6 +40,8 @@ def _info_enabled() -> bool:
     wrapper = structlog.get_config()["wrapper_class"]
     enabled = getattr(wrapper, "is_enabled_for", None)
     return True if enabled is None else bool(enabled(wrapper, logging.INFO))
+
+
 DecisionObserver = Callable[[float], None]
 
 

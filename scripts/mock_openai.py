@@ -34,9 +34,11 @@ async def generate(interval: float, n: int) -> None:
         deadline = max(deadline, loop.time() - interval) + interval
 
 
-def build_app(tokens_per_s: float, model: str) -> web.Application:
+def build_app(tokens_per_s: float, model: str, name: str, max_concurrency: int = 0) -> web.Application:
+    """`max_concurrency` > 0: at most that many generations at once, the rest wait (in order)."""
     interval = 0.0 if math.isinf(tokens_per_s) else 1.0 / tokens_per_s
     created = int(time.time())
+    slots = asyncio.Semaphore(max_concurrency) if max_concurrency > 0 else None
 
     async def chat(request: web.Request) -> web.StreamResponse:
         try:
@@ -55,18 +57,27 @@ def build_app(tokens_per_s: float, model: str) -> web.Application:
                 await asyncio.sleep(max(0.0, deadline - loop.time()))
                 deadline = max(deadline, loop.time() - interval) + interval
                 delta = {"content": WORD if i == 0 else " " + WORD}
-                chunk = {"id": rid, "object": "chat.completion.chunk", "model": body.get("model", model),
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}  # fmt: skip
+                chunk = {
+                    "id": rid,
+                    "object": "chat.completion.chunk",
+                    "model": body.get("model", model),
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+                }
                 await response.write(b"data: " + _json.encode(chunk) + b"\n\n")
             await response.write(b"data: [DONE]\n\n")
             await response.write_eof()
             return response
-        await generate(interval, n)
+        if slots is None:
+            await generate(interval, n)
+        else:
+            async with slots:
+                await generate(interval, n)
         payload = {
             "id": rid,
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body.get("model", model),
+            "system_fingerprint": name,  # which backend served it, for the balance benchmarks
             "choices": [
                 {
                     "index": 0,
@@ -111,6 +122,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--tokens-per-s", type=float, default=50.0)
     parser.add_argument("--model", default="sim-model")
+    parser.add_argument("--max-concurrency", type=int, default=0, help="0: unlimited")
     args = parser.parse_args()
     try:
         import uvloop
@@ -119,7 +131,7 @@ def main() -> None:
     except ImportError:  # uvloop is only a speed-up
         pass
     web.run_app(
-        build_app(args.tokens_per_s, args.model),
+        build_app(args.tokens_per_s, args.model, f"mock-{args.port}", args.max_concurrency),
         host=args.host,
         port=args.port,
         access_log=None,

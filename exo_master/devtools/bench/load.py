@@ -88,7 +88,7 @@ async def run_load(
                     async with session.post(url, data=body, headers=headers) as response:
                         await response.read()
                         status = response.status
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, aiohttp.ClientError) as exc:
                     status, result.first_error = -1, result.first_error or repr(exc)
                 if not record:
                     continue

@@ -51,9 +51,18 @@ def router_installed() -> bool:
 
 
 def machine_info() -> dict[str, Any]:
-    versions = {}
-    for name in ("exo-master", "uvicorn", "uvloop", "httptools", "starlette", "pyzmq", "aiohttp",
-                 "sglang-router", "msgspec"):  # fmt: skip
+    versions: dict[str, str | None] = {}
+    for name in (
+        "exo-master",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "starlette",
+        "pyzmq",
+        "aiohttp",
+        "sglang-router",
+        "msgspec",
+    ):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -61,8 +70,14 @@ def machine_info() -> dict[str, Any]:
     cpu = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        cpu = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
-                    if ln.startswith("model name")), "")  # fmt: skip
+        cpu = next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in cpuinfo.read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            "",
+        )
     return {
         "platform": platform.platform(),
         "python": sys.version.split()[0],
@@ -112,12 +127,24 @@ def _answers(url: str) -> bool:
         return False
 
 
-def start_mocks(procs: Processes, count: int, tokens_per_s: float) -> list[str]:
-    """`count` mock OpenAI backends; their base URLs once each answers."""
+def start_mocks(
+    procs: Processes, count: int, tokens_per_s: float | list[float], max_concurrency: int = 0
+) -> list[str]:
+    """`count` mock OpenAI backends (each at its own rate, if a list); base URLs once each answers."""
+    rates = tokens_per_s if isinstance(tokens_per_s, list) else [tokens_per_s] * count
     urls = []
     for i in range(count):
         port = free_port()
-        args = [sys.executable, str(MOCK), "--port", str(port), "--tokens-per-s", str(tokens_per_s)]
+        args = [
+            sys.executable,
+            str(MOCK),
+            "--port",
+            str(port),
+            "--tokens-per-s",
+            str(rates[i]),
+            "--max-concurrency",
+            str(max_concurrency),
+        ]
         procs.spawn(f"mock{i}-{port}", args)
         urls.append(f"http://127.0.0.1:{port}")
     for url in urls:
@@ -135,12 +162,25 @@ def start_router(procs: Processes, backends: list[str], policy: str) -> Router:
     """sglang-router in front of `backends`, once it routes a request."""
     port = free_port()
     args = [
-        sys.executable, "-m", "sglang_router.launch_router",
-        "--host", "127.0.0.1", "--port", str(port),
-        "--worker-urls", *backends,
-        "--policy", policy,
-        "--log-level", "warn",
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "sglang_router.launch_router",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--worker-urls",
+        *backends,
+        "--policy",
+        policy,
+        "--log-level",
+        "warn",
+        # Its metrics listener defaults to one fixed port: two routers at once would collide.
+        "--prometheus-host",
+        "127.0.0.1",
+        "--prometheus-port",
+        str(free_port()),
+    ]
     # Nothing may leave this machine: a hub lookup (tokenizers) would go to a closed loopback port.
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
     proc = procs.spawn(f"router-{policy}-{port}", args, env)

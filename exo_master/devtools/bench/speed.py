@@ -39,6 +39,7 @@ class SpeedConfig:
     memory_requests: int = 20_000
     memory_samples: int = 20
     with_router: bool = True
+    heartbeat_interval: float = 1.0  # shorter only to make a smoke run start faster
 
 
 @contextlib.contextmanager
@@ -49,6 +50,7 @@ def targets(cfg: SpeedConfig, log_dir: Path) -> Iterator[dict[str, Any]]:
         max_concurrency=256,
         sim_tokens_per_s=cfg.tokens_per_s,
         log_dir=log_dir / "exo",
+        heartbeat_interval=cfg.heartbeat_interval,
         master_args=["--log-level", "warning", "--queue-limit", "4096"],
         worker_args=["--log-level", "warning"],
     )
