@@ -18,6 +18,7 @@ from exo_master.api import build_app
 from exo_master.bus import MasterBus
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.placement import POLICY_NAMES
+from exo_master.fastpath import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
 from protocol.logs import LogFormat, configure_logging
 
@@ -90,6 +91,7 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
             lifespan="off",
             # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
             proxy_headers=False,
+            http=coalescing_http_protocol(),
         )
     )
     stop = asyncio.Event()
