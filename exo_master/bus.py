@@ -102,9 +102,6 @@ class MasterBus:
         name = type(body).__name__
         self.counters.sent[name] = self.counters.sent.get(name, 0) + 1
 
-    async def send(self, topic: bytes, body: MasterMessage) -> None:
-        self.send_now(topic, body)
-
     async def serve_subscriptions(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
         while True:
             frame = await self._xpub.recv()
