@@ -23,8 +23,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
+# The placement core's decision cost (pure, in-process), then every end-to-end benchmark with real
+# processes on loopback next to sglang-router: docs/BENCHMARKS.md and bench/results/*.json.
 bench: $(STAMP)
+	$(PIP) install --quiet -e '.[bench]'
 	$(PY) scripts/bench_placement.py
+	$(PY) scripts/bench_all.py
 
 # The whole thing on its built-in default: SmolLM2-135M-Instruct, a master and two MLX workers,
 # a demo burst, then serving on http://127.0.0.1:52415 until Ctrl-C.

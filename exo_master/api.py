@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import msgspec
@@ -31,8 +31,9 @@ from exo_master.core.events import (
     TaskRejected,
 )
 from exo_master.core.lifecycle import TaskStatus
+from exo_master.fastpath import FastPath
 from exo_master.openai_schema import ChatCompletionRequest, ImageGenerationRequest
-from exo_master.runtime import MasterRuntime, TaskWaiter
+from exo_master.runtime import ClientGone, MasterRuntime, TaskWaiter
 from protocol.ids import TaskId
 from protocol.messages import FinishReason, InstanceStatus, Usage
 
@@ -51,10 +52,6 @@ class ApiError(Exception):
         return JSONResponse(
             error_body(self.message, self.type, self.code, self.param), status_code=self.status
         )
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected."""
 
 
 def client_gone() -> Response:
@@ -113,16 +110,8 @@ async def watch_disconnect(request: Request) -> None:
 
 
 async def next_or_gone(waiter: TaskWaiter, gone: asyncio.Task[None]) -> ClientEffect:
-    return await first_of(waiter.next(), gone)
-
-
-async def first_of(awaitable: Awaitable[T], gone: asyncio.Task[None]) -> T:
-    future = asyncio.ensure_future(awaitable)
-    await asyncio.wait({future, gone}, return_when=asyncio.FIRST_COMPLETED)
-    if future.done():
-        return future.result()
-    future.cancel()
-    raise ClientGone
+    """The task's next effect; ClientGone once its client left (`gone` ended) and none is waiting."""
+    return await waiter.next()
 
 
 async def wait_until_placed(waiter: TaskWaiter, gone: asyncio.Task[None]) -> TaskPlaced:
@@ -167,6 +156,7 @@ class Api:
     ) -> tuple[TaskWaiter, TaskPlaced, asyncio.Task[None]]:
         gone = asyncio.create_task(watch_disconnect(request))
         waiter = self.runtime.submit(task_id, params)
+        gone.add_done_callback(lambda _: waiter.abandon())
         try:
             placed = await wait_until_placed(waiter, gone)
         except BaseException:
@@ -345,7 +335,11 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     )
 
 
-def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -> Starlette:
+def _expected_error(exc: Exception) -> Response | None:
+    return exc.response() if isinstance(exc, ApiError) else None
+
+
+def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -> FastPath:
     api = Api(runtime)
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
@@ -356,7 +350,8 @@ def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -
         Route("/v1/tasks/{task_id}/cancel", api.cancel_task, methods=["POST"]),
         *(extra_routes or []),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
     )
+    return FastPath(app, {("POST", "/v1/chat/completions"): api.chat_completions}, _expected_error)

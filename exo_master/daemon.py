@@ -7,7 +7,7 @@ import contextlib
 import signal
 import socket
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import structlog
@@ -20,6 +20,7 @@ from exo_master.bus import MasterBus
 from exo_master.bus_auth import SETUP_HINT, MasterCurve, is_loopback, load_master_curve
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.placement import POLICY_NAMES
+from exo_master.fastpath import coalescing_http_protocol
 from exo_master.http_auth import ApiKeyError, read_keys, secure_app
 from exo_master.runtime import MasterRuntime
 from protocol.keys import KeyFileError
@@ -43,9 +44,21 @@ class _QuietServer(uvicorn.Server):
         yield
 
 
+def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where installed (Linux and macOS: a dependency there), else asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def _bind_http(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: accepted sockets inherit the protocol, and asyncio sets TCP_NODELAY only on
+    # sockets whose proto is IPPROTO_TCP. Without it uvicorn's separate header and body writes meet
+    # Nagle and the client's delayed ACK: ~40 ms on every keep-alive request after the first.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -100,7 +113,17 @@ async def serve(
     if not api_keys and not is_loopback(host):
         log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
     server = _QuietServer(
-        uvicorn.Config(app_, host=host, port=api_port, log_config=None, access_log=False, lifespan="off")
+        uvicorn.Config(
+            app_,
+            host=host,
+            port=api_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
+            proxy_headers=False,
+            http=coalescing_http_protocol(),
+        )
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -220,8 +243,8 @@ def run(
         queue_timeout=queue_timeout,
         max_nodes=max_nodes,
     )
-    raise typer.Exit(
-        asyncio.run(
+    with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+        code = runner.run(
             serve(
                 config,
                 host,
@@ -234,7 +257,7 @@ def run(
                 cors_origins=cors_origin,
             )
         )
-    )
+    raise typer.Exit(code)
 
 
 def main() -> None:

@@ -8,7 +8,9 @@ waits for that task (client effects). Being single-threaded on the loop, no lock
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 import structlog
@@ -33,19 +35,56 @@ from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbe
 log = structlog.get_logger("exo_master")
 
 Clock = Callable[[], float]
+
+
+def _info_enabled() -> bool:
+    """Whether structlog's configured level lets info lines through (cheap: no logger is bound)."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    enabled = getattr(wrapper, "is_enabled_for", None)
+    return True if enabled is None else bool(enabled(wrapper, logging.INFO))
+
+
 DecisionObserver = Callable[[float], None]
 
 
+class ClientGone(Exception):
+    """The HTTP client of a task went away."""
+
+
 class TaskWaiter:
-    """The client side of one task: an inbox of its client effects."""
+    """The client side of one task: its client effects, in order, and whether its client left.
+
+    A deque and one future at a time rather than an asyncio.Queue raced against the disconnect
+    watcher with asyncio.wait: that race cost two tasks and a wait per effect, per request.
+    """
 
     def __init__(self, task_id: TaskId) -> None:
         self.task_id = task_id
-        self.inbox: asyncio.Queue[ClientEffect] = asyncio.Queue()
+        self._inbox: deque[ClientEffect] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._gone = False
         self.done = False
 
+    def put(self, effect: ClientEffect) -> None:
+        self._inbox.append(effect)
+        self._wake()
+
+    def abandon(self) -> None:
+        """The client disconnected: `next()` raises ClientGone once no effect is waiting."""
+        self._gone = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
     async def next(self) -> ClientEffect:
-        effect = await self.inbox.get()
+        while not self._inbox:
+            if self._gone:
+                raise ClientGone
+            self._wakeup = asyncio.get_running_loop().create_future()
+            await self._wakeup
+        effect = self._inbox.popleft()
         if isinstance(effect, TaskCompleted | TaskErrored | TaskRejected):
             self.done = True
         return effect
@@ -109,9 +148,11 @@ class MasterRuntime:
                         self._log_placement(effect)
                     waiter = self._waiters.get(effect.task_id)
                     if waiter is not None:
-                        waiter.inbox.put_nowait(effect)
+                        waiter.put(effect)
 
     def _log_placement(self, placed: TaskPlaced) -> None:
+        if not _info_enabled():
+            return  # one line per request: not even its fields are gathered when info is off
         task = self.core.task(placed.task_id)
         if task is None:
             return
@@ -134,8 +175,12 @@ class MasterRuntime:
     async def run_sender(self) -> None:
         assert self.bus is not None
         while True:
+            # One wake-up sends everything that is ready: a burst of placements is one batch.
             topic, message = await self._outbox.get()
-            await self.bus.send(topic, message)
+            self.bus.send_now(topic, message)
+            for _ in range(self._outbox.qsize()):
+                topic, message = self._outbox.get_nowait()
+                self.bus.send_now(topic, message)
 
     async def run_ticker(self, period: float) -> None:
         while True:

@@ -1,0 +1,151 @@
+"""`make bench`: every benchmark, real processes on loopback, exo-master next to sglang-router.
+
+    python scripts/bench_all.py                 # full run: docs/BENCHMARKS.md, bench/results/*.json
+    python scripts/bench_all.py --quick --out-dir /tmp/x   # smoke run with tiny counts (make test)
+
+Writes OUT/docs/BENCHMARKS.md, its charts under OUT/docs/bench/, and one JSON file per benchmark
+under OUT/bench/results/ (each with the machine, versions and load average). sglang-router is the
+peer when installed (the `bench` extra); without it the exo side still runs and the notes say so.
+If scripts/bench_worker.py exists (worker vs mlx_lm.server) its results join the same page.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from exo_master.devtools.bench.balance import BalanceConfig, run_balance, run_hetero
+from exo_master.devtools.bench.procs import ROOT, load_average, machine_info, router_installed
+from exo_master.devtools.bench.report import charts, markdown
+from exo_master.devtools.bench.scale import ScaleConfig, run_scale
+from exo_master.devtools.bench.speed import SpeedConfig, run_speed
+
+WORKER_BENCH = ROOT / "scripts" / "bench_worker.py"
+
+
+def _say(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def run_worker_bench(quick: bool, out: Path) -> dict[str, Any]:
+    """scripts/bench_worker.py's main(), imported by path, when another change has added it."""
+    if not WORKER_BENCH.exists():
+        return {"note": "scripts/bench_worker.py is absent: worker vs mlx_lm.server not measured."}
+    spec = importlib.util.spec_from_file_location("bench_worker", WORKER_BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    params = inspect.signature(module.main).parameters
+    if "out" in params:
+        module.main(**({"quick": quick} if "quick" in params else {}), out=out)
+    else:  # a command-line main(): run it as one
+        cmd = [sys.executable, str(WORKER_BENCH), "--out", str(out), *(["--quick"] if quick else [])]
+        subprocess.run(cmd, check=True, timeout=3600)
+    found: dict[str, Any] = {"note": f"scripts/bench_worker.py wrote nothing at {out}."}
+    if out.exists():
+        text = out.read_text()
+        found = {"results_text": text, "results": None}
+        try:
+            found["results"] = json.loads(text)
+        except json.JSONDecodeError:
+            found["markdown"] = text
+        if isinstance(found["results"], dict) and isinstance(found["results"].get("markdown"), str):
+            found["markdown"] = found["results"]["markdown"]
+    md = out.with_suffix(".md")
+    if md.exists() and "markdown" not in found:
+        found["markdown"] = md.read_text()
+    return found
+
+
+def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
+    if not quick:
+        return SpeedConfig(), BalanceConfig(), ScaleConfig()
+    return (
+        SpeedConfig(
+            latency_requests=20,
+            throughput_requests=40,
+            rounds=1,
+            concurrencies_latency=(1,),
+            concurrencies_throughput=(8,),
+            memory_requests=40,
+            memory_samples=2,
+            heartbeat_interval=0.2,
+        ),
+        BalanceConfig(
+            ks=(2,),
+            ns=(8,),
+            rounds=1,
+            exo_policies=("least-loaded",),
+            router_policies=("round_robin",),
+            tokens_per_s=200.0,
+            max_tokens=4,
+            hetero_n=7,
+            hetero_rounds=1,
+            hetero_base_tokens_per_s=1000.0,
+            hetero_max_tokens=4,
+            hetero_exo_policies=("least-loaded",),
+            hetero_router_policies=("round_robin",),
+            heartbeat_interval=0.2,
+        ),
+        ScaleConfig(sizes=(2, 20), cpu_window_s=0.5, requests=20, concurrency=4, heartbeat_interval=0.2),
+    )
+
+
+def main(
+    quick: bool = typer.Option(False, "--quick", help="Tiny counts: a smoke test, not a measurement."),
+    out_dir: Path = typer.Option(ROOT, help="Where docs/ and bench/results/ are written."),
+    only: str = typer.Option("", help="Comma-separated subset: speed,balance,hetero,scale,worker."),
+) -> None:
+    chosen = set(only.split(",")) if only else {"speed", "balance", "hetero", "scale", "worker"}
+    router = router_installed()
+    notes = [] if router else ["sglang-router is not installed (pip install '.[bench]'): exo side only."]
+    results_dir = out_dir / "bench" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    log_dir = Path(tempfile.mkdtemp(prefix="exo-bench-"))
+    _say(f"process logs in {log_dir}")
+    speed_cfg, balance_cfg, scale_cfg = configs(quick)
+    speed_cfg.with_router = balance_cfg.with_router = router
+    meta = {
+        "command": "make bench" if not quick else "scripts/bench_all.py --quick",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "quick": quick,
+        "machine": machine_info(),
+        "load_before": load_average(),
+        "notes": notes,
+    }
+    results: dict[str, Any] = {"meta": meta}
+    steps = [
+        ("speed", lambda: run_speed(speed_cfg, log_dir / "speed")),
+        ("balance", lambda: run_balance(balance_cfg, log_dir / "balance", router)),
+        ("hetero", lambda: run_hetero(balance_cfg, log_dir / "hetero", router)),
+        ("scale", lambda: run_scale(scale_cfg, log_dir / "scale")),
+        ("worker", lambda: run_worker_bench(quick, results_dir / "worker.json")),
+    ]
+    for name, step in steps:
+        if name not in chosen:
+            continue
+        _say(f"{name} ...")
+        started = time.monotonic()
+        results[name] = step()
+        if name != "worker":
+            payload = {"meta": {**meta, "load_now": load_average()}, **results[name]}
+            (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
+        _say(f"{name} done in {time.monotonic() - started:.0f} s")
+    meta["load_after"] = load_average()
+    docs = out_dir / "docs"
+    pngs = charts(results, docs / "bench")
+    (docs / "BENCHMARKS.md").write_text(markdown(results, "bench", pngs))
+    _say(f"wrote {docs / 'BENCHMARKS.md'} and {results_dir}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
