@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import socket
 import uuid
@@ -14,10 +15,12 @@ import typer
 import uvicorn
 import zmq
 
-from exo_master.api import build_app
+from exo_master.api import Api, build_app
 from exo_master.bus import MasterBus
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.placement import POLICY_NAMES
+from exo_master.http_bounds import ApiLimits
+from exo_master.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.logs import LogFormat, configure_logging
 
@@ -51,7 +54,12 @@ def _bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> int:
+SHUTDOWN_REASON = "the master is shutting down"
+
+
+async def serve(
+    config: CoreConfig, host: str, api_port: int, bus_port: int, limits: ApiLimits | None = None
+) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken (2)."""
     bus = MasterBus(
         host, bus_port, origin=f"master-{config.session}", incarnation_grace=2 * config.heartbeat_interval
@@ -69,9 +77,22 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
     runtime = MasterRuntime(MasterCore(config), bus)
     from exo_master.metrics import metrics_route
 
-    app_ = build_app(runtime, extra_routes=[metrics_route(runtime)])
+    limits = limits or ApiLimits()
+    inference = InferenceMetrics()
+    app_ = build_app(
+        runtime, extra_routes=[metrics_route(runtime, inference)], limits=limits, inference=inference
+    )
+    api: Api = app_.state.exo_api
     server = _QuietServer(
-        uvicorn.Config(app_, host=host, port=api_port, log_config=None, access_log=False, lifespan="off")
+        uvicorn.Config(
+            app_,
+            host=host,
+            port=api_port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=max(1, round(limits.keep_alive_s)),
+        )
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -105,13 +126,17 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
             error=repr(error),
             exc_info=(type(error), error, error.__traceback__) if error else None,
         )
-    log.info("master.stopping")
+    stopper.cancel()
+    # Open requests end first, cleanly: a stream gets an error event and [DONE], a waiting
+    # non-streaming request a 503; only then does uvicorn stop and close the connections.
+    open_requests = api.shutdown(SHUTDOWN_REASON)
+    log.info("master.stopping", open_requests=open_requests)
     server.should_exit = True
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(tasks[-1]), timeout=3)
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, stopper, return_exceptions=True)
     bus.close()
     log.info("master.stopped")
     return 1 if crashed else 0
@@ -138,12 +163,47 @@ def run(
         300.0, envvar="EXO_QUEUE_TIMEOUT", min=0.1, help="Seconds a request may wait for a free slot."
     ),
     max_nodes: int = typer.Option(1024, envvar="EXO_MAX_NODES", min=1, help="Nodes the master tracks."),
-    seed: int = typer.Option(0, envvar="EXO_SEED", help="Seed for the random policies."),
+    seed: int | None = typer.Option(
+        None,
+        envvar="EXO_SEED",
+        min=0,
+        help="Seed for the random policies (default: drawn from the OS at start, and logged).",
+    ),
+    max_body_bytes: int = typer.Option(
+        ApiLimits.max_body_bytes, envvar="EXO_MAX_BODY_BYTES", min=1, help="Largest HTTP body (else 413)."
+    ),
+    body_timeout: float = typer.Option(
+        ApiLimits.body_timeout_s,
+        envvar="EXO_BODY_TIMEOUT",
+        min=0.1,
+        help="Seconds a request body may take to arrive (else 408).",
+    ),
+    keep_alive_timeout: float = typer.Option(
+        ApiLimits.keep_alive_s,
+        envvar="EXO_KEEP_ALIVE_TIMEOUT",
+        min=1.0,
+        help="Seconds an idle HTTP keep-alive connection stays open.",
+    ),
+    max_prompt_chars: int = typer.Option(
+        ApiLimits.max_prompt_chars,
+        envvar="EXO_MAX_PROMPT_CHARS",
+        min=1,
+        help="Longest prompt in characters (else 413), checked before it goes to a worker.",
+    ),
     log_format: LogFormat = typer.Option(LogFormat.AUTO, envvar="EXO_LOG_FORMAT"),
     log_level: str = typer.Option("info", envvar="EXO_LOG_LEVEL"),
 ) -> None:
     """Run the exo master."""
     configure_logging(log_format, log_level)
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)
+    log.info("master.seed", seed=seed)
+    limits = ApiLimits(
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
+        keep_alive_s=keep_alive_timeout,
+        max_prompt_chars=max_prompt_chars,
+    )
     config = CoreConfig(
         policy=policy,
         seed=seed,
@@ -156,7 +216,7 @@ def run(
         queue_timeout=queue_timeout,
         max_nodes=max_nodes,
     )
-    raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port)))
+    raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port, limits)))
 
 
 def main() -> None:

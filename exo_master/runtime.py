@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import msgspec
 import structlog
 
 from exo_master.bus import Inbound, MasterBus
@@ -31,6 +32,8 @@ from protocol.ids import TaskId
 from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbeat, TaskAck, TaskParams
 
 log = structlog.get_logger("exo_master")
+# What msgspec raises for a value msgpack cannot hold (an int beyond 64 bits, an unsupported type).
+_UNENCODABLE = (msgspec.EncodeError, OverflowError, TypeError)
 
 Clock = Callable[[], float]
 DecisionObserver = Callable[[float], None]
@@ -135,7 +138,22 @@ class MasterRuntime:
         assert self.bus is not None
         while True:
             topic, message = await self._outbox.get()
-            await self.bus.send(topic, message)
+            try:
+                await self.bus.send(topic, message)
+            except _UNENCODABLE as exc:
+                self._unsendable(message, exc)
+
+    # ---- guard: one message that cannot be encoded fails its own task, never the sender loop ----
+
+    def _unsendable(self, message: AssignTask | CancelTask | MasterHeartbeat, exc: Exception) -> None:
+        log.error("bus.unsendable", message=type(message).__name__, error=repr(exc))
+        if not isinstance(message, AssignTask):
+            return
+        waiter = self._waiters.get(message.task_id)
+        if waiter is not None:
+            error = f"the task cannot be sent to its worker: {exc}"
+            waiter.inbox.put_nowait(TaskErrored(task_id=message.task_id, message=error))
+        self.cancel(message.task_id, "the task cannot be encoded for the bus")
 
     async def run_ticker(self, period: float) -> None:
         while True:
