@@ -112,6 +112,7 @@ async def serve(
         bus_out=bus.endpoint_out,
         bus_in=bus.endpoint_in,
         policy=config.policy,
+        seed=config.seed,
         session=config.session,
     )
     stopper = asyncio.create_task(stop.wait())
@@ -196,8 +197,7 @@ def run(
     """Run the exo master."""
     configure_logging(log_format, log_level)
     if seed is None:
-        seed = random.SystemRandom().randrange(2**63)
-    log.info("master.seed", seed=seed)
+        seed = random.SystemRandom().randrange(2**63)  # logged in master.started
     limits = ApiLimits(
         max_body_bytes=max_body_bytes,
         body_timeout_s=body_timeout,
