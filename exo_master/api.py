@@ -287,7 +287,7 @@ class Api:
 
     async def cluster_state(self, request: Request) -> Response:
         raw_limit = request.query_params.get("tasks", "500")
-        limit = int(raw_limit) if raw_limit.isdigit() and len(raw_limit) <= 6 else -1
+        limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6 else -1
         if not 0 <= limit <= MAX_TASK_ROWS:
             raise invalid(f"query parameter 'tasks' must be an integer from 0 to {MAX_TASK_ROWS}", "tasks")
         raw_status = request.query_params.get("status")

@@ -169,3 +169,32 @@ def test_no_request_body_gets_a_500(harness: InProcess, body: dict[str, Any], pa
         if response.status_code != 200:
             error_of(response)
         assert client.get("/health").status_code == 200
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    raw=st.binary(max_size=300),
+    boundary=st.sampled_from(["", "; boundary=xx", "; boundary="]),
+    fields=st.dictionaries(
+        st.sampled_from(["model", "prompt", "n", "size", "seed", "mask"]), st.text(max_size=30)
+    ),
+)
+def test_no_multipart_body_gets_a_500(
+    harness: InProcess, raw: bytes, boundary: str, fields: dict[str, str]
+) -> None:
+    with harness.client() as client:
+        response = client.post(
+            "/v1/images/edits", content=raw, headers={"content-type": f"multipart/form-data{boundary}"}
+        )
+        assert response.status_code < 500, response.text
+        formed = client.post(
+            "/v1/images/edits", data=fields, files={"image": ("a.png", raw or b"x", "image/png")}
+        )
+        assert formed.status_code < 500, (fields, formed.text)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tasks=st.text(max_size=25), status=st.text(max_size=12))
+def test_no_query_value_gets_a_500(harness: InProcess, tasks: str, status: str) -> None:
+    response = harness.client().get("/v1/cluster/state", params={"tasks": tasks, "status": status})
+    assert response.status_code in (200, 400), response.text
