@@ -145,7 +145,7 @@ class MasterRuntime:
 
     # ---- guard: one message that cannot be encoded fails its own task, never the sender loop ----
 
-    def _unsendable(self, message: AssignTask | CancelTask | MasterHeartbeat, exc: Exception) -> None:
+    def _unsendable(self, message: WorkerEffect, exc: Exception) -> None:
         log.error("bus.unsendable", message=type(message).__name__, error=repr(exc))
         if not isinstance(message, AssignTask):
             return
