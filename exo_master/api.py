@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from exo_master.core.events import TaskCompleted, TaskOutput
 from exo_master.core.lifecycle import TaskStatus
-from exo_master.http_bounds import ApiLimits, BoundedBody
+from exo_master.http_bounds import ApiLimits, BodyReads, BoundedBody
 from exo_master.http_errors import ApiError, decode_json, error_body, invalid
 from exo_master.image_edits import read_image_edits
 from exo_master.inference_metrics import InferenceMetrics
@@ -84,6 +84,7 @@ class Api:
         self.runtime = runtime
         self.limits = limits
         self.inference = inference
+        self.body_reads = BodyReads()
         self.started = time.time()
         self._open: dict[TaskId, Relay] = {}
         self.stopping: str | None = None
@@ -110,6 +111,7 @@ class Api:
     def shutdown(self, reason: str) -> int:
         """Fail every open request with a 503 (or an error event mid-stream); refuse new ones."""
         self.stopping = reason
+        self.body_reads.stop(reason)
         for relay in list(self._open.values()):
             relay.interrupt(reason)
         return len(self._open)
@@ -346,7 +348,7 @@ def build_app(
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(BoundedBody, limits=limits)],
+        middleware=[Middleware(BoundedBody, limits=limits, reads=api.body_reads)],
         exception_handlers={ApiError: _api_error, HTTPException: _http_error},
     )
     # The daemon reaches the Api through the app to fail open requests cleanly on shutdown.

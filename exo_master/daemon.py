@@ -92,6 +92,9 @@ async def serve(
             access_log=False,
             lifespan="off",
             timeout_keep_alive=max(1, round(limits.keep_alive_s)),
+            # Open requests were already ended (api.shutdown); uvicorn then cancels whatever is
+            # left (a client that will not read) itself, before the daemon's own 3 s wait runs out.
+            timeout_graceful_shutdown=2,
         )
     )
     stop = asyncio.Event()

@@ -30,8 +30,10 @@ class ApiLimits:
     max_prompt_chars: int = 1_000_000
 
 
-async def send_error(send: Send, status: int, message: str, code: str) -> None:
-    body = _json.encode(error_body(message, "invalid_request_error", code))
+async def send_error(
+    send: Send, status: int, message: str, code: str, type_: str = "invalid_request_error"
+) -> None:
+    body = _json.encode(error_body(message, type_, code))
     await send(
         {
             "type": "http.response.start",
@@ -57,10 +59,25 @@ def _declared_length(scope: Scope) -> int | None:
     return None
 
 
+class BodyReads:
+    """The request bodies being read right now, so that shutdown can end each at once (503)."""
+
+    def __init__(self) -> None:
+        self.active: set[asyncio.Timeout] = set()
+        self.stopping: str | None = None
+
+    def stop(self, reason: str) -> None:
+        self.stopping = reason
+        now = asyncio.get_running_loop().time()
+        for timeout in self.active:
+            timeout.reschedule(now)  # fires at once: the reader answers 503 instead of 408
+
+
 class BoundedBody:
-    def __init__(self, app: ASGIApp, limits: ApiLimits) -> None:
+    def __init__(self, app: ASGIApp, limits: ApiLimits, reads: BodyReads | None = None) -> None:
         self.app = app
         self.limits = limits
+        self.reads = reads or BodyReads()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in _BODY_METHODS:
@@ -74,29 +91,43 @@ class BoundedBody:
         if declared is not None and declared > limit:
             await send_error(send, 413, self._too_large(declared), "body_too_large")
             return
+        if self.reads.stopping is not None:
+            await send_error(send, 503, self.reads.stopping, "shutting_down", "service_unavailable")
+            return
         chunks: list[bytes] = []
         size = 0
+        cut: str | None = None  # why the read stopped early: "too_large", "timeout" or "stopping"
+        deadline = asyncio.timeout(self.limits.body_timeout_s)
         try:
-            async with asyncio.timeout(self.limits.body_timeout_s):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return  # the client left before sending its body: nobody to answer
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        await send_error(send, 413, self._too_large(size), "body_too_large")
-                        return
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
+            async with deadline:
+                # Registered only while entered: shutdown reschedules it (allowed only then).
+                self.reads.active.add(deadline)
+                try:
+                    while True:
+                        message = await receive()
+                        if message["type"] == "http.disconnect":
+                            return  # the client left before sending its body: nobody to answer
+                        chunk = message.get("body", b"")
+                        size += len(chunk)
+                        if size > limit:
+                            cut = "too_large"
+                            break
+                        chunks.append(chunk)
+                        if not message.get("more_body", False):
+                            break
+                finally:
+                    self.reads.active.discard(deadline)
         except TimeoutError:
-            await send_error(
-                send,
-                408,
-                f"the request body did not arrive within {self.limits.body_timeout_s:g} s (--body-timeout)",
-                "body_timeout",
-            )
+            cut = "stopping" if self.reads.stopping is not None else "timeout"
+        if cut == "too_large":
+            await send_error(send, 413, self._too_large(size), "body_too_large")
+        elif cut == "stopping":
+            await send_error(send, 503, self.reads.stopping or "", "shutting_down", "service_unavailable")
+        elif cut == "timeout":
+            timeout = self.limits.body_timeout_s
+            why = f"the request body did not arrive within {timeout:g} s (--body-timeout)"
+            await send_error(send, 408, why, "body_timeout")
+        if cut is not None:
             return
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 

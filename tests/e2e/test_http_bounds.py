@@ -120,6 +120,9 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_done(
         "stream": True,
     }
     events: list[str] = []
+    # A request still sending its body when SIGTERM arrives gets a 503 at once, not a cancelled task.
+    uploading = connect(cluster)
+    uploading.sendall(head("/v1/chat/completions", 1000) + b"{")
     with httpx.stream("POST", f"{cluster.api_url}/v1/chat/completions", json=body, timeout=30) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
@@ -131,11 +134,16 @@ def test_sigterm_ends_open_streams_with_an_error_event_and_done(
     error = json.loads(events[-2])["error"]
     assert error["code"] == "shutting_down" and error["type"] == "service_unavailable"
     assert cluster.master.wait(timeout=30) == 0
+    with uploading:
+        answer = read_until_closed(uploading)
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:200]
+    assert b'"code":"shutting_down"' in answer
     cluster.stop()
 
     log_dir = tmp_path / "cluster0"
     master = json_lines(log_dir / "master.log")
     text = (log_dir / "master.log").read_text()
     assert "Task was destroyed" not in text and "CancelledError" not in text
+    assert "Exception in ASGI application" not in text
     assert any(line.get("event") == "master.stopping" and line.get("open_requests") == 1 for line in master)
     json_lines(log_dir / "node1.log")  # the worker's log is JSON only too
