@@ -18,11 +18,10 @@ from typing import TypeVar
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exo_master.core.events import TaskCompleted, TaskOutput
 from exo_master.core.lifecycle import TaskStatus
@@ -324,14 +323,15 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def build_app(
-    runtime: MasterRuntime,
-    extra_routes: list[Route] | None = None,
-    *,
-    limits: ApiLimits | None = None,
-    inference: InferenceMetrics | None = None,
-) -> Starlette:
-    limits = limits or ApiLimits()
-    api = Api(runtime, limits, inference or InferenceMetrics())
+    runtime: MasterRuntime, extra_routes: list[Route] | None = None, *, api: Api | None = None
+) -> ASGIApp:
+    """The HTTP app. Pass `api` to keep a handle on it (the daemon calls `api.shutdown` on SIGTERM).
+
+    The body bounds wrap the whole app from the outside (pure ASGI), so they hold for every route,
+    however the routes inside are dispatched.
+    """
+    if api is None:
+        api = Api(runtime, ApiLimits(), InferenceMetrics())
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
         Route("/v1/completions", api.completions, methods=["POST"]),
@@ -346,11 +346,5 @@ def build_app(
         Route("/v1/tasks/{task_id}/cancel", api.cancel_task, methods=["POST"]),
         *(extra_routes or []),
     ]
-    app = Starlette(
-        routes=routes,
-        middleware=[Middleware(BoundedBody, limits=limits, reads=api.body_reads)],
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
-    )
-    # The daemon reaches the Api through the app to fail open requests cleanly on shutdown.
-    app.state.exo_api = api
-    return app
+    app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+    return BoundedBody(app, api.limits, api.body_reads)

@@ -79,10 +79,8 @@ async def serve(
 
     limits = limits or ApiLimits()
     inference = InferenceMetrics()
-    app_ = build_app(
-        runtime, extra_routes=[metrics_route(runtime, inference)], limits=limits, inference=inference
-    )
-    api: Api = app_.state.exo_api
+    api = Api(runtime, limits, inference)
+    app_ = build_app(runtime, extra_routes=[metrics_route(runtime, inference)], api=api)
     server = _QuietServer(
         uvicorn.Config(
             app_,

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from starlette.applications import Starlette
 from starlette.testclient import TestClient
+from starlette.types import ASGIApp
 
 from exo_master.api import Api, build_app
 from exo_master.core import CoreConfig, MasterCore
@@ -84,13 +84,9 @@ def make_runtime(nodes: int = 2) -> MasterRuntime:
 class InProcess:
     runtime: MasterRuntime
     worker: FakeWorker
-    app: Starlette
+    app: ASGIApp
     inference: InferenceMetrics
-
-    @property
-    def api(self) -> Api:
-        api: Api = self.app.state.exo_api
-        return api
+    api: Api
 
     def client(self) -> TestClient:
         return TestClient(self.app)
@@ -101,7 +97,6 @@ def in_process(nodes: int = 2, limits: ApiLimits | None = None, **worker: object
     fake = FakeWorker(runtime, **worker)  # type: ignore[arg-type]
     runtime.effect_observers.append(fake)
     inference = InferenceMetrics()
-    app = build_app(
-        runtime, extra_routes=[metrics_route(runtime, inference)], limits=limits, inference=inference
-    )
-    return InProcess(runtime, fake, app, inference)
+    api = Api(runtime, limits or ApiLimits(), inference)
+    app = build_app(runtime, extra_routes=[metrics_route(runtime, inference)], api=api)
+    return InProcess(runtime, fake, app, inference, api)
