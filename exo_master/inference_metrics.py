@@ -16,6 +16,8 @@ Metrics (all prefixed exo_):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from protocol.messages import Usage
@@ -59,19 +61,46 @@ class InferenceMetrics:
             registry=None,
         )
 
+        self._by_model: dict[str, _ModelSeries] = {}
+
     def register(self, registry: CollectorRegistry) -> None:
         for collector in (self.ttft, self.tpot, self.duration, self.prompt_tokens, self.generation_tokens):
             registry.register(collector)
 
+    def _children(self, model: str) -> _ModelSeries:
+        # labels() takes a lock and builds a key each call: resolve a model's series once.
+        series = self._by_model.get(model)
+        if series is None:
+            series = self._by_model[model] = _ModelSeries(
+                ttft=self.ttft.labels(model),
+                tpot=self.tpot.labels(model),
+                ok=self.duration.labels(model, "ok"),
+                error=self.duration.labels(model, "error"),
+                prompt=self.prompt_tokens.labels(model),
+                generated=self.generation_tokens.labels(model),
+            )
+        return series
+
     def first_output(self, model: str, since_submit: float) -> None:
-        self.ttft.labels(model).observe(since_submit)
+        self._children(model).ttft.observe(since_submit)
 
     def completed(self, model: str, duration: float, after_first: float | None, usage: Usage) -> None:
-        self.duration.labels(model, "ok").observe(duration)
-        self.prompt_tokens.labels(model).inc(usage.prompt_tokens)
-        self.generation_tokens.labels(model).inc(usage.completion_tokens)
+        series = self._children(model)
+        series.ok.observe(duration)
+        series.prompt.inc(usage.prompt_tokens)
+        series.generated.inc(usage.completion_tokens)
         if after_first is not None and usage.completion_tokens > 1:
-            self.tpot.labels(model).observe(after_first / (usage.completion_tokens - 1))
+            series.tpot.observe(after_first / (usage.completion_tokens - 1))
 
     def failed(self, model: str, duration: float) -> None:
-        self.duration.labels(model, "error").observe(duration)
+        self._children(model).error.observe(duration)
+
+
+@dataclass(frozen=True, slots=True)
+class _ModelSeries:
+    ttft: Histogram
+    tpot: Histogram
+    ok: Histogram
+    error: Histogram
+    prompt: Counter
+    generated: Counter
