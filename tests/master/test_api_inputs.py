@@ -5,6 +5,7 @@ Everything runs in-process (tests/master/api_harness.py): the real app, runtime 
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -198,3 +199,31 @@ def test_no_multipart_body_gets_a_500(
 def test_no_query_value_gets_a_500(harness: InProcess, tasks: str, status: str) -> None:
     response = harness.client().get("/v1/cluster/state", params={"tasks": tasks, "status": status})
     assert response.status_code in (200, 400), response.text
+
+
+def test_a_body_that_trickles_in_forever_is_cut_at_the_deadline() -> None:
+    """The body deadline is absolute: bytes arriving now and then never extend it."""
+
+    async def scenario() -> tuple[list[dict[str, Any]], int]:
+        sent: list[dict[str, Any]] = []
+        reads = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal reads
+            reads += 1
+            await asyncio.sleep(0.02)  # the client's pace: one byte every 20 ms, forever
+            return {"type": "http.request", "body": b" ", "more_body": True}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        app = in_process(limits=ApiLimits(body_timeout_s=0.2)).app
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+        async with asyncio.timeout(10):  # an idle-time deadline would never fire: this would
+            await app(scope, receive, send)  # type: ignore[arg-type]
+        return sent, reads
+
+    sent, reads = asyncio.run(scenario())
+    assert sent[0]["status"] == 408
+    assert b'"code":"body_timeout"' in sent[1]["body"]
+    assert reads > 1  # bytes did arrive before the cut
