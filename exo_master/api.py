@@ -1,17 +1,19 @@
 """The OpenAI-compatible HTTP API (Starlette), a thin shell over MasterRuntime.
 
-Every completion waits until the core has placed its task, so the response headers can name the
-instance (`x-exo-task`, `x-exo-instance`, `x-exo-node`); a request queued behind busy instances
-simply waits there. A client that goes away, at any point, cancels its task and frees its slot.
+Every completion waits until the core has placed its task; a stream also waits for its first output
+(or its end) before the response starts, so the headers (`x-exo-task`, `x-exo-instance`,
+`x-exo-node`) name the instance that actually serves it, after any re-placement. A request queued
+behind busy instances simply waits there. A client that goes away, at any point, cancels its task
+and frees its slot. Validation (http_errors, openai_schema, openai_compat), size and time bounds
+(http_bounds) and the reply shapes (openai_format) live in their own modules.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import msgspec
 from starlette.applications import Starlette
@@ -19,39 +21,39 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exo_master.core.events import (
-    ClientEffect,
-    RejectReason,
-    TaskCompleted,
-    TaskErrored,
-    TaskOutput,
-    TaskPlaced,
-    TaskQueued,
-    TaskRejected,
-)
+from exo_master.core.events import TaskCompleted, TaskOutput
 from exo_master.core.lifecycle import TaskStatus
 from exo_master.fastpath import FastPath
-from exo_master.openai_schema import ChatCompletionRequest, ImageGenerationRequest
-from exo_master.runtime import ClientGone, MasterRuntime, TaskWaiter
+from exo_master.http_bounds import ApiLimits, BodyReads, BoundedBody
+from exo_master.http_errors import ApiError, decode_json, error_body, invalid
+from exo_master.image_edits import read_image_edits
+from exo_master.inference_metrics import InferenceMetrics
+from exo_master.openai_compat import (
+    check_prompt_size,
+    refuse_empty_prompt,
+    refuse_unsupported_chat,
+    refuse_unsupported_completion,
+)
+from exo_master.openai_format import DONE, ReplyShape, error_event
+from exo_master.openai_schema import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ImageGenerationRequest,
+    SamplingFields,
+)
+from exo_master.relay import Relay
+from exo_master.runtime import ClientGone, MasterRuntime
 from protocol.ids import TaskId
-from protocol.messages import FinishReason, InstanceStatus, Usage
+from protocol.messages import InstanceStatus, TaskParams
+
+__all__ = ["Api", "ApiError", "build_app", "error_body"]
 
 T = TypeVar("T")
 _json = msgspec.json.Encoder()
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, type_: str, code: str | None = None, param: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            error_body(self.message, self.type, self.code, self.param), status_code=self.status
-        )
+# Task rows /v1/cluster/state returns at most (the view is built on the event loop).
+MAX_TASK_ROWS = 10_000
 
 
 def client_gone() -> Response:
@@ -59,228 +61,201 @@ def client_gone() -> Response:
     return Response(status_code=499)
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-_REJECTIONS: dict[RejectReason, tuple[int, str]] = {
-    RejectReason.UNKNOWN_MODEL: (404, "invalid_request_error"),
-    RejectReason.UNSUPPORTED_KIND: (400, "invalid_request_error"),
-    RejectReason.NO_LIVE_INSTANCE: (503, "service_unavailable"),
-    RejectReason.QUEUE_FULL: (429, "rate_limit_error"),
-    RejectReason.DUPLICATE_TASK: (409, "invalid_request_error"),
-}
-
-
-def rejection_error(rejected: TaskRejected) -> ApiError:
-    status, type_ = _REJECTIONS[rejected.reason]
-    param = "model" if rejected.reason is RejectReason.UNKNOWN_MODEL else None
-    return ApiError(status, rejected.message, type_, code=str(rejected.reason), param=param)
-
-
-def task_error(errored: TaskErrored) -> ApiError:
-    if errored.cancelled:
-        return ApiError(
-            409, f"the task was cancelled: {errored.message}", "invalid_request_error", code="cancelled"
-        )
-    if errored.unavailable:
-        return ApiError(503, errored.message, "service_unavailable", code="instance_lost")
-    return ApiError(500, errored.message, "server_error", code="worker_failed")
-
-
 async def decode_body(request: Request, body_type: type[T]) -> T:
-    raw = await request.body()
-    try:
-        return msgspec.json.decode(raw, type=body_type)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        param = text.rsplit("at `$.", 1)[1].rstrip("`").split("[")[0] if "at `$." in text else None
-        raise ApiError(
-            400, f"invalid request: {text}", "invalid_request_error", "invalid_value", param
-        ) from exc
-    except msgspec.DecodeError as exc:
-        raise ApiError(400, f"malformed JSON body: {exc}", "invalid_request_error", "invalid_json") from exc
+    return decode_json(await request.body(), body_type)
 
 
-async def watch_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+class RelayStream(StreamingResponse):
+    """A stream whose task is handed back when the response ends, however it ends (even unsent)."""
 
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None], headers: dict[str, str]):
+        super().__init__(content, media_type="text/event-stream", headers=headers)
+        self._on_close = on_close
 
-async def next_or_gone(waiter: TaskWaiter, gone: asyncio.Task[None]) -> ClientEffect:
-    """The task's next effect; ClientGone once its client left (`gone` ended) and none is waiting."""
-    return await waiter.next()
-
-
-async def wait_until_placed(waiter: TaskWaiter, gone: asyncio.Task[None]) -> TaskPlaced:
-    while True:
-        effect = await next_or_gone(waiter, gone)
-        match effect:
-            case TaskPlaced():
-                return effect
-            case TaskQueued():
-                continue
-            case TaskRejected():
-                raise rejection_error(effect)
-            case TaskErrored():
-                raise task_error(effect)
-            case _:
-                raise AssertionError(f"{type(effect).__name__} before the task was placed")
-
-
-def exo_headers(placed: TaskPlaced) -> dict[str, str]:
-    return {"x-exo-task": placed.task_id, "x-exo-instance": placed.instance_id, "x-exo-node": placed.node_id}
-
-
-def usage_body(usage: Usage) -> dict[str, int]:
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-    }
-
-
-def openai_finish_reason(reason: FinishReason) -> str:
-    return "length" if reason is FinishReason.LENGTH else "stop"
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
 
 
 class Api:
-    def __init__(self, runtime: MasterRuntime) -> None:
+    def __init__(self, runtime: MasterRuntime, limits: ApiLimits, inference: InferenceMetrics) -> None:
         self.runtime = runtime
+        self.limits = limits
+        self.inference = inference
+        self.body_reads = BodyReads()
         self.started = time.time()
+        self._open: dict[TaskId, Relay] = {}
+        self.stopping: str | None = None
 
-    async def start_task(
-        self, request: Request, task_id: TaskId, params: Any
-    ) -> tuple[TaskWaiter, TaskPlaced, asyncio.Task[None]]:
-        gone = asyncio.create_task(watch_disconnect(request))
+    # ---- task plumbing --------------------------------------------------------------------------
+
+    async def start(self, request: Request, task_id: TaskId, params: TaskParams, model: str) -> Relay:
+        if self.stopping is not None:
+            raise ApiError(503, self.stopping, "service_unavailable", code="shutting_down")
         waiter = self.runtime.submit(task_id, params)
-        gone.add_done_callback(lambda _: waiter.abandon())
+        relay = Relay(self.runtime, waiter, request, model, self.inference)
+        self._open[task_id] = relay
         try:
-            placed = await wait_until_placed(waiter, gone)
+            await relay.until_placed()
         except BaseException:
-            gone.cancel()
-            self.runtime.release(waiter)
+            self._close(relay)
             raise
-        return waiter, placed, gone
+        return relay
 
-    async def collect(self, waiter: TaskWaiter, gone: asyncio.Task[None]) -> tuple[str, TaskCompleted]:
-        """Gather a placed task's output until it ends; the task is handed back either way."""
+    def _close(self, relay: Relay) -> None:
+        self._open.pop(relay.waiter.task_id, None)
+        relay.close()
+
+    def shutdown(self, reason: str) -> int:
+        """Fail every open request with a 503 (or an error event mid-stream); refuse new ones."""
+        self.stopping = reason
+        self.body_reads.stop(reason)
+        for relay in list(self._open.values()):
+            relay.interrupt(reason)
+        return len(self._open)
+
+    async def _whole(
+        self, request: Request, task_id: TaskId, params: TaskParams, model: str
+    ) -> tuple[Relay, str, TaskCompleted] | None:
+        """Run a task to its end; None when the client went away."""
         try:
-            texts: list[str] = []
-            while True:
-                effect = await next_or_gone(waiter, gone)
-                if isinstance(effect, TaskOutput):
-                    texts.append(effect.text)
-                elif isinstance(effect, TaskCompleted):
-                    return "".join(texts), effect
-                elif isinstance(effect, TaskErrored):
-                    raise task_error(effect)
+            relay = await self.start(request, task_id, params, model)
+        except ClientGone:
+            return None
+        try:
+            text, end = await relay.collect()
+        except ClientGone:
+            return None
         finally:
-            gone.cancel()
-            self.runtime.release(waiter)
+            self._close(relay)
+        return relay, text, end
+
+    # ---- text ------------------------------------------------------------------------------------
 
     async def chat_completions(self, request: Request) -> Response:
         body = await decode_body(request, ChatCompletionRequest)
-        params = body.to_params()
+        refuse_unsupported_chat(body)
+        check_prompt_size(body.prompt_chars(), self.limits.max_prompt_chars, "messages")
         task_id = TaskId(f"chatcmpl-{uuid.uuid4().hex[:24]}")
-        try:
-            waiter, placed, gone = await self.start_task(request, task_id, params)
-        except ClientGone:
-            return client_gone()
-        created = int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            stream = self._stream_chat(waiter, gone, body.model, created, include_usage)
-            return StreamingResponse(stream, media_type="text/event-stream", headers=exo_headers(placed))
-        try:
-            text, effect = await self.collect(waiter, gone)
-        except ClientGone:
-            return client_gone()
-        payload = {
-            "id": task_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": body.model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": openai_finish_reason(effect.finish_reason),
-                }
-            ],
-            "usage": usage_body(effect.usage),
-        }
-        return Response(_json.encode(payload), media_type="application/json", headers=exo_headers(placed))
+        return await self._text(
+            request, body, body.to_params(), ReplyShape(True, task_id, body.model, int(time.time()))
+        )
 
-    async def _stream_chat(
-        self, waiter: TaskWaiter, gone: asyncio.Task[None], model: str, created: int, include_usage: bool
+    async def completions(self, request: Request) -> Response:
+        body = await decode_body(request, CompletionRequest)
+        refuse_unsupported_completion(body)
+        refuse_empty_prompt(body.prompt_text(), "prompt")
+        check_prompt_size(body.prompt_chars(), self.limits.max_prompt_chars, "prompt")
+        task_id = TaskId(f"cmpl-{uuid.uuid4().hex[:24]}")
+        return await self._text(
+            request, body, body.to_params(), ReplyShape(False, task_id, body.model, int(time.time()))
+        )
+
+    async def _text(
+        self, request: Request, body: SamplingFields, params: TaskParams, shape: ReplyShape
+    ) -> Response:
+        task_id = TaskId(shape.task_id)
+        if not body.streaming:
+            done = await self._whole(request, task_id, params, body.model)
+            if done is None:
+                return client_gone()
+            relay, text, end = done
+            return Response(
+                shape.whole(text, end.finish_reason, end.usage),
+                media_type="application/json",
+                headers=relay.headers(),
+            )
+        try:
+            relay = await self.start(request, task_id, params, body.model)
+        except ClientGone:
+            return client_gone()
+        try:
+            # The headers wait for the first output (or the end): by then the serving instance is known.
+            first = await relay.next_event()
+        except ClientGone:
+            self._close(relay)
+            return client_gone()
+        except BaseException:
+            self._close(relay)
+            raise
+        events = self._events(relay, shape, first, body.include_usage)
+        return RelayStream(events, on_close=lambda: self._close(relay), headers=relay.headers())
+
+    async def _events(
+        self, relay: Relay, shape: ReplyShape, first: TaskOutput | TaskCompleted, include_usage: bool
     ) -> AsyncIterator[bytes]:
-        def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            chunk = {
-                "id": waiter.task_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": choices,
-                **extra,
-            }
-            return b"data: " + _json.encode(chunk) + b"\n\n"
-
+        opening = shape.opening()
+        if opening is not None:
+            yield opening
+        event = first
         try:
-            yield event([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            while True:
-                effect = await next_or_gone(waiter, gone)
-                if isinstance(effect, TaskOutput):
-                    yield event([{"index": 0, "delta": {"content": effect.text}, "finish_reason": None}])
-                elif isinstance(effect, TaskCompleted):
-                    reason = openai_finish_reason(effect.finish_reason)
-                    yield event([{"index": 0, "delta": {}, "finish_reason": reason}])
-                    if include_usage:
-                        yield event([], usage=usage_body(effect.usage))
-                    break
-                elif isinstance(effect, TaskErrored):
-                    error = task_error(effect)
-                    yield (
-                        b"data: " + _json.encode(error_body(error.message, error.type, error.code)) + b"\n\n"
-                    )
-                    break
-            yield b"data: [DONE]\n\n"
+            while isinstance(event, TaskOutput):
+                yield shape.piece(event.text)
+                event = await relay.next_event()
+            yield shape.ending(event.finish_reason)
+            if include_usage:
+                yield shape.usage(event.usage)
+        except ApiError as error:
+            yield error_event(error)
         except ClientGone:
             return
-        finally:
-            gone.cancel()
-            self.runtime.release(waiter)
+        yield DONE
+
+    # ---- images ------------------------------------------------------------------------------------
 
     async def image_generations(self, request: Request) -> Response:
         body = await decode_body(request, ImageGenerationRequest)
+        check_prompt_size(body.prompt_chars(), self.limits.max_prompt_chars, "prompt")
         task_id = TaskId(f"img-{uuid.uuid4().hex[:24]}")
-        try:
-            waiter, placed, gone = await self.start_task(request, task_id, body.to_params())
-        except ClientGone:
-            return client_gone()
-        try:
-            image_b64, _ = await self.collect(waiter, gone)
-        except ClientGone:
-            return client_gone()
-        payload = {"created": int(time.time()), "data": [{"b64_json": image_b64}]}
-        return Response(_json.encode(payload), media_type="application/json", headers=exo_headers(placed))
+        return await self._image(request, task_id, body.to_params(), body.model)
 
-    async def models(self, request: Request) -> Response:
+    async def image_edits(self, request: Request) -> Response:
+        form, params = await read_image_edits(request)
+        check_prompt_size(len(form.prompt), self.limits.max_prompt_chars, "prompt")
+        task_id = TaskId(f"imgedit-{uuid.uuid4().hex[:24]}")
+        return await self._image(request, task_id, params, form.model)
+
+    async def _image(self, request: Request, task_id: TaskId, params: TaskParams, model: str) -> Response:
+        done = await self._whole(request, task_id, params, model)
+        if done is None:
+            return client_gone()
+        relay, image_b64, _ = done
+        payload = {"created": int(time.time()), "data": [{"b64_json": image_b64}]}
+        return JSONResponse(payload, headers=relay.headers())
+
+    # ---- cluster -----------------------------------------------------------------------------------
+
+    def _live_models(self) -> set[str]:
         view = self.runtime.core.view(self.runtime.clock(), task_limit=0)
-        live = {
+        return {
             row.model
             for row in view.instances
             if row.status in (InstanceStatus.READY, InstanceStatus.LOADING)
         }
-        data = [
-            {"id": m, "object": "model", "created": int(self.started), "owned_by": "exo"}
-            for m in sorted(live)
-        ]
+
+    def _model_object(self, model: str) -> dict[str, object]:
+        return {"id": model, "object": "model", "created": int(self.started), "owned_by": "exo"}
+
+    async def models(self, request: Request) -> Response:
+        data = [self._model_object(m) for m in sorted(self._live_models())]
         return JSONResponse({"object": "list", "data": data})
 
+    async def model(self, request: Request) -> Response:
+        model = request.path_params["model_id"]
+        if model not in self._live_models():
+            raise ApiError(
+                404,
+                f"the model {model!r} is not served by any live instance",
+                "invalid_request_error",
+                code="model_not_found",
+                param="model",
+            )
+        return JSONResponse(self._model_object(model))
+
     async def health(self, request: Request) -> Response:
+        """Liveness: the master answers. Whether it can serve is /ready."""
         view = self.runtime.core.view(self.runtime.clock(), task_limit=0)
         return JSONResponse(
             {
@@ -292,22 +267,37 @@ class Api:
             }
         )
 
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 200 while at least one instance is ready, else 503 with the reason."""
+        view = self.runtime.core.view(self.runtime.clock(), task_limit=0)
+        ready = sum(1 for i in view.instances if i.status == InstanceStatus.READY)
+        alive = sum(1 for n in view.nodes if n.alive)
+        if self.stopping is not None:
+            reason = self.stopping
+        elif ready:
+            return JSONResponse({"status": "ready", "instances_ready": ready, "nodes_alive": alive})
+        elif not alive:
+            reason = "no worker node is alive"
+        else:
+            counts = {str(s): sum(1 for i in view.instances if i.status == s) for s in InstanceStatus}
+            reason = (
+                f"no instance is ready ({alive} nodes alive; instances: {counts['loading']} loading, "
+                f"{counts['failed']} failed)"
+            )
+        body = error_body(reason, "service_unavailable", code="not_ready")
+        return JSONResponse({**body, "status": "not_ready", "instances_ready": 0, "nodes_alive": alive}, 503)
+
     async def cluster_state(self, request: Request) -> Response:
-        try:
-            limit = int(request.query_params.get("tasks", "500"))
-        except ValueError as exc:
-            raise ApiError(
-                400, "query parameter 'tasks' must be an integer", "invalid_request_error", param="tasks"
-            ) from exc
+        raw_limit = request.query_params.get("tasks", "500")
+        limit = int(raw_limit) if raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 6 else -1
+        if not 0 <= limit <= MAX_TASK_ROWS:
+            raise invalid(f"query parameter 'tasks' must be an integer from 0 to {MAX_TASK_ROWS}", "tasks")
         raw_status = request.query_params.get("status")
         try:
             status = TaskStatus(raw_status) if raw_status is not None else None
         except ValueError as exc:
-            raise ApiError(
-                400,
-                f"query parameter 'status' must be one of {', '.join(TaskStatus)}",
-                "invalid_request_error",
-                param="status",
+            raise invalid(
+                f"query parameter 'status' must be one of {', '.join(TaskStatus)}", "status"
             ) from exc
         gaps = self.runtime.bus.sequences.gaps if self.runtime.bus else {}
         view = self.runtime.core.view(self.runtime.clock(), task_limit=limit, gaps=gaps, status=status)
@@ -339,19 +329,31 @@ def _expected_error(exc: Exception) -> Response | None:
     return exc.response() if isinstance(exc, ApiError) else None
 
 
-def build_app(runtime: MasterRuntime, extra_routes: list[Route] | None = None) -> FastPath:
-    api = Api(runtime)
+def build_app(
+    runtime: MasterRuntime, extra_routes: list[Route] | None = None, *, api: Api | None = None
+) -> ASGIApp:
+    """The HTTP app. Pass `api` to keep a handle on it (the daemon calls `api.shutdown` on SIGTERM).
+
+    The body bounds wrap the whole app from the outside (pure ASGI), so they hold for every route,
+    however the routes inside are dispatched (the hot completions route skips Starlette's
+    middleware through FastPath).
+    """
+    if api is None:
+        api = Api(runtime, ApiLimits(), InferenceMetrics())
     routes = [
         Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/v1/images/generations", api.image_generations, methods=["POST"]),
+        Route("/v1/images/edits", api.image_edits, methods=["POST"]),
         Route("/v1/models", api.models, methods=["GET"]),
+        # Model ids may contain "/" (hub names such as mlx-community/SmolLM2-135M-Instruct).
+        Route("/v1/models/{model_id:path}", api.model, methods=["GET"]),
         Route("/health", api.health, methods=["GET"]),
+        Route("/ready", api.ready, methods=["GET"]),
         Route("/v1/cluster/state", api.cluster_state, methods=["GET"]),
         Route("/v1/tasks/{task_id}/cancel", api.cancel_task, methods=["POST"]),
         *(extra_routes or []),
     ]
-    app = Starlette(
-        routes=routes,
-        exception_handlers={ApiError: _api_error, HTTPException: _http_error},
-    )
-    return FastPath(app, {("POST", "/v1/chat/completions"): api.chat_completions}, _expected_error)
+    app = Starlette(routes=routes, exception_handlers={ApiError: _api_error, HTTPException: _http_error})
+    fast = FastPath(app, {("POST", "/v1/chat/completions"): api.chat_completions}, _expected_error)
+    return BoundedBody(fast, api.limits, api.body_reads)

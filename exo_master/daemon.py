@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import signal
 import socket
 import uuid
@@ -15,13 +16,15 @@ import typer
 import uvicorn
 import zmq
 
-from exo_master.api import build_app
+from exo_master.api import Api, build_app
 from exo_master.bus import MasterBus
 from exo_master.bus_auth import SETUP_HINT, MasterCurve, is_loopback, load_master_curve
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.placement import POLICY_NAMES
 from exo_master.fastpath import coalescing_http_protocol
 from exo_master.http_auth import ApiKeyError, read_keys, secure_app
+from exo_master.http_bounds import ApiLimits
+from exo_master.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
@@ -68,11 +71,15 @@ def _bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
+SHUTDOWN_REASON = "the master is shutting down"
+
+
 async def serve(
     config: CoreConfig,
     host: str,
     api_port: int,
     bus_port: int,
+    limits: ApiLimits | None = None,
     *,
     bus_host: str | None = None,
     curve: MasterCurve | None = None,
@@ -109,7 +116,12 @@ async def serve(
     runtime = MasterRuntime(MasterCore(config), bus)
     from exo_master.metrics import metrics_route
 
-    app_ = secure_app(build_app(runtime, extra_routes=[metrics_route(runtime)]), api_keys, cors_origins)
+    limits = limits or ApiLimits()
+    inference = InferenceMetrics()
+    api = Api(runtime, limits, inference)
+    app_ = secure_app(
+        build_app(runtime, extra_routes=[metrics_route(runtime, inference)], api=api), api_keys, cors_origins
+    )
     if not api_keys and not is_loopback(host):
         log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
     server = _QuietServer(
@@ -123,6 +135,10 @@ async def serve(
             # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
             proxy_headers=False,
             http=coalescing_http_protocol(),
+            timeout_keep_alive=max(1, round(limits.keep_alive_s)),
+            # Open requests were already ended (api.shutdown); uvicorn then cancels whatever is
+            # left (a client that will not read) itself, before the daemon's own 3 s wait runs out.
+            timeout_graceful_shutdown=2,
         )
     )
     stop = asyncio.Event()
@@ -146,6 +162,7 @@ async def serve(
         bus_out=bus.endpoint_out,
         bus_in=bus.endpoint_in,
         policy=config.policy,
+        seed=config.seed,
         session=config.session,
         curve=curve is not None,
         master_key=curve.fingerprint if curve is not None else None,
@@ -163,13 +180,17 @@ async def serve(
             error=repr(error),
             exc_info=(type(error), error, error.__traceback__) if error else None,
         )
-    log.info("master.stopping")
+    stopper.cancel()
+    # Open requests end first, cleanly: a stream gets an error event and [DONE], a waiting
+    # non-streaming request a 503; only then does uvicorn stop and close the connections.
+    open_requests = api.shutdown(SHUTDOWN_REASON)
+    log.info("master.stopping", open_requests=open_requests)
     server.should_exit = True
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(asyncio.shield(tasks[-1]), timeout=3)
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(*tasks, stopper, return_exceptions=True)
     bus.close()
     log.info("master.stopped")
     return 1 if crashed else 0
@@ -196,7 +217,33 @@ def run(
         300.0, envvar="EXO_QUEUE_TIMEOUT", min=0.1, help="Seconds a request may wait for a free slot."
     ),
     max_nodes: int = typer.Option(1024, envvar="EXO_MAX_NODES", min=1, help="Nodes the master tracks."),
-    seed: int = typer.Option(0, envvar="EXO_SEED", help="Seed for the random policies."),
+    seed: int | None = typer.Option(
+        None,
+        envvar="EXO_SEED",
+        min=0,
+        help="Seed for the random policies (default: drawn from the OS at start, and logged).",
+    ),
+    max_body_bytes: int = typer.Option(
+        ApiLimits.max_body_bytes, envvar="EXO_MAX_BODY_BYTES", min=1, help="Largest HTTP body (else 413)."
+    ),
+    body_timeout: float = typer.Option(
+        ApiLimits.body_timeout_s,
+        envvar="EXO_BODY_TIMEOUT",
+        min=0.1,
+        help="Seconds a request body may take to arrive (else 408).",
+    ),
+    keep_alive_timeout: float = typer.Option(
+        ApiLimits.keep_alive_s,
+        envvar="EXO_KEEP_ALIVE_TIMEOUT",
+        min=1.0,
+        help="Seconds an idle HTTP keep-alive connection stays open.",
+    ),
+    max_prompt_chars: int = typer.Option(
+        ApiLimits.max_prompt_chars,
+        envvar="EXO_MAX_PROMPT_CHARS",
+        min=1,
+        help="Longest prompt in characters (else 413), checked before it goes to a worker.",
+    ),
     log_format: LogFormat = typer.Option(LogFormat.AUTO, envvar="EXO_LOG_FORMAT"),
     log_level: str = typer.Option("info", envvar="EXO_LOG_LEVEL"),
     bus_host: str | None = typer.Option(
@@ -231,6 +278,14 @@ def run(
     except (KeyFileError, ApiKeyError) as exc:
         log.error("master.bad_security_config", error=str(exc))
         raise typer.Exit(2) from None
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**63)  # logged in master.started
+    limits = ApiLimits(
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
+        keep_alive_s=keep_alive_timeout,
+        max_prompt_chars=max_prompt_chars,
+    )
     config = CoreConfig(
         policy=policy,
         seed=seed,
@@ -250,6 +305,7 @@ def run(
                 host,
                 api_port,
                 bus_port,
+                limits,
                 bus_host=bus_host,
                 curve=curve,
                 insecure=insecure,

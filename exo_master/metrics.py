@@ -41,6 +41,8 @@ Metrics (all prefixed exo_):
                                                                    checks (origin_mismatch, ...)
     placement_decision_seconds                           histogram core time per submission
     queue_wait_seconds                                   histogram submission to placement
+    Inference latencies and token counts (time to first token, time per output token, request
+    duration, prompt and generated tokens, per model): see exo_master/inference_metrics.py.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from starlette.routing import Route
 from exo_master.core.events import Effect, RejectReason, TaskPlaced
 from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.view_rows import ClusterView
+from exo_master.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.messages import InstanceStatus
 
@@ -264,9 +267,11 @@ class MasterCollector(Collector):
 class MasterMetrics:
     """One runtime's registry: the collector plus the latency histograms its observers feed."""
 
-    def __init__(self, runtime: MasterRuntime) -> None:
+    def __init__(self, runtime: MasterRuntime, inference: InferenceMetrics | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(MasterCollector(runtime))
+        if inference is not None:
+            inference.register(self.registry)
         self.decision = Histogram(
             "exo_placement_decision_seconds",
             "Core time to handle one submission (placement decision, queueing or rejection).",
@@ -290,8 +295,8 @@ class MasterMetrics:
         return generate_latest(self.registry)
 
 
-def metrics_route(runtime: MasterRuntime) -> Route:
-    metrics = MasterMetrics(runtime)
+def metrics_route(runtime: MasterRuntime, inference: InferenceMetrics | None = None) -> Route:
+    metrics = MasterMetrics(runtime, inference)
 
     async def serve(request: Request) -> Response:
         # Rendered on the loop, not in a thread: the collector reads state the loop mutates.

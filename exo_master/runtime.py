@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+import msgspec
 import structlog
 
 from exo_master.bus import Inbound, MasterBus
@@ -33,6 +34,8 @@ from protocol.ids import TaskId
 from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbeat, TaskAck, TaskParams
 
 log = structlog.get_logger("exo_master")
+# What msgspec raises for a value msgpack cannot hold (an int beyond 64 bits, an unsupported type).
+_UNENCODABLE = (msgspec.EncodeError, OverflowError, TypeError)
 
 Clock = Callable[[], float]
 
@@ -177,10 +180,29 @@ class MasterRuntime:
         while True:
             # One wake-up sends everything that is ready: a burst of placements is one batch.
             topic, message = await self._outbox.get()
-            self.bus.send_now(topic, message)
+            self._send(topic, message)
             for _ in range(self._outbox.qsize()):
                 topic, message = self._outbox.get_nowait()
-                self.bus.send_now(topic, message)
+                self._send(topic, message)
+
+    def _send(self, topic: bytes, message: WorkerEffect | MasterHeartbeat) -> None:
+        assert self.bus is not None
+        try:
+            self.bus.send_now(topic, message)
+        except _UNENCODABLE as exc:
+            self._unsendable(message, exc)
+
+    # ---- guard: one message that cannot be encoded fails its own task, never the sender loop ----
+
+    def _unsendable(self, message: WorkerEffect | MasterHeartbeat, exc: Exception) -> None:
+        log.error("bus.unsendable", message=type(message).__name__, error=repr(exc))
+        if not isinstance(message, AssignTask):
+            return
+        waiter = self._waiters.get(message.task_id)
+        if waiter is not None:
+            error = f"the task cannot be sent to its worker: {exc}"
+            waiter.put(TaskErrored(task_id=message.task_id, message=error))
+        self.cancel(message.task_id, "the task cannot be encoded for the bus")
 
     async def run_ticker(self, period: float) -> None:
         while True:

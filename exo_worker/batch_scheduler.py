@@ -120,7 +120,9 @@ class BatchScheduler:
             return
         params = request.params
         try:
-            prompt = self._encode_prompt(params.messages)
+            # A legacy completion (params.prompt set) continues the raw text: no chat template.
+            raw = params.prompt
+            prompt = self._encode_prompt(params.messages) if raw is None else self._encode_raw(raw)
         except EngineError as exc:
             request.settle(exc)
             return
@@ -160,6 +162,16 @@ class BatchScheduler:
             raise EngineError(f"cannot build the prompt: {one_line(exc)}") from exc
         if not ids:
             raise EngineError("the prompt is empty after applying the chat template")
+        return ids
+
+    def _encode_raw(self, text: str) -> list[int]:
+        """A raw prompt (/v1/completions), tokenized as is; the tokenizer adds its BOS token if any."""
+        try:
+            ids: list[int] = self._tokenizer.encode(text)
+        except Exception as exc:  # tokenizers raise many kinds; one line fails this request
+            raise EngineError(f"cannot tokenize the prompt: {one_line(exc)}") from exc
+        if not ids:
+            raise EngineError("the prompt is empty")
         return ids
 
     # ---- one step ----------------------------------------------------------------------------

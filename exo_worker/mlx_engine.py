@@ -41,7 +41,7 @@ def _validate(params: TextGenerationParams) -> None:
         raise EngineError(f"temperature must be >= 0, got {params.temperature}")
     if not 0 < params.top_p <= 1:
         raise EngineError(f"top_p must be in (0, 1], got {params.top_p}")
-    if not params.messages:
+    if not params.messages and params.prompt is None:
         raise EngineError("messages must not be empty")
 
 

@@ -49,6 +49,8 @@ def sim_word(salt: str, prompt: str, seed: int | None, index: int) -> str:
 
 
 def sim_prompt(params: TextGenerationParams) -> str:
+    if params.prompt is not None:  # a legacy completion: the raw prompt, no chat roles
+        return params.prompt
     return "\n".join(f"{m.role}: {m.content}" for m in params.messages)
 
 
@@ -114,7 +116,11 @@ class SimEngine:
         self, params: TextGenerationParams, on_text: TextSink, cancel: threading.Event
     ) -> RunOutcome:
         prompt = sim_prompt(params)
-        prompt_tokens = sum(word_count(m.content) for m in params.messages)
+        prompt_tokens = (
+            word_count(params.prompt)
+            if params.prompt is not None
+            else sum(word_count(m.content) for m in params.messages)
+        )
         emitted = ""
         deadline = asyncio.get_running_loop().time() + self._interval
         for index in range(params.max_tokens):

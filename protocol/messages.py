@@ -76,6 +76,9 @@ class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextG
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # Legacy text completion (/v1/completions): the raw prompt, continued as is without the chat
+    # template; `messages` is then empty. None (the default, so older frames decode) means chat.
+    prompt: str | None = None
 
 
 class ImageGenerationParams(
