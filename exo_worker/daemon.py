@@ -28,6 +28,7 @@ from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.logs import LogFormat, configure_logging
 from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, MasterMessage, WorkerHeartbeat
+from protocol.version import version_line
 
 log = structlog.get_logger("exo_worker.daemon")
 
@@ -260,8 +261,14 @@ async def _serve(daemon: WorkerDaemon) -> int:
 
 
 app = typer.Typer(
-    add_completion=False, help="exo-worker: serve model instances to an exo-master over the bus."
+    add_completion=True, help="exo-worker: serve model instances to an exo-master over the bus."
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line("exo-worker"))
+        raise typer.Exit()
 
 
 @app.command()
@@ -311,6 +318,10 @@ def serve(
     ] = 3,
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar="EXO_LOG_FORMAT")] = LogFormat.AUTO,
     log_level: Annotated[str, typer.Option("--log-level", envvar="EXO_LOG_LEVEL")] = "info",
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
     # Usage errors first: they are typer's to report, before logging is set up.
