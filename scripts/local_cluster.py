@@ -13,6 +13,7 @@ temporary exo-cluster-* folder, removed on a clean exit unless --keep-logs (kept
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import shutil
@@ -161,59 +162,63 @@ def main(
         shutil.rmtree(log_dir, ignore_errors=True)
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def _run(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: float, log_dir: Path) -> bool:
     """Start, demo, serve until Ctrl-C/SIGTERM; stop every process. True when something failed."""
     spec = cluster.spec
-    stop = False
-
-    def request_stop(*_: object) -> None:
-        nonlocal stop
-        stop = True
-
+    # SIGTERM as Ctrl-C, at any stage (even while starting): the processes started so far are stopped.
+    signal.signal(signal.SIGTERM, _interrupt)
+    failed = False
     with cluster:
         console.print(
             f"Starting a master and {spec.workers} {spec.engine} worker(s) of {spec.model!r} "
             f"on ports {cluster.api_port} (API) and {cluster.bus_port}-{cluster.bus_port + 1} (bus); "
             f"logs in {log_dir}"
         )
-        try:
-            with console.status("waiting for every instance to be ready (model loading)..."):
-                cluster.start(ready_timeout=ready_timeout)
-        except PortInUse as exc:  # taken between the check and the start
-            _port_in_use(exc, cluster.api_port, cluster.bus_port)
-            return True
-        except (ClusterStartError, TimeoutError) as exc:
-            console.print(f"[red]cluster did not start: {exc}[/red]")
-            return True
-        console.print(f"[green]Ready.[/green] OpenAI-compatible API at {cluster.api_url}/v1")
-        if spec.model is not None and demo:
-            # SmolLM2 on 2 CPU cores: 5 to 30 s per answer, while both workers share the cores.
-            note = " (on a CPU each answer takes 5 to 30 s; each is printed as it arrives)"
-            asyncio.run(
-                demo_burst(
-                    cluster.api_url, spec.model, demo, demo_max_tokens, note if spec.engine == "mlx" else ""
-                )
-            )
-        default_url = f"http://127.0.0.1:{DEFAULT_API_PORT}"
-        console.print(
-            f"Serving. Try: curl {cluster.api_url}/v1/chat/completions -H 'content-type: application/json' "
-            f'-d \'{{"model": "{spec.model}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'\n'
-            f"Load, from another shell in this folder: {exoctl_hint(cluster.api_url, default_url)}\n"
-            "Ctrl-C stops everything."
-        )
-        signal.signal(signal.SIGTERM, request_stop)
-        failed = False
-        try:
-            while not stop:
-                if cluster.master is not None and cluster.master.poll() is not None:
-                    console.print(f"[red]the master exited with code {cluster.master.returncode}[/red]")
-                    failed = True
-                    break
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+        with contextlib.suppress(KeyboardInterrupt):
+            failed = _start_and_serve(cluster, demo, demo_max_tokens, ready_timeout)
+        # A second Ctrl-C must not cut the stop short and leave processes behind.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         console.print("Stopping...")
     return failed
+
+
+def _start_and_serve(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: float) -> bool:
+    spec = cluster.spec
+    try:
+        with console.status("waiting for every instance to be ready (model loading)..."):
+            cluster.start(ready_timeout=ready_timeout)
+    except PortInUse as exc:  # taken between the check and the start
+        _port_in_use(exc, cluster.api_port, cluster.bus_port)
+        return True
+    except (ClusterStartError, TimeoutError) as exc:
+        console.print(f"[red]cluster did not start: {exc}[/red]")
+        return True
+    console.print(f"[green]Ready.[/green] OpenAI-compatible API at {cluster.api_url}/v1")
+    if spec.model is not None and demo:
+        # SmolLM2 on 2 CPU cores: 5 to 30 s per answer, while both workers share the cores.
+        note = " (on a CPU each answer takes 5 to 30 s; each is printed as it arrives)"
+        asyncio.run(
+            demo_burst(
+                cluster.api_url, spec.model, demo, demo_max_tokens, note if spec.engine == "mlx" else ""
+            )
+        )
+    default_url = f"http://127.0.0.1:{DEFAULT_API_PORT}"
+    console.print(
+        f"Serving. Try: curl {cluster.api_url}/v1/chat/completions -H 'content-type: application/json' "
+        f'-d \'{{"model": "{spec.model}", "messages": [{{"role": "user", "content": "Hi"}}]}}\'\n'
+        f"Load, from another shell in this folder: {exoctl_hint(cluster.api_url, default_url)}\n"
+        "Ctrl-C stops everything."
+    )
+    while True:
+        if cluster.master is not None and cluster.master.poll() is not None:
+            console.print(f"[red]the master exited with code {cluster.master.returncode}[/red]")
+            return True
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,7 @@ def test_without_any_api_the_default_url_is_used(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(cli, "_client", record)
     for command in (["load"], ["nodes"], ["tasks"], ["cancel", "t1"]):
-        result = runner.invoke(exoctl_app, command, env={"EXO_API": None})  # type: ignore[dict-item]
+        result = runner.invoke(exoctl_app, command, env={"EXO_API": None})
         assert result.exit_code == 0, result.output
     assert used == [cli.DEFAULT_API] * 4 == ["http://127.0.0.1:52415"] * 4
 
