@@ -40,6 +40,7 @@ JSON output (`--json`). Field names are those of the ClusterView served on GET /
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -227,11 +228,18 @@ def _watch_lines(
     interval: float,
     count: int,
 ) -> None:
-    for item in _refreshes(first, fetch, interval, count):
-        if isinstance(item, Exception):
-            typer.echo(f"exoctl: {item} (retrying)", err=True)
-        else:
-            typer.echo(line(item))  # click's echo flushes: a reader of the pipe sees it now
+    try:
+        for item in _refreshes(first, fetch, interval, count):
+            if isinstance(item, Exception):
+                typer.echo(f"exoctl: {item} (retrying)", err=True)
+            else:
+                typer.echo(line(item))  # click's echo flushes: a reader of the pipe sees it now
+    except BrokenPipeError:
+        # The reader has had enough (`| head -n 3`): a normal end. Point stdout at /dev/null so
+        # that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _watch_live(
