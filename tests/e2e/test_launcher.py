@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,8 +86,16 @@ def scripts() -> Iterator[list[Script]]:
     yield started
     for script in started:  # by PID, only what the test started
         if script.proc.poll() is None:
-            script.proc.kill()
-            script.proc.wait()
+            script.proc.send_signal(signal.SIGTERM)  # it stops the master and workers it started
+            try:
+                script.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(script.proc.pid, signal.SIGKILL)  # its own group: only what it started
+                script.proc.wait()
+        # A failed test must not leave its exo-cluster-* folder behind either.
+        for line in script._drain():
+            if match := re.search(r"logs in (\S+exo-cluster-\w+)", line):
+                shutil.rmtree(match.group(1), ignore_errors=True)
 
 
 def _first_cluster_untouched(cluster: LocalCluster, session: str) -> None:
@@ -189,10 +198,6 @@ def test_logs_are_kept_when_asked_or_when_the_cluster_fails(tmp_path: Path, scri
     assert failing.stop(signal_it=False) == 1  # it ends by itself
     assert any(f"Logs kept in {failed_logs}" in line for line in failing.seen)
     assert (failed_logs / "node1.log").is_file()
-    for folder in (logs, failed_logs):
-        for file in folder.iterdir():
-            file.unlink()
-        folder.rmdir()
 
 
 def test_make_run_passes_its_port_variables_through() -> None:
