@@ -321,6 +321,8 @@ class Api:
             ) from exc
         gaps = self.runtime.bus.sequences.gaps if self.runtime.bus else {}
         view = self.runtime.core.view(self.runtime.clock(), task_limit=limit, gaps=gaps, status=status)
+        if self.runtime.bus is not None and self.runtime.bus.insecure:
+            view = msgspec.structs.replace(view, insecure=True)
         return Response(_json.encode(view), media_type="application/json")
 
     async def cancel_task(self, request: Request) -> Response:

@@ -8,7 +8,8 @@ import re
 import signal
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import structlog
 import typer
@@ -17,9 +18,12 @@ import zmq
 
 from exo_master.api import build_app
 from exo_master.bus import MasterBus
+from exo_master.bus_auth import SETUP_HINT, MasterCurve, is_loopback, load_master_curve
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.placement import POLICY_NAMES
+from exo_master.http_auth import ApiKeyError, read_keys, secure_app
 from exo_master.runtime import MasterRuntime
+from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.version import version_line
 
@@ -67,9 +71,34 @@ def _bind_http(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> int:
-    """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken (2)."""
-    bus = MasterBus(host, bus_port, origin=f"master-{config.session}")
+async def serve(
+    config: CoreConfig,
+    host: str,
+    api_port: int,
+    bus_port: int,
+    *,
+    bus_host: str | None = None,
+    curve: MasterCurve | None = None,
+    insecure: bool = False,
+    api_keys: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
+) -> int:
+    """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken or unsafe (2)."""
+    bus_host = bus_host or host
+    # Before anything binds: a plaintext bus reachable from other machines is refused.
+    if curve is None and not is_loopback(bus_host):
+        if not insecure:
+            log.error("master.insecure_bus_refused", bus_host=bus_host, fix=SETUP_HINT)
+            return 2
+        log.warning("master.insecure", bus_host=bus_host, note="plaintext bus: anyone can join")
+    bus = MasterBus(
+        bus_host,
+        bus_port,
+        origin=f"master-{config.session}",
+        curve=curve,
+        insecure=insecure,
+        incarnation_grace=2 * config.heartbeat_interval,
+    )
     try:
         # Bind everything before serving anything: a taken port is one clear line, not a traceback.
         bus.bind()
@@ -83,7 +112,9 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
     runtime = MasterRuntime(MasterCore(config), bus)
     from exo_master.metrics import metrics_route
 
-    app_ = build_app(runtime, extra_routes=[metrics_route(runtime)])
+    app_ = secure_app(build_app(runtime, extra_routes=[metrics_route(runtime)]), api_keys, cors_origins)
+    if not api_keys and not is_loopback(host):
+        log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
     server = _QuietServer(
         uvicorn.Config(app_, host=host, port=api_port, log_config=None, access_log=False, lifespan="off")
     )
@@ -91,12 +122,15 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if curve is not None:
+        loop.add_signal_handler(signal.SIGHUP, curve.reload)
     tick_period = min(config.assign_resend, config.heartbeat_interval) / 2
     tasks = [
         asyncio.create_task(bus.serve_workers(runtime.deliver), name="bus-in"),
         asyncio.create_task(bus.serve_subscriptions(runtime.deliver), name="bus-subscriptions"),
         asyncio.create_task(runtime.run_sender(), name="bus-out"),
         asyncio.create_task(runtime.run_ticker(tick_period), name="ticker"),
+        *([asyncio.create_task(curve.watch(), name="bus-auth")] if curve is not None else []),
         asyncio.create_task(server.serve(sockets=[http_socket]), name="http"),
     ]
     log.info(
@@ -106,6 +140,9 @@ async def serve(config: CoreConfig, host: str, api_port: int, bus_port: int) -> 
         bus_in=bus.endpoint_in,
         policy=config.policy,
         session=config.session,
+        curve=curve is not None,
+        master_key=curve.fingerprint if curve is not None else None,
+        api_keys=len(api_keys),
     )
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -148,9 +185,36 @@ def run(
     forget_dead_after: float = typer.Option(
         300.0, envvar="EXO_FORGET_DEAD_AFTER", min=0.0, help="Seconds a dead node stays listed."
     ),
+    queue_timeout: float = typer.Option(
+        300.0, envvar="EXO_QUEUE_TIMEOUT", min=0.1, help="Seconds a request may wait for a free slot."
+    ),
+    max_nodes: int = typer.Option(1024, envvar="EXO_MAX_NODES", min=1, help="Nodes the master tracks."),
     seed: int = typer.Option(0, envvar="EXO_SEED", help="Seed for the random policies."),
     log_format: LogFormat = typer.Option(LogFormat.AUTO, envvar="EXO_LOG_FORMAT"),
     log_level: str = typer.Option("info", envvar="EXO_LOG_LEVEL"),
+    bus_host: str | None = typer.Option(
+        None, envvar="EXO_BUS_HOST", help="Address to bind the bus (default: --host)."
+    ),
+    secret_key: Path | None = typer.Option(
+        None, envvar="EXO_SECRET_KEY", help="The master's CURVE key file (NAME.key_secret)."
+    ),
+    authorized_keys: Path | None = typer.Option(
+        None,
+        envvar="EXO_AUTHORIZED_KEYS",
+        help="Directory of the workers' public key files (NAME.key); re-read on change and on SIGHUP.",
+    ),
+    insecure: bool = typer.Option(
+        False, "--insecure", envvar="EXO_INSECURE", help="Allow a plaintext bus on a non-loopback address."
+    ),
+    api_key: list[str] = typer.Option(
+        [], "--api-key", envvar="EXO_API_KEY", help="Bearer key the HTTP API requires (repeatable)."
+    ),
+    api_keys_file: Path | None = typer.Option(
+        None, envvar="EXO_API_KEYS_FILE", help="File of API keys, one per line."
+    ),
+    cors_origin: list[str] = typer.Option(
+        [], "--cors-origin", envvar="EXO_CORS_ORIGIN", help="Browser origin allowed by CORS (repeatable)."
+    ),
     session: str | None = typer.Option(
         None,
         envvar="EXO_SESSION",
@@ -163,6 +227,12 @@ def run(
 ) -> None:
     """Run the exo master."""
     configure_logging(log_format, log_level)
+    try:
+        curve = load_master_curve(secret_key, authorized_keys)
+        api_keys = read_keys(api_key, api_keys_file)
+    except (KeyFileError, ApiKeyError) as exc:
+        log.error("master.bad_security_config", error=str(exc))
+        raise typer.Exit(2) from None
     config = CoreConfig(
         policy=policy,
         seed=seed,
@@ -172,8 +242,24 @@ def run(
         ledger_ttl=max(ledger_ttl, heartbeat_interval * heartbeat_liveness + heartbeat_interval),
         queue_limit=queue_limit,
         forget_dead_after=forget_dead_after,
+        queue_timeout=queue_timeout,
+        max_nodes=max_nodes,
     )
-    raise typer.Exit(asyncio.run(serve(config, host, api_port, bus_port)))
+    raise typer.Exit(
+        asyncio.run(
+            serve(
+                config,
+                host,
+                api_port,
+                bus_port,
+                bus_host=bus_host,
+                curve=curve,
+                insecure=insecure,
+                api_keys=api_keys,
+                cors_origins=cors_origin,
+            )
+        )
+    )
 
 
 def main() -> None:

@@ -21,7 +21,9 @@ Metrics (all prefixed exo_):
     placements_total / replacements_total                counter   placement decisions that bound
                                                                    a task / re-placements after loss
     rejections_total{reason}                             counter   unknown_model, queue_full, ...
-    orphan_cancels_total, late_events_total, chunk_gaps_total   counter
+    orphan_cancels_total, late_events_total, chunks_out_of_order_total,
+    duplicate_chunks_total, output_fetches_total, outputs_lost_total, queue_timeouts_total,
+    refused_nodes_total   counter
     ledger_entries                                       gauge     current reservations
     ledger_reservations_total, ledger_confirmations_total,
     ledger_releases_total, ledger_expiries_total         counter   ledger entry lifecycle
@@ -33,6 +35,10 @@ Metrics (all prefixed exo_):
     bus_sequence_gaps_total                              counter   messages missed, all publishers
     bus_sequence_gaps_by_origin_total{origin}            counter   messages missed, per publisher
     bus_malformed_frames_total                           counter   frames that failed to decode
+    bus_refusals_total{reason}                           counter   peers refused at the handshake
+                                                                   (unknown_key, no_curve, ...)
+    bus_identity_drops_total{reason}                     counter   messages dropped by the identity
+                                                                   checks (origin_mismatch, ...)
     placement_decision_seconds                           histogram core time per submission
     queue_wait_seconds                                   histogram submission to placement
 """
@@ -61,6 +67,19 @@ DECISION_BUCKETS = (
 QUEUE_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _FINAL = tuple(s for s in TaskStatus if s.is_final)
 _INSTANCE_LABELS = ["instance", "node", "model"]
+
+
+# CoreCounters fields exported as plain counters, named exo_<field>_total.
+_PLAIN_COUNTERS = (
+    ("orphan_cancels", "Cancels sent for tasks a worker ran that nobody wanted."),
+    ("late_events", "Worker events about tasks already ended or moved."),
+    ("chunks_out_of_order", "Output chunks that arrived early and were held in order."),
+    ("duplicate_chunks", "Output chunks received twice (dropped)."),
+    ("output_fetches", "Requests to a worker to send missing output again."),
+    ("outputs_lost", "Tasks failed because their output could not be recovered."),
+    ("queue_timeouts", "Requests failed after waiting --queue-timeout for a slot."),
+    ("refused_nodes", "Heartbeats ignored because --max-nodes was reached."),
+)
 
 
 def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -130,15 +149,8 @@ class MasterCollector(Collector):
         yield _labelled_counter(
             "exo_rejections", "Submissions refused, by reason.", "reason", rejections.items()
         )
-        yield _counter(
-            "exo_orphan_cancels",
-            "Cancels sent for tasks a worker ran that nobody wanted.",
-            counts.orphan_cancels,
-        )
-        yield _counter(
-            "exo_late_events", "Worker events about tasks already ended or moved.", counts.late_events
-        )
-        yield _counter("exo_chunk_gaps", "Output chunks lost between worker and master.", counts.chunk_gaps)
+        for name, doc in _PLAIN_COUNTERS:
+            yield _counter(f"exo_{name}", doc, getattr(counts, name))
 
         ledger = counts.ledger
         yield GaugeMetricFamily(
@@ -228,6 +240,24 @@ class MasterCollector(Collector):
             "exo_bus_malformed_frames",
             "Received frames that failed to decode.",
             counters.malformed if counters else 0,
+        )
+        yield _counter(
+            "exo_bus_duplicate_node_messages",
+            "Messages refused from a second live process using an existing node id.",
+            counters.refused if counters else 0,
+        )
+        yield _counter(
+            "exo_bus_held_messages",
+            "Messages dropped from a restarted worker while its old process might still be alive.",
+            counters.held if counters else 0,
+        )
+        refusals = bus.curve.counters.refusals if bus is not None and bus.curve is not None else {}
+        yield _labelled_counter(
+            "exo_bus_refusals", "Bus peers refused at the handshake, by reason.", "reason", refusals.items()
+        )
+        drops = bus.guard.drops if bus is not None else {}
+        yield _labelled_counter(
+            "exo_bus_identity_drops", "Worker messages dropped by identity checks.", "reason", drops.items()
         )
 
 

@@ -24,10 +24,11 @@ from exo_master.core.events import (
     TaskErrored,
     TaskPlaced,
     TaskRejected,
+    WorkerEffect,
 )
 from protocol import codec
 from protocol.ids import TaskId
-from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, TaskParams
+from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbeat, TaskAck, TaskParams
 
 log = structlog.get_logger("exo_master")
 
@@ -56,7 +57,7 @@ class MasterRuntime:
         self.bus = bus
         self.clock = clock
         self._waiters: dict[TaskId, TaskWaiter] = {}
-        self._outbox: asyncio.Queue[tuple[bytes, AssignTask | CancelTask | MasterHeartbeat]] = asyncio.Queue()
+        self._outbox: asyncio.Queue[tuple[bytes, WorkerEffect]] = asyncio.Queue()
         self.decision_observers: list[DecisionObserver] = []
         self.effect_observers: list[Callable[[Effect], None]] = []
 
@@ -99,7 +100,7 @@ class MasterRuntime:
             for observe in self.effect_observers:
                 observe(effect)
             match effect:
-                case AssignTask() | CancelTask():
+                case AssignTask() | CancelTask() | FetchOutput() | TaskAck():
                     self._outbox.put_nowait((codec.node_topic(effect.node_id), effect))
                 case MasterHeartbeat():
                     self._outbox.put_nowait((codec.BROADCAST_TOPIC, effect))

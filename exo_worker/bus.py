@@ -18,8 +18,11 @@ published throughout; a (re)started master rebuilds its view of this worker from
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import math
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,16 +31,29 @@ import structlog
 import zmq
 import zmq.asyncio
 
+from exo_worker.bus_auth import ClientCurve, monitor_socket, watch_handshakes
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
 from protocol.ids import NodeId
-from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, MasterMessage, WorkerMessage
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    MasterHeartbeat,
+    MasterMessage,
+    NodeRefused,
+    TaskAck,
+    WorkerMessage,
+)
 
 log = structlog.get_logger("exo_worker.bus")
+
+_MASTER_TYPES = (AssignTask, CancelTask, MasterHeartbeat, FetchOutput, TaskAck, NodeRefused)
 
 # Explicit high-water marks: the default (1000) silently drops chunk bursts from many concurrent
 # streams; 10k small frames per socket still bounds memory to a few MB if the master stalls.
 DEFAULT_HWM = 10_000
+MAX_MASTER_FRAME_BYTES = 64 * 1024 * 1024
 # A short linger lets the last messages (final CANCELLED results at shutdown) flush, yet closing
 # never blocks for long when the master is gone. Reconnects close with linger 0: nobody is listening.
 DEFAULT_LINGER_MS = 100
@@ -114,8 +130,10 @@ class WorkerBus:
         hwm: int = DEFAULT_HWM,
         linger_ms: int = DEFAULT_LINGER_MS,
         clock: Callable[[], float] = time.time,
+        curve: ClientCurve | None = None,
     ) -> None:
         self.node_id = node_id
+        self.curve = curve
         self.master = master
         self._on_message = on_message
         self._interval = heartbeat_interval
@@ -125,7 +143,9 @@ class WorkerBus:
         self._hwm = hwm
         self._linger_ms = linger_ms
         self._clock = clock
-        self._stamper = Stamper(origin=node_id)
+        # A fresh id per process: the master tells two live processes with one node id apart.
+        self.incarnation = uuid.uuid4().hex[:12]
+        self._stamper = Stamper(origin=node_id, incarnation=self.incarnation)
         self.tracker = SequenceTracker()
         self.stats = BusStats()
         # "" until the first MasterHeartbeat; echoed in every WorkerHeartbeat.
@@ -137,6 +157,7 @@ class WorkerBus:
         self._ctx: zmq.asyncio.Context | None = None
         self._sub: zmq.asyncio.Socket | None = None
         self._pub: zmq.Socket[bytes] | None = None
+        self._monitors: list[tuple[zmq.asyncio.Socket, zmq.Socket[Any], str]] = []
         self._log = log.bind(node_id=node_id, master=str(master))
 
     # ---- sockets -----------------------------------------------------------------------------
@@ -147,6 +168,9 @@ class WorkerBus:
         self._open_sockets()
 
     def close(self) -> None:
+        for mon, _, _ in self._monitors:
+            mon.close(linger=0)
+        self._monitors.clear()
         self._close_sockets(self._linger_ms)
         if self._ctx is not None:
             self._ctx.term()  # returns promptly: every socket is closed with a bounded linger
@@ -157,18 +181,37 @@ class WorkerBus:
         sub = self._ctx.socket(zmq.SUB)
         self._configure(sub)
         sub.setsockopt(zmq.RCVHWM, self._hwm)
+        # Assignments carry prompts, bounded by the master's API; nothing legitimate is near this.
+        sub.setsockopt(zmq.MAXMSGSIZE, MAX_MASTER_FRAME_BYTES)
         sub.setsockopt(zmq.SUBSCRIBE, codec.node_topic(self.node_id))
         sub.setsockopt(zmq.SUBSCRIBE, codec.BROADCAST_TOPIC)
+        self._watch(sub, self.master.bus_endpoint)
         sub.connect(self.master.bus_endpoint)
         # The PUB is a plain (blocking-API) socket on the same context: a PUB never blocks on send
         # (it drops at HWM), so a synchronous send() lets runner callbacks publish without awaiting.
         pub: zmq.Socket[bytes] = zmq.Context.shadow(self._ctx.underlying).socket(zmq.PUB)
         self._configure(pub)
         pub.setsockopt(zmq.SNDHWM, self._hwm)
+        self._watch(pub, self.master.inbox_endpoint)
         pub.connect(self.master.inbox_endpoint)
         self._sub, self._pub = sub, pub
 
+    def _watch(self, sock: zmq.Socket[Any], endpoint: str) -> None:
+        if self._ctx is not None:  # also without keys: to say so when the master requires them
+            self._monitors.append((monitor_socket(sock, self._ctx), sock, endpoint))
+
+    @staticmethod
+    def _redial(sock: zmq.Socket[Any], endpoint: str) -> None:
+        """Connect again after a ZAP refusal, which ends a connection for good in libzmq."""
+        if sock.closed:
+            return
+        with contextlib.suppress(zmq.ZMQError):  # already gone with the refused connection
+            sock.disconnect(endpoint)
+        sock.connect(endpoint)
+
     def _configure(self, sock: zmq.Socket[Any]) -> None:
+        if self.curve is not None:
+            self.curve.secure(sock)
         sock.setsockopt(zmq.LINGER, self._linger_ms)
         sock.setsockopt(zmq.RECONNECT_IVL, max(1, round(self._backoff_initial * 1000)))
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, max(1, round(self._backoff_max * 1000)))
@@ -208,14 +251,38 @@ class WorkerBus:
         """Receive until cancelled, marking the master lost while it is silent (libzmq reconnects)."""
         if self._sub is None:
             self.connect()
+        backoff = (self._backoff_initial, self._backoff_max)
+        reported: set[str] = set()  # shared: one line per failure, not one per socket
+        watchers = []
+        for mon, sock, endpoint in self._monitors:
+            redial = functools.partial(self._redial, sock, endpoint)
+            watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff)
+            watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
+        try:
+            await self._serve()
+        finally:
+            for task in watchers:
+                task.cancel()
+
+    async def _serve(self) -> None:
+        silent_since = self._clock()
         while True:
             await self._listen()
             if not self.master_lost.is_set():
+                silent_since = self._clock() - self.liveness_timeout()
                 self.stats.master_losses += 1
                 self.master_alive.clear()
                 self.master_lost.set()
                 self._log.warning(
                     "master.lost", silent_s=round(self.liveness_timeout(), 3), session=self.master_session
+                )
+            else:
+                # Say so every window, with where we are looking: a wrong address must not look idle.
+                self._log.warning(
+                    "master.unreachable",
+                    tries=self.master.bus_endpoint,
+                    publishes_to=self.master.inbox_endpoint,
+                    silent_s=round(self._clock() - silent_since, 1),
                 )
 
     async def _listen(self) -> None:
@@ -244,7 +311,9 @@ class WorkerBus:
             self._malformed(str(exc))
             return False
         body = envelope.body
-        if not isinstance(body, AssignTask | CancelTask | MasterHeartbeat):
+        if not isinstance(
+            body, AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
+        ):
             self._malformed(f"unexpected {type(body).__name__} from {envelope.origin}")
             return False
         if isinstance(body, MasterHeartbeat):

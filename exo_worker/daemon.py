@@ -14,6 +14,7 @@ import re
 import secrets
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,11 +24,22 @@ import structlog
 import typer
 
 from exo_worker.bus import MasterAddress, WorkerBus, parse_master_address
+from exo_worker.bus_auth import ClientCurve, load_client_curve
 from exo_worker.engine import Engine, ModelLoadError
 from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
+from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
-from protocol.messages import AssignTask, CancelTask, MasterHeartbeat, MasterMessage, WorkerHeartbeat
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    MasterHeartbeat,
+    MasterMessage,
+    NodeRefused,
+    TaskAck,
+    WorkerHeartbeat,
+)
 from protocol.version import version_line
 
 log = structlog.get_logger("exo_worker.daemon")
@@ -35,6 +47,8 @@ log = structlog.get_logger("exo_worker.daemon")
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_MODEL_LOAD = 2
+EXIT_USAGE = 2  # refused by the master: another live process serves this node id
+EXIT_BAD_KEYS = 2
 
 EngineFactory = Callable[[InstanceId], Engine]
 
@@ -56,6 +70,8 @@ class WorkerConfig:
     # Simulated lag before the worker handles each AssignTask/CancelTask (so confirmation is late,
     # as with the original master's busy event loop); benchmarks use it to expose baseline policies.
     accept_delay: float = 0.0
+    # CURVE keys for the bus (None: plaintext, for a master on loopback or one run with --insecure).
+    curve: ClientCurve | None = None
 
     def instance_id(self, index: int) -> InstanceId:
         return InstanceId(f"{self.node_id}/{index}")
@@ -74,6 +90,7 @@ class WorkerDaemon:
             heartbeat_liveness=config.heartbeat_liveness,
             backoff_initial=config.backoff_initial,
             backoff_max=config.backoff_max,
+            curve=config.curve,
         )
         callbacks = RunnerCallbacks.to(self.bus.send)
         runners = [
@@ -93,6 +110,9 @@ class WorkerDaemon:
         self._address = socket.gethostname()
         self._last_session_snapshot = ""
         self._delayed: set[asyncio.TimerHandle] = set()
+        # Set when the master refuses this process (another live process serves our node id).
+        self.refused = asyncio.Event()
+        self.refusal = ""
 
     def snapshot(self) -> WorkerHeartbeat:
         return WorkerHeartbeat(
@@ -122,6 +142,13 @@ class WorkerDaemon:
             self.runners.handle_assign(message)
         elif isinstance(message, CancelTask):
             self.runners.handle_cancel(message)
+        elif isinstance(message, FetchOutput):
+            self.runners.handle_fetch(message)
+        elif isinstance(message, TaskAck):
+            self.runners.handle_ack(message)
+        elif isinstance(message, NodeRefused) and message.incarnation == self.bus.incarnation:
+            self.refusal = message.reason
+            self.refused.set()
         elif isinstance(message, MasterHeartbeat) and message.session != self._last_session_snapshot:
             # A new (or restarted) master: give it our full state now rather than up to 1 s later.
             self._last_session_snapshot = message.session
@@ -140,27 +167,33 @@ class WorkerDaemon:
             asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
         ]
         stopper = asyncio.create_task(stop.wait(), name="stop")
+        refused = asyncio.create_task(self.refused.wait(), name="refused")
         loader = asyncio.create_task(self.runners.load_all(), name="load")
         try:
-            await asyncio.wait([loader, stopper, *background], return_when=asyncio.FIRST_COMPLETED)
-            if loader.done():
+            await asyncio.wait([loader, stopper, refused, *background], return_when=asyncio.FIRST_COMPLETED)
+            if loader.done() and not refused.done():
                 code = self._loaded(loader)
                 if code != EXIT_OK:
                     return code
-                await asyncio.wait([stopper, *background], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([stopper, refused, *background], return_when=asyncio.FIRST_COMPLETED)
             for task in background:
                 if task.done():
                     task.result()  # a crashed bus or heartbeat loop is a bug: surface it
+            if refused.done():
+                log.error("worker.refused", node_id=self.config.node_id, reason=self.refusal)
+                print(f"exo-worker: {self.refusal}", file=sys.stderr, flush=True)
+                return EXIT_USAGE
             return EXIT_OK
         finally:
             loader.cancel()
             stopper.cancel()
+            refused.cancel()
             for handle in self._delayed:
                 handle.cancel()
             await self.runners.shutdown(self.config.shutdown_grace)
             for task in background:
                 task.cancel()
-            await asyncio.gather(loader, stopper, *background, return_exceptions=True)
+            await asyncio.gather(loader, stopper, refused, *background, return_exceptions=True)
             self.bus.close()
             log.info("worker.stopped", node_id=self.config.node_id, bus=_stats(self))
 
@@ -232,8 +265,19 @@ def served_model_id(model: str) -> ModelId:
     return ModelId(path.resolve().name if path.is_dir() else model)
 
 
-def build_engine_factory(engine: EngineName, model: str, sim_tokens_per_s: float) -> EngineFactory:
-    """Resolve the backend once; raises ModelLoadError when the model cannot be found."""
+def build_engine_factory(
+    engine: EngineName,
+    model: str,
+    sim_tokens_per_s: float,
+    *,
+    max_concurrency: int = 4,
+    prompt_cache_bytes: int | None = None,
+) -> EngineFactory:
+    """Resolve the backend once; raises ModelLoadError when the model cannot be found.
+
+    An MLX instance batches up to `max_concurrency` sequences and keeps a prompt cache of at most
+    `prompt_cache_bytes` (None: derived from the memory available; 0: no prompt cache).
+    """
     if engine is EngineName.SIM:
         from exo_worker.sim_engine import SimEngine
 
@@ -245,7 +289,9 @@ def build_engine_factory(engine: EngineName, model: str, sim_tokens_per_s: float
     except ImportError as exc:
         raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
     path = resolve_model(model)
-    return lambda instance_id: MlxEngine(path, label=model)
+    return lambda instance_id: MlxEngine(
+        path, label=model, max_batch=max_concurrency, prompt_cache_bytes=prompt_cache_bytes
+    )
 
 
 async def _serve(daemon: WorkerDaemon) -> int:
@@ -316,8 +362,28 @@ def serve(
     heartbeat_liveness: Annotated[
         int, typer.Option("--heartbeat-liveness", envvar="EXO_HEARTBEAT_LIVENESS", min=1)
     ] = 3,
+    prompt_cache_bytes: Annotated[
+        int | None,
+        typer.Option(
+            "--prompt-cache-bytes",
+            envvar="EXO_PROMPT_CACHE_BYTES",
+            min=0,
+            help="Byte budget of each MLX instance's prompt (KV) cache; 0 turns it off. "
+            "Default: an eighth of the memory available at start, shared by the instances.",
+        ),
+    ] = None,
     log_format: Annotated[LogFormat, typer.Option("--log-format", envvar="EXO_LOG_FORMAT")] = LogFormat.AUTO,
     log_level: Annotated[str, typer.Option("--log-level", envvar="EXO_LOG_LEVEL")] = "info",
+    secret_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-key", envvar="EXO_SECRET_KEY", help="This worker's CURVE key file (NAME.key_secret)."
+        ),
+    ] = None,
+    master_key: Annotated[
+        Path | None,
+        typer.Option("--master-key", envvar="EXO_MASTER_KEY", help="The master's public key (NAME.key)."),
+    ] = None,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
@@ -334,7 +400,22 @@ def serve(
     model_name = model or _DEFAULT_MODEL[engine]
     structlog.contextvars.bind_contextvars(node_id=node)
     try:
-        factory = build_engine_factory(engine, model_name, sim_tokens_per_s)
+        curve = load_client_curve(secret_key, master_key)
+    except KeyFileError as exc:
+        log.error("worker.bad_keys", error=str(exc))
+        raise typer.Exit(EXIT_BAD_KEYS) from None
+    try:
+        if prompt_cache_bytes is None and engine is EngineName.MLX:
+            from exo_worker.prompt_cache import default_budget_bytes
+
+            prompt_cache_bytes = default_budget_bytes(instances)
+        factory = build_engine_factory(
+            engine,
+            model_name,
+            sim_tokens_per_s,
+            max_concurrency=max_concurrency,
+            prompt_cache_bytes=prompt_cache_bytes,
+        )
     except ModelLoadError as exc:
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
@@ -348,9 +429,18 @@ def serve(
         heartbeat_interval=heartbeat_interval,
         heartbeat_liveness=heartbeat_liveness,
         accept_delay=sim_accept_delay,
+        curve=curve,
     )
     log.info(
-        "worker.starting", engine=engine.value, model=model_name, instances=instances, master=str(address)
+        "worker.starting",
+        engine=engine.value,
+        model=model_name,
+        instances=instances,
+        master=str(address),
+        max_concurrency=max_concurrency,
+        prompt_cache_bytes=prompt_cache_bytes,
+        curve=curve is not None,
+        key=curve.keypair.fingerprint if curve is not None else None,
     )
     try:
         daemon = WorkerDaemon(config, factory)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from protocol.messages import FinishReason, TaskKind, TaskParams, Usage
+from protocol.messages import FinishReason, PromptCacheStats, TaskKind, TaskParams, Usage
 
 
 class ModelLoadError(RuntimeError):
@@ -42,3 +42,10 @@ class Engine(Protocol):
     async def load(self, progress: ProgressSink | None = None) -> None: ...
 
     async def run(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome: ...
+
+
+@runtime_checkable
+class ReportsPromptCache(Protocol):
+    """An engine that keeps a prompt (KV) cache; the runner puts its stats into every heartbeat."""
+
+    def prompt_cache_stats(self) -> PromptCacheStats: ...

@@ -1,88 +1,37 @@
-"""MlxEngine: text generation with mlx-lm, run in a thread so the event loop keeps serving.
+"""MlxEngine: text generation with mlx-lm, continuously batched, on a thread of its own.
 
 mlx and mlx_lm are imported inside methods: importing this module stays cheap, and the sim engine
 never pays for them.
 
-Threading model. Each engine runs all its MLX work (load and generation) on one thread of its own,
-`_MlxThread`, one job at a time:
-- one MLX model instance is not safe for concurrent generation (mlx_lm gives no such guarantee), so
-  the engine's tasks must be serialized anyway; the job queue is that lock;
-- MLX 0.32 on Linux may abort the whole process at exit ("terminate called without an active
-  exception") when a thread that ran compiled MLX code ends without `mx.clear_streams()`. The
-  default executor's threads (`asyncio.to_thread`) end at interpreter exit where nothing can run
-  that call; our own thread runs it before it ends.
-Several engines in one process may generate at once, so a seeded request samples with its own PRNG
-key instead of seeding MLX's global generator, which the other engines also draw from.
+All MLX work of an engine (load, warm-up, batch steps) runs on its `MlxThread` (see mlx_thread.py
+for why). `run()` hands a request to that thread and awaits its outcome; up to `max_batch` requests
+decode together in one `BatchScheduler` batch (batch_scheduler.py), the rest wait for a slot. Each
+engine keeps a `PromptCache` (prompt_cache.py), so a prompt sharing a prefix with an earlier one
+only processes its new tokens.
 """
 
 from __future__ import annotations
 
 import asyncio
-import atexit
 import concurrent.futures
 import contextlib
 import json
-import sys
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
+from exo_worker.batch_scheduler import BatchScheduler, GenRequest, one_line
 from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from exo_worker.mlx_thread import MlxThread
 from exo_worker.models import looks_like_hub_id
-from protocol.messages import ChatMessage, FinishReason, TaskKind, TaskParams, TextGenerationParams, Usage
+from exo_worker.prompt_cache import PromptCache, default_budget_bytes
+from exo_worker.stop_strings import StopStringFilter
+from exo_worker.text_delivery import Delivery
+from protocol.messages import PromptCacheStats, TaskKind, TaskParams, TextGenerationParams
 
-# How often the generation thread, waiting for the loop to take a piece of text, checks that the
-# loop is still there. The wait is normally far shorter.
-_POLL_S = 0.05
-_CANCELLED = RunOutcome(finish_reason=FinishReason.CANCELLED, usage=Usage())
-
-
-class StopStringFilter:
-    """Cuts a text stream at the first stop string, even when a stop string spans several pieces.
-
-    `feed` returns the text that is safe to emit now, and whether a stop string was found. It holds
-    back the longest tail that could still grow into a stop string: a tail that is a proper prefix
-    of one (so at most `len(longest stop) - 1` characters, usually none). On a hit, the text from
-    the stop string on is dropped. "First" means the stop string completed first (the one ending
-    earliest, the longest one on a tie): that is where a streaming generator has to stop, and it
-    makes the result independent of how the text was cut into pieces. `flush` returns the held-back
-    tail once the stream has ended without a hit.
-    """
-
-    def __init__(self, stops: Iterable[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._buffer = ""
-
-    def feed(self, piece: str) -> tuple[str, bool]:
-        self._buffer += piece
-        best: tuple[int, int] | None = None  # (end, start) of the first completed stop string
-        for stop in self._stops:
-            start = self._buffer.find(stop)
-            if start >= 0 and (best is None or (start + len(stop), start) < best):
-                best = (start + len(stop), start)
-        if best is not None:
-            out, self._buffer = self._buffer[: best[1]], ""
-            return out, True
-        hold = max((self._partial_match(stop) for stop in self._stops), default=0)
-        cut = len(self._buffer) - hold
-        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
-        return out, False
-
-    def _partial_match(self, stop: str) -> int:
-        """Length of the longest end of the buffer that is a proper prefix of `stop`."""
-        for length in range(min(len(stop) - 1, len(self._buffer)), 0, -1):
-            if self._buffer.endswith(stop[:length]):
-                return length
-        return 0
-
-    def flush(self) -> str:
-        out, self._buffer = self._buffer, ""
-        return out
+__all__ = ["MlxEngine", "StopStringFilter"]
 
 
 def _validate(params: TextGenerationParams) -> None:
@@ -96,158 +45,47 @@ def _validate(params: TextGenerationParams) -> None:
         raise EngineError("messages must not be empty")
 
 
-def _make_sampler(temperature: float, top_p: float, seed: int | None) -> Callable[[Any], Any]:
-    from mlx_lm.sample_utils import apply_top_p, make_sampler
+class MlxEngine:
+    """Serves TextGeneration tasks from one MLX model (a local directory or a Hub repo id).
 
-    if temperature == 0 or seed is None:
-        return make_sampler(temp=temperature, top_p=top_p)
-    # make_sampler draws from MLX's global generator; a seed there would be disturbed by any other
-    # engine sampling in this process. So a seeded request gets the same filtering and draw, with
-    # its own key split once per token.
-    import mlx.core as mx
-
-    key = mx.random.key(seed)
-
-    def sample(logprobs: Any) -> Any:
-        nonlocal key
-        key, subkey = mx.random.split(key)
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
-        return mx.random.categorical(logprobs * (1 / temperature), key=subkey)
-
-    return sample
-
-
-@dataclass(slots=True)
-class _Job:
-    fn: Callable[[], Any]
-    future: concurrent.futures.Future[Any]
-    stopped: Callable[[], bool] | None = None  # a queued generation that may be cancelled
-
-
-class _MlxThread:
-    """One thread running an engine's MLX jobs in order; it clears its MLX streams before it ends."""
-
-    def __init__(self, name: str) -> None:
-        self._jobs: deque[_Job] = deque()
-        self._wake = threading.Condition()
-        self._closed = False
-        # A daemon thread, stopped by an atexit hook: atexit runs after the interpreter has joined
-        # non-daemon threads, so a non-daemon thread idling on the queue would block exit.
-        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
-        self._thread.start()
-        atexit.register(self.close)
-
-    def submit(
-        self, fn: Callable[[], Any], stopped: Callable[[], bool] | None = None
-    ) -> concurrent.futures.Future[Any]:
-        job = _Job(fn, concurrent.futures.Future(), stopped)
-        with self._wake:
-            if self._closed:
-                raise EngineError("the engine is closed")
-            self._jobs.append(job)
-            self._wake.notify()
-        return job.future
-
-    def settle_stopped(self) -> None:
-        """Finish queued generations that were cancelled while waiting, without waiting for their turn.
-
-        Called by the running generation once per token, so a queued task's cancel is honoured
-        within one token too.
-        """
-        with self._wake:
-            stopped = [job for job in self._jobs if job.stopped is not None and job.stopped()]
-            for job in stopped:
-                self._jobs.remove(job)
-        for job in stopped:
-            if job.future.set_running_or_notify_cancel():
-                job.future.set_result(_CANCELLED)
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Run what is queued, then end the thread (clearing its MLX streams)."""
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        atexit.unregister(self.close)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _main(self) -> None:
-        while True:
-            with self._wake:
-                while not self._jobs and not self._closed:
-                    self._wake.wait()
-                if not self._jobs:
-                    break
-                job = self._jobs.popleft()
-            if job.future.set_running_or_notify_cancel():  # False: the awaiting task gave up first
-                try:
-                    job.future.set_result(job.fn())
-                except BaseException as exc:
-                    job.future.set_exception(exc)
-        if "mlx.core" in sys.modules:
-            import mlx.core as mx
-
-            mx.clear_streams()
-
-
-class _Delivery:
-    """Hands text from the generation thread to `on_text` on the loop thread, one piece at a time.
-
-    Each piece is scheduled with `loop.call_soon_threadsafe` and the generation thread waits until
-    the loop has run it before it asks for the next token. That gives back-pressure, and it makes
-    "stops within one token" hold as the consumer sees it: a cancel set from `on_text` is visible to
-    the very next check. The wait costs one loop wake-up per token (well under a token's time).
+    `max_batch` sequences decode together (the worker passes its --max-concurrency); the prompt
+    cache holds at most `prompt_cache_bytes` (default: from the memory available at start).
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_text: TextSink, abandoned: threading.Event):
-        self._loop = loop
-        self._on_text = on_text
-        self._abandoned = abandoned
-        self.error: BaseException | None = None
-
-    def __call__(self, piece: str) -> None:
-        if not piece or self._abandoned.is_set():
-            return
-        done = threading.Event()
-
-        def deliver() -> None:
-            try:
-                self._on_text(piece)
-            except BaseException as exc:
-                self.error = exc
-            finally:
-                done.set()
-
-        try:
-            self._loop.call_soon_threadsafe(deliver)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            self._abandoned.set()
-            return
-        while not done.wait(_POLL_S):
-            if self._abandoned.is_set():
-                return
-            if self._loop.is_closed():
-                self._abandoned.set()
-                return
-        if self.error is not None:
-            raise EngineError(f"on_text failed: {type(self.error).__name__}: {self.error}") from self.error
-
-
-class MlxEngine:
-    """Serves TextGeneration tasks from one MLX model (a local directory or a Hub repo id)."""
-
-    def __init__(self, model: str | Path, label: str | None = None) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        label: str | None = None,
+        *,
+        max_batch: int = 4,
+        prompt_cache_bytes: int | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._source = str(model)
         self._label = label or self._source
         self._log = structlog.get_logger(__name__).bind(model=self._label)
+        self._max_batch = max_batch
+        self._cache_bytes = default_budget_bytes() if prompt_cache_bytes is None else prompt_cache_bytes
+        if self._cache_bytes < 0:
+            raise ValueError(f"prompt_cache_bytes must be >= 0, got {self._cache_bytes}")
         self._model: Any = None
         self._tokenizer: Any = None
-        self._thread: _MlxThread | None = None  # started by the first load
+        self._prompt_cache: PromptCache | None = None
+        self._thread: MlxThread | None = None  # started by the first load
 
     @property
     def kinds(self) -> tuple[TaskKind, ...]:
         return (TaskKind.TEXT_GENERATION,)
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    def prompt_cache_stats(self) -> PromptCacheStats:
+        if self._prompt_cache is None:
+            return PromptCacheStats(budget_bytes=self._cache_bytes)
+        return self._prompt_cache.stats()
 
     def close(self) -> None:
         """Stop the engine's MLX thread (also done at interpreter exit). The engine cannot run again."""
@@ -267,7 +105,7 @@ class MlxEngine:
                     loop.call_soon_threadsafe(progress, what, fraction)
 
         if self._thread is None:
-            self._thread = _MlxThread(f"mlx-{self._label}")
+            self._thread = MlxThread(f"mlx-{self._label}")
         try:
             await asyncio.wrap_future(self._thread.submit(lambda: self._load_blocking(report)))
         except ModelLoadError:
@@ -292,12 +130,16 @@ class MlxEngine:
                     "(tokenizer_config.json), which text generation needs"
                 )
             report("warming up", 0.8)
+            prompt_cache = PromptCache(self._cache_bytes)
+            scheduler = BatchScheduler(model, tokenizer, max_batch=self._max_batch, prompt_cache=prompt_cache)
             self._warm_up(model, tokenizer)
         except ModelLoadError:
             raise
         except Exception as exc:  # mlx_lm raises many kinds (ValueError, FileNotFoundError, hub errors)
-            raise ModelLoadError(f"cannot load model {self._source}: {_one_line(exc)}") from exc
-        self._model, self._tokenizer = model, tokenizer
+            raise ModelLoadError(f"cannot load model {self._source}: {one_line(exc)}") from exc
+        assert self._thread is not None
+        self._thread.attach(scheduler)
+        self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
         report("ready", 1.0)
         self._log.info("model loaded", source=self._source)
 
@@ -316,7 +158,7 @@ class MlxEngine:
         except FileNotFoundError:
             raise ModelLoadError(f"no config.json in model directory {path}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelLoadError(f"unreadable config.json in {path}: {_one_line(exc)}") from exc
+            raise ModelLoadError(f"unreadable config.json in {path}: {one_line(exc)}") from exc
         if not isinstance(config, dict) or "model_type" not in config:
             raise ModelLoadError(f"bad config.json in {path}: expected an object with a model_type")
         if not any(path.glob("model*.safetensors")):
@@ -328,12 +170,20 @@ class MlxEngine:
         # Two reasons to generate before reporting ready: a model that loads but cannot run fails
         # here, as a load error, not in every task; and on a machine whose MLX kernel cache
         # ($TMPDIR/mlx) is cold, the first call JIT-compiles kernels (0.5-0.7 s measured), which
-        # would otherwise land in the first request's time to first token.
-        from mlx_lm import stream_generate
+        # would otherwise land in the first request's time to first token. Two sequences, so the
+        # batched kernels are compiled too. The warm-up's prompts bypass the prompt cache.
+        from mlx_lm.generate import BatchGenerator
 
         token = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        for _ in stream_generate(model, tokenizer, [token], max_tokens=2):
-            pass
+        generator = BatchGenerator(model, completion_batch_size=2, prefill_batch_size=2)
+        try:
+            generator.insert([[token, token], [token]], max_tokens=[2, 2])
+            for _ in range(16):  # a handful of steps ends it; the bound is a guard
+                prompts, generated = generator.next()
+                if not prompts and not generated:
+                    break
+        finally:
+            generator.close()
 
     # ---- run -------------------------------------------------------------------------------
 
@@ -343,76 +193,21 @@ class MlxEngine:
         _validate(params)
         if self._model is None or self._thread is None:
             raise EngineError(f"model {self._source} is not loaded")
-        abandoned = threading.Event()  # the awaiting task went away: the job must stop
+        abandoned = threading.Event()  # the awaiting task went away: the sequence must stop
 
         def stopped() -> bool:
             return cancel.is_set() or abandoned.is_set()
 
-        deliver = _Delivery(asyncio.get_running_loop(), on_text, abandoned)
-        job = self._thread.submit(lambda: self._generate(params, deliver, stopped), stopped)
+        request = GenRequest(
+            params=params,
+            delivery=Delivery(asyncio.get_running_loop(), on_text, abandoned),
+            stopped=stopped,
+            future=concurrent.futures.Future(),
+        )
+        self._thread.enqueue(request)
         try:
-            outcome: RunOutcome = await asyncio.wrap_future(job)
+            outcome: RunOutcome = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
             abandoned.set()
             raise
         return outcome
-
-    def _generate(
-        self, params: TextGenerationParams, deliver: _Delivery, stopped: Callable[[], bool]
-    ) -> RunOutcome:
-        """Runs on the engine's MLX thread."""
-        from mlx_lm import stream_generate
-
-        assert self._thread is not None
-        if stopped():  # cancelled while queued
-            return _CANCELLED
-        prompt = self._encode_prompt(params.messages)
-        sampler = _make_sampler(params.temperature, params.top_p, params.seed)
-        stops = StopStringFilter(params.stop)
-        finish, completion_tokens = FinishReason.LENGTH, 0
-        responses = stream_generate(
-            self._model, self._tokenizer, prompt, max_tokens=params.max_tokens, sampler=sampler
-        )
-        try:
-            for response in responses:
-                completion_tokens = response.generation_tokens
-                text, hit = stops.feed(response.text)
-                deliver(text)
-                if hit:
-                    finish = FinishReason.STOP
-                    break
-                if response.finish_reason is not None:  # the last response: "stop" (EOS) or "length"
-                    finish = FinishReason.STOP if response.finish_reason == "stop" else FinishReason.LENGTH
-                    break
-                if stopped():
-                    finish = FinishReason.CANCELLED
-                    break
-                self._thread.settle_stopped()
-            if finish is not FinishReason.CANCELLED:
-                deliver(stops.flush())
-        except EngineError:
-            raise
-        except Exception as exc:
-            self._log.exception("generation failed")
-            raise EngineError(f"generation failed: {_one_line(exc)}") from exc
-        finally:
-            responses.close()  # runs mlx_lm's clean-up now, on this thread
-        usage = Usage(prompt_tokens=len(prompt), completion_tokens=completion_tokens)
-        return RunOutcome(finish_reason=finish, usage=usage)
-
-    def _encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        try:
-            text = self._tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
-            # The template already writes any BOS token, so the tokenizer must not add another.
-            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
-        except Exception as exc:
-            raise EngineError(f"cannot build the prompt: {_one_line(exc)}") from exc
-        if not ids:
-            raise EngineError("the prompt is empty after applying the chat template")
-        return ids
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

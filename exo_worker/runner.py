@@ -1,7 +1,9 @@
 """Runners: the per-instance task executor, and the group that routes master commands to them.
 
-A Runner owns one Engine and its `max_concurrency` slots. Tasks beyond the slots wait in a local
-FIFO (the master should not send them, but baseline placement policies overfill on purpose). It
+A Runner owns one Engine and its `max_concurrency` slots: every task holding a slot is running in
+the engine at the same time (a batching engine such as MlxEngine decodes them together, its batch
+as wide as the slots). Tasks beyond the slots wait in a local FIFO (the master should not send
+them, but baseline placement policies overfill on purpose). It
 reports what happens through callbacks that take protocol messages, so the bus shell only has to
 publish them and this module can be tested without sockets.
 
@@ -20,15 +22,18 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from exo_worker.engine import Engine, EngineError, ModelLoadError
+from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache
+from exo_worker.output_log import OutputLog
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
     CancelTask,
+    FetchOutput,
     FinishReason,
     InstanceReport,
     InstanceStatus,
     TaskAccepted,
+    TaskAck,
     TaskChunk,
     TaskFailed,
     TaskFinished,
@@ -100,6 +105,7 @@ class Runner:
         self._running: set[TaskId] = set()
         self._queue: deque[TaskId] = deque()
         self._finals: OrderedDict[TaskId, FinalMessage] = OrderedDict()
+        self._outputs = OutputLog()
         self._closing = False
         self._log = log.bind(instance_id=instance_id)
 
@@ -159,6 +165,7 @@ class Runner:
             self._finish(task_id, self._failed(task_id, reason, refused=True))
             return
         self._active[task_id] = _Task(assign)
+        self._outputs.started(task_id)
         self._callbacks.accepted(self._accepted(task_id))
         if len(self._running) < self.max_concurrency:
             self._start(task_id)
@@ -174,6 +181,22 @@ class Runner:
             return
         self._queue.remove(task_id)
         self._end_queued(task_id)
+
+    def fetch(self, request: FetchOutput) -> None:
+        """Send again what the master is missing of a task's output (chunks, and the final)."""
+        held = self._outputs.replay(request.task_id, request.from_index, request.final)
+        if held is None:
+            reason = f"the output of task {request.task_id} is no longer held by {self.node_id}"
+            self._callbacks.failed(self._failed(request.task_id, reason))
+            return
+        chunks, final = held
+        for offset, text in enumerate(chunks):
+            self._send_chunk(request.task_id, request.from_index + offset, text)
+        if final is not None:
+            self._emit_final(final)
+
+    def acknowledged(self, task_id: TaskId) -> None:
+        self._outputs.forget(task_id)
 
     # ---- views -------------------------------------------------------------------------------
 
@@ -194,7 +217,11 @@ class Runner:
             max_concurrency=self.max_concurrency,
             capacity=self.capacity,
             active_tasks=tuple(self._active),
+            finished_tasks=self._outputs.unacknowledged(),
             error=self.error,
+            prompt_cache=(
+                self.engine.prompt_cache_stats() if isinstance(self.engine, ReportsPromptCache) else None
+            ),
         )
 
     # ---- internals ---------------------------------------------------------------------------
@@ -239,14 +266,13 @@ class Runner:
     def _on_text(self, task: _Task, text: str) -> None:
         if task.done or not text:  # nothing after the final message; empty pieces carry nothing
             return
-        index, task.next_index = task.next_index, task.next_index + 1
+        task_id = task.assign.task_id
+        self._send_chunk(task_id, self._outputs.chunk(task_id, text), text)
+
+    def _send_chunk(self, task_id: TaskId, index: int, text: str) -> None:
         self._callbacks.chunk(
             TaskChunk(
-                node_id=self.node_id,
-                task_id=task.assign.task_id,
-                instance_id=self.instance_id,
-                index=index,
-                text=text,
+                node_id=self.node_id, task_id=task_id, instance_id=self.instance_id, index=index, text=text
             )
         )
 
@@ -266,6 +292,10 @@ class Runner:
         self._finish(task_id, self._finished(task_id, FinishReason.CANCELLED, Usage()))
 
     def _finish(self, task_id: TaskId, final: FinalMessage) -> None:
+        if _was_cancelled(final) or (isinstance(final, TaskFailed) and final.refused):
+            self._outputs.forget(task_id)  # nobody will fetch it: the master moved on
+        else:
+            self._outputs.ended(task_id, final)
         self._finals[task_id] = final
         self._finals.move_to_end(task_id)
         while len(self._finals) > self._final_lru_size:
@@ -288,6 +318,7 @@ class Runner:
             instance_id=self.instance_id,
             finish_reason=reason,
             usage=usage,
+            chunks=self._outputs.count(task_id),
         )
 
     def _failed(self, task_id: TaskId, reason: str, refused: bool = False) -> TaskFailed:
@@ -326,6 +357,16 @@ class RunnerGroup:
                 refused=True,
             )
         )
+
+    def handle_fetch(self, request: FetchOutput) -> None:
+        runner = self.runners.get(request.instance_id)
+        if runner is not None:
+            runner.fetch(request)
+
+    def handle_ack(self, ack: TaskAck) -> None:
+        runner = self.runners.get(ack.instance_id)
+        if runner is not None:
+            runner.acknowledged(ack.task_id)
 
     def handle_cancel(self, cancel: CancelTask) -> None:
         runner = self.runners.get(cancel.instance_id)

@@ -13,6 +13,24 @@ import msgspec
 
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 
+# ---- bounds checked at decode (a frame outside them is a ProtocolError, dropped and counted) ----
+MAX_ID_CHARS = 256  # node, instance, task and model ids
+MAX_TEXT_CHARS = 65_536  # one output chunk
+MAX_REASON_CHARS = 4_096  # errors, failure reasons, addresses
+MAX_INSTANCES_PER_NODE = 64
+MAX_TASKS_PER_INSTANCE = 4_096  # active or unacknowledged task ids in one snapshot
+MAX_CONCURRENCY = 4_096
+MAX_CAPACITY = 1e6  # relative speed: finite, positive
+MAX_COUNT = 2**31 - 1  # chunk indices, chunk counts, token counts
+
+NodeIdField = Annotated[NodeId, msgspec.Meta(max_length=MAX_ID_CHARS)]
+InstanceIdField = Annotated[InstanceId, msgspec.Meta(max_length=MAX_ID_CHARS)]
+TaskIdField = Annotated[TaskId, msgspec.Meta(max_length=MAX_ID_CHARS)]
+ModelIdField = Annotated[ModelId, msgspec.Meta(max_length=MAX_ID_CHARS)]
+Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+TaskIds = Annotated[tuple[TaskIdField, ...], msgspec.Meta(max_length=MAX_TASKS_PER_INSTANCE)]
+
 
 class TaskKind(enum.StrEnum):
     TEXT_GENERATION = "TextGeneration"
@@ -38,8 +56,8 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: Count = 0
+    completion_tokens: Count = 0
 
     @property
     def total_tokens(self) -> int:
@@ -90,55 +108,79 @@ TaskParams = TextGenerationParams | ImageGenerationParams | ImageEditsParams
 # ---- worker -> master ------------------------------------------------------------------------
 
 
+# Counters and sizes in heartbeats are bounded so a bad frame cannot smuggle in absurd numbers.
+_Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class PromptCacheStats(msgspec.Struct, frozen=True, kw_only=True):
+    """An instance's prompt (KV) cache: its size now and what it has saved since the worker started."""
+
+    size_bytes: _Count = 0  # held by cached entries now
+    budget_bytes: _Count = 0  # the most it may hold (--prompt-cache-bytes)
+    entries: _Count = 0
+    hits: _Count = 0  # requests that reused at least one cached token
+    misses: _Count = 0  # requests that reused none
+    reused_tokens: _Count = 0  # prompt tokens not processed again, summed over all requests
+
+
 class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     """One model instance as its worker sees it; part of every heartbeat (a full snapshot)."""
 
-    instance_id: InstanceId
-    model: ModelId
-    kinds: tuple[TaskKind, ...] = (TaskKind.TEXT_GENERATION,)
+    instance_id: InstanceIdField
+    model: ModelIdField
+    kinds: Annotated[tuple[TaskKind, ...], msgspec.Meta(max_length=8)] = (TaskKind.TEXT_GENERATION,)
     status: InstanceStatus = InstanceStatus.READY
-    max_concurrency: int = 1
-    # Relative speed; placement divides load by it, so it must be positive (checked on decode).
-    capacity: Annotated[float, msgspec.Meta(gt=0)] = 1.0
-    active_tasks: tuple[TaskId, ...] = ()
-    error: str | None = None
+    # At least one slot: an instance with none would be "ready" yet never take a request.
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] = 1
+    # Relative speed; placement divides load by it, so it must be positive and finite.
+    capacity: Annotated[float, msgspec.Meta(gt=0, le=MAX_CAPACITY)] = 1.0
+    active_tasks: TaskIds = ()
+    # Tasks that ended here but whose end the master has not acknowledged (TaskAck) yet: the
+    # master fetches a final it never received, or acknowledges one it has.
+    finished_tasks: TaskIds = ()
+    error: Reason | None = None
+    # None: the engine keeps no prompt cache (the sim engine, or an older worker).
+    prompt_cache: PromptCacheStats | None = None
 
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="WorkerHeartbeat", tag_field="type"):
-    node_id: NodeId
-    instances: tuple[InstanceReport, ...] = ()
-    address: str = ""
+    node_id: NodeIdField
+    instances: Annotated[tuple[InstanceReport, ...], msgspec.Meta(max_length=MAX_INSTANCES_PER_NODE)] = ()
+    address: Reason = ""
     # Echo of the last master session the worker heard from; "" when none yet.
-    master_session: str = ""
+    master_session: Reason = ""
 
 
 class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAccepted", tag_field="type"):
-    node_id: NodeId
-    task_id: TaskId
-    instance_id: InstanceId
+    node_id: NodeIdField
+    task_id: TaskIdField
+    instance_id: InstanceIdField
 
 
 class TaskChunk(msgspec.Struct, frozen=True, kw_only=True, tag="TaskChunk", tag_field="type"):
-    node_id: NodeId
-    task_id: TaskId
-    instance_id: InstanceId
-    index: int
-    text: str
+    node_id: NodeIdField
+    task_id: TaskIdField
+    instance_id: InstanceIdField
+    index: Count  # 0, 1, 2, ... per task: the master delivers them in this order, without gaps
+    text: Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
 
 
 class TaskFinished(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFinished", tag_field="type"):
-    node_id: NodeId
-    task_id: TaskId
-    instance_id: InstanceId
+    node_id: NodeIdField
+    task_id: TaskIdField
+    instance_id: InstanceIdField
     finish_reason: FinishReason
     usage: Usage = Usage()
+    # How many TaskChunk messages the task produced (indices 0..chunks-1): the master completes
+    # the task only once it has delivered every one of them. None from workers that predate it.
+    chunks: Count | None = None
 
 
 class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFailed", tag_field="type"):
-    node_id: NodeId
-    task_id: TaskId
-    instance_id: InstanceId
-    reason: str
+    node_id: NodeIdField
+    task_id: TaskIdField
+    instance_id: InstanceIdField
+    reason: Reason
     # True when the worker never started the task (shutting down, instance not ready or unknown):
     # the master re-places it instead of failing the request.
     refused: bool = False
@@ -173,5 +215,32 @@ class MasterHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="MasterHear
     interval: float = 1.0
 
 
-MasterMessage = AssignTask | CancelTask | MasterHeartbeat
+class FetchOutput(msgspec.Struct, frozen=True, kw_only=True, tag="FetchOutput", tag_field="type"):
+    """Send again this task's chunks from `from_index` on (and its final message if `final`): the
+    master saw a gap, or the worker's snapshot says the task ended but its final never arrived."""
+
+    task_id: TaskId
+    node_id: NodeId
+    instance_id: InstanceId
+    from_index: int
+    final: bool = True
+
+
+class TaskAck(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAck", tag_field="type"):
+    """The master has the task's whole output and its end: the worker may forget them."""
+
+    task_id: TaskId
+    node_id: NodeId
+    instance_id: InstanceId
+
+
+class NodeRefused(msgspec.Struct, frozen=True, kw_only=True, tag="NodeRefused", tag_field="type"):
+    """Another live process already serves this node id: the named incarnation must stop."""
+
+    node_id: NodeId
+    incarnation: str
+    reason: str
+
+
+MasterMessage = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
 Message = WorkerMessage | MasterMessage

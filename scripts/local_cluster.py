@@ -34,6 +34,7 @@ from exo_master.devtools.launcher import (
     ClusterStartError,
     LocalCluster,
     PortInUse,
+    check_ports,
     suggest_ports,
 )
 
@@ -144,15 +145,13 @@ def main(
         api_port=api_port,
         bus_port=bus_port,
     )
-    cluster = LocalCluster(spec)
     try:
-        cluster.check_ports()  # before anything exists: not even a log folder
+        check_ports(spec.host, api_port, bus_port)  # before anything exists: not even a log folder
     except PortInUse as exc:
         _port_in_use(exc, api_port, bus_port)
         raise typer.Exit(EXIT_PORT_IN_USE) from None
-    log_dir = Path(tempfile.mkdtemp(prefix="exo-cluster-"))
-    spec.log_dir = log_dir
-    failed = _run(cluster, demo, demo_max_tokens, ready_timeout, log_dir)
+    log_dir = spec.log_dir = Path(tempfile.mkdtemp(prefix="exo-cluster-"))
+    failed = _run(LocalCluster(spec), demo, demo_max_tokens, ready_timeout, log_dir)
     if failed:
         console.print(f"Logs kept in {log_dir}")
         raise typer.Exit(1)
@@ -178,6 +177,8 @@ def _run(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: 
             f"on ports {cluster.api_port} (API) and {cluster.bus_port}-{cluster.bus_port + 1} (bus); "
             f"logs in {log_dir}"
         )
+        if cluster.keys is not None:
+            console.print(f"Bus encrypted with CURVE; the cluster's keys are in {cluster.keys.directory}")
         with contextlib.suppress(KeyboardInterrupt):
             failed = _start_and_serve(cluster, demo, demo_max_tokens, ready_timeout)
         # A second Ctrl-C must not cut the stop short and leave processes behind.

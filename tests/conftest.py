@@ -5,6 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# No per-example deadline and no speed health check: tests assert behaviour, never timing, and
+# this machine's 2 cores are often shared (a deadline there only makes tests flaky).
+settings.register_profile("exo", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("exo")
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,15 @@ class CoreConfig:
     # A dead node stays visible (exoctl shows it "dead") this long, then it is forgotten: workers
     # that restart under a new node id must not pile up as dead rows forever.
     forget_dead_after: float = 300.0
+    # A request waiting this long for a free slot fails with a clear 503 instead of waiting forever.
+    queue_timeout: float = 300.0
+    max_nodes: int = 1024  # heartbeats from further nodes are ignored (and counted)
+    # Output integrity (see output.py): chunks held out of order, how long a gap may last before the
+    # worker is asked to send it again, how often to ask, and how many times.
+    reorder_window: int = 1024
+    fetch_after: float = 0.2
+    fetch_every: float = 0.5
+    max_fetches: int = 6
 
     @property
     def node_timeout(self) -> float:
@@ -32,5 +41,10 @@ class CoreStats:
     rejections: dict[str, int] = field(default_factory=dict)
     finals: dict[str, int] = field(default_factory=dict)
     orphan_cancels: int = 0
-    chunk_gaps: int = 0
     late_events: int = 0
+    duplicate_chunks: int = 0
+    chunks_out_of_order: int = 0
+    output_fetches: int = 0
+    outputs_lost: int = 0
+    queue_timeouts: int = 0
+    refused_nodes: int = 0

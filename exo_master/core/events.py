@@ -16,8 +16,10 @@ from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
     CancelTask,
+    FetchOutput,
     FinishReason,
     MasterHeartbeat,
+    TaskAck,
     TaskParams,
     Usage,
     WorkerMessage,
@@ -108,5 +110,5 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
-WorkerEffect = AssignTask | CancelTask | MasterHeartbeat
+WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck
 Effect = ClientEffect | WorkerEffect

@@ -14,10 +14,10 @@ in `tasks.TaskBook`, which calls `advance` and nothing else does.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
-from protocol.messages import FinishReason, TaskKind, TaskParams, Usage
+from protocol.messages import FinishReason, TaskFinished, TaskKind, TaskParams, Usage
 
 
 class TaskStatus(enum.StrEnum):
@@ -75,7 +75,11 @@ class TaskRecord:
     assigned_at: float | None = None
     ended_at: float | None = None
     attempts: int = 0
-    next_chunk: int = 0
+    next_chunk: int = 0  # the next output index the client gets: everything before it was delivered
+    held: dict[int, str] = field(default_factory=dict)  # chunks that arrived early (reorder window)
+    final: TaskFinished | None = None  # a TaskFinished that arrived before all its chunks
+    fetches: int = 0  # FetchOutput requests sent for the current attempt
+    queued_at: float = 0.0  # when it last started waiting in a queue (for --queue-timeout)
     # Why the last attempt was lost, and where: re-placement avoids that instance if it can.
     lost_reason: str | None = None
     lost_on: InstanceId | None = None

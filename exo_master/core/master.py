@@ -27,13 +27,13 @@ from exo_master.core.events import (
     NodeUnsubscribed,
     RejectReason,
     SubmitTask,
-    TaskOutput,
     TaskQueued,
     TaskRejected,
 )
 from exo_master.core.invariants import check_invariants
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
 from exo_master.core.liveness import Liveness
+from exo_master.core.output import OutputRelay
 from exo_master.core.placement import make_policy
 from exo_master.core.pool import InstancePool
 from exo_master.core.queue import QueueKey
@@ -66,8 +66,10 @@ class MasterCore:
         self.policy = make_policy(self.config.policy, self.config.seed)
         self.scheduler = Scheduler(self.config, self.state, self.book, self.policy, self.stats, self._out)
         self.liveness = Liveness(self.config, self.state, self.book, self.scheduler, self._out)
+        self.output = OutputRelay(self.config, self.book, self.stats, self._out)
+        self.book.on_bind = self.output.reset
         self.reconciler = Reconciler(
-            self.state, self.book, self.scheduler, self.liveness, self.stats, self._out
+            self.config, self.state, self.book, self.scheduler, self.liveness, self.output, self._out
         )
         self._next_heartbeat = float("-inf")
 
@@ -90,7 +92,7 @@ class MasterCore:
                 self._accepted(event)
             case TaskChunk():
                 self.liveness.seen(event.node_id, now)
-                self._chunk(event)
+                self._chunk(event, now)
             case TaskFinished() | TaskFailed():
                 self.liveness.seen(event.node_id, now)
                 self._worker_ended(event, now)
@@ -108,6 +110,8 @@ class MasterCore:
             )
         self.liveness.check_nodes(now)
         expired = self.liveness.expire_unconfirmed(now)
+        self.output.tick(now)
+        self.scheduler.expire_waiting(now)
         self.scheduler.settle(now)
         for task_id, old in expired:
             # Cancel the old copy only if the task moved: a CancelTask followed by an AssignTask to
@@ -201,7 +205,7 @@ class MasterCore:
             message = f"no live instance of model {params.model!r} can take {params.KIND} requests"
             self._reject(task_id, RejectReason.NO_LIVE_INSTANCE, message)
             return
-        position = self.book.enqueue(task)
+        position = self.book.enqueue(task, now)
         if position is None:
             self.book.withdraw(task)
             message = (
@@ -245,18 +249,14 @@ class MasterCore:
         self.stats.orphan_cancels += 1
         self._out.append(CancelTask(task_id=msg.task_id, node_id=msg.node_id, instance_id=msg.instance_id))
 
-    def _chunk(self, msg: TaskChunk) -> None:
+    def _chunk(self, msg: TaskChunk, now: float) -> None:
         task = self._bound(msg.task_id, msg)
         if task is None:
             self.stats.late_events += 1
             return
         if task.status is TaskStatus.PENDING:
             self.book.confirm(task)  # the TaskAccepted was lost; output proves the worker has it
-        if msg.index < task.next_chunk:
-            return  # duplicate
-        self.stats.chunk_gaps += msg.index - task.next_chunk
-        task.next_chunk = msg.index + 1
-        self._out.append(TaskOutput(task_id=task.task_id, index=msg.index, text=msg.text))
+        self.output.chunk(task, msg.index, msg.text, now)
 
     def _worker_ended(self, msg: TaskFinished | TaskFailed, now: float) -> None:
         task = self._bound(msg.task_id, msg)
@@ -275,7 +275,9 @@ class MasterCore:
             # gave it up (shutting down, or a stale cancel). That is a lost attempt, not a result.
             self.liveness.lose_attempt(task, f"instance {msg.instance_id} gave the task up", now)
         else:
-            self.book.finish(task, now, msg.finish_reason, msg.usage)
+            if task.status is TaskStatus.PENDING:
+                self.book.confirm(task)
+            self.output.finished(task, msg, now)
 
     def _flush(self) -> list[Effect]:
         out = self._out[:]

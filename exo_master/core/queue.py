@@ -21,13 +21,13 @@ class WaitQueues:
         assert limit >= 0
         self.limit = limit
         self._queues: dict[QueueKey, OrderedDict[TaskId, int]] = {}
-        self._key_of: dict[TaskId, QueueKey] = {}
+        self.waiting: dict[TaskId, QueueKey] = {}  # every waiting task -> its queue (read-only outside)
 
     def __len__(self) -> int:
-        return len(self._key_of)
+        return len(self.waiting)
 
     def __contains__(self, task_id: object) -> bool:
-        return task_id in self._key_of
+        return task_id in self.waiting
 
     def depth(self, key: QueueKey) -> int:
         q = self._queues.get(key)
@@ -52,14 +52,14 @@ class WaitQueues:
                 del self._queues[key]
             return None
         q[task_id] = admission
-        self._key_of[task_id] = key
+        self.waiting[task_id] = key
         return len(q)
 
     def requeue(self, key: QueueKey, task_id: TaskId, admission: int) -> None:
         """Put back a task that lost its instance, in line by age (it usually goes first); ignores
         the bound, since the request was already admitted. O(queue) on this rare path."""
         q = self._queues.setdefault(key, OrderedDict())
-        self._key_of[task_id] = key
+        self.waiting[task_id] = key
         if not q or admission > next(reversed(q.values())):
             q[task_id] = admission
             return
@@ -76,7 +76,7 @@ class WaitQueues:
 
     def remove(self, task_id: TaskId) -> int | None:
         """Remove a task wherever it waits; return when it was enqueued."""
-        key = self._key_of.pop(task_id, None)
+        key = self.waiting.pop(task_id, None)
         if key is None:
             return None
         q = self._queues[key]

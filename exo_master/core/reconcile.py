@@ -9,37 +9,43 @@ afterwards, so a task never lands on an instance that the same snapshot takes aw
 
 from __future__ import annotations
 
-from exo_master.core.config import CoreStats
+from exo_master.core.config import CoreConfig
 from exo_master.core.events import Effect
 from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.liveness import Liveness
+from exo_master.core.output import OutputRelay
 from exo_master.core.records import ClusterState, InstanceRecord, NodeRecord
 from exo_master.core.scheduling import Scheduler
 from exo_master.core.tasks import TaskBook
-from protocol.ids import TaskId
-from protocol.messages import CancelTask, InstanceReport, InstanceStatus, WorkerHeartbeat
+from protocol.messages import CancelTask, InstanceReport, InstanceStatus, TaskAck, WorkerHeartbeat
 
 
 class Reconciler:
     def __init__(
         self,
+        config: CoreConfig,
         state: ClusterState,
         book: TaskBook,
         scheduler: Scheduler,
         liveness: Liveness,
-        stats: CoreStats,
+        output: OutputRelay,
         out: list[Effect],
     ) -> None:
+        self.config = config
         self.state = state
         self.book = book
         self.scheduler = scheduler
         self.liveness = liveness
-        self.stats = stats
+        self.output = output
+        self.stats = book.stats
         self.out = out
 
     def heartbeat(self, msg: WorkerHeartbeat, now: float) -> None:
         node = self.state.nodes.get(msg.node_id)
         if node is None:
+            if len(self.state.nodes) >= self.config.max_nodes:
+                self.stats.refused_nodes += 1  # bounded memory: a flood of fake nodes stops here
+                return
             node = NodeRecord(
                 node_id=msg.node_id, last_seen=now, subscribed=msg.node_id in self.liveness.subscribed
             )
@@ -63,7 +69,7 @@ class Reconciler:
         for inst in stopped:
             self.liveness.evacuate_pending(inst, f"instance {inst.instance_id} is {inst.status}")
         for report in msg.instances:
-            self._reconcile(node, self.state.instances[report.instance_id], report.active_tasks, now)
+            self._reconcile(node, self.state.instances[report.instance_id], report, now)
 
     def _apply(self, node: NodeRecord, report: InstanceReport) -> InstanceRecord | None:
         """Create or update one instance; return it if it just stopped being ready."""
@@ -100,10 +106,8 @@ class Reconciler:
         self.scheduler.reindex(inst)
         return inst if was_ready and inst.status is not InstanceStatus.READY else None
 
-    def _reconcile(
-        self, node: NodeRecord, inst: InstanceRecord, active: tuple[TaskId, ...], now: float
-    ) -> None:
-        for task_id in active:
+    def _reconcile(self, node: NodeRecord, inst: InstanceRecord, report: InstanceReport, now: float) -> None:
+        for task_id in report.active_tasks:
             task = self.book.live.get(task_id)
             if task is not None and task.instance_id == inst.instance_id:
                 if task.status is TaskStatus.PENDING:
@@ -112,9 +116,18 @@ class Reconciler:
             # Unknown, over, or bound elsewhere since: nobody wants this copy.
             self.stats.orphan_cancels += 1
             self.out.append(CancelTask(task_id=task_id, node_id=node.node_id, instance_id=inst.instance_id))
-        # A worker sends TaskFinished before its next snapshot, so a confirmed task missing from the
-        # snapshot was lost by the worker (restart, or the finish message was dropped).
-        for task_id in sorted(inst.confirmed - set(active)):
-            self.liveness.lose_attempt(
-                self.book.live[task_id], f"{node.node_id} no longer runs the task", now
-            )
+        ended = set(report.finished_tasks)
+        for task_id in report.finished_tasks:
+            task = self.book.live.get(task_id)
+            if task is not None and task.instance_id == inst.instance_id:
+                if task.status is TaskStatus.PENDING:
+                    self.book.confirm(task)
+                self.output.ended_on_worker(task, now)  # its final was lost: fetch it
+            elif task is None:
+                # Over here (its end arrived, or it failed): the worker may let it go.
+                self.out.append(TaskAck(task_id=task_id, node_id=node.node_id, instance_id=inst.instance_id))
+        # A worker sends TaskFinished before its next snapshot, so a confirmed task in neither list
+        # was lost by the worker (it restarted).
+        for task_id in sorted(inst.confirmed - set(report.active_tasks) - ended):
+            why = f"{node.node_id} no longer runs the task"
+            self.liveness.lose_attempt(self.book.live[task_id], why, now)

@@ -20,6 +20,8 @@ from exo_master.core.tasks import TaskBook
 from protocol.ids import InstanceId, ModelId
 from protocol.messages import AssignTask, InstanceStatus, TaskKind
 
+_NOWHERE: frozenset[InstanceId] = frozenset()
+
 
 def assign_message(task: TaskRecord) -> AssignTask:
     assert task.instance_id is not None and task.node_id is not None
@@ -116,10 +118,10 @@ class Scheduler:
         pool = self.pools.get((task.model, task.kind))
         if pool is None or not pool.members:
             return False
-        avoid = frozenset({task.lost_on}) if task.lost_on is not None else frozenset[InstanceId]()
+        avoid = frozenset({task.lost_on}) if task.lost_on is not None else _NOWHERE
         inst = self.policy.choose(pool, self, avoid)
         if inst is None and avoid:
-            inst = self.policy.choose(pool, self, frozenset())  # better the same instance than none
+            inst = self.policy.choose(pool, self, _NOWHERE)  # better the same instance than none
         if inst is None:
             return False
         load_before = self.book.load(inst)
@@ -149,20 +151,35 @@ class Scheduler:
                     message = f"task not accepted after {task.attempts} attempts (last: {task.lost_reason})"
                     self.book.fail(task, now, message, unavailable=True)
                     continue
-                self.book.queues.requeue((task.model, task.kind), task.task_id, task.admission)
+                self.book.requeue(task, now)
                 self._woken.add(task.model)
                 self._touched.add(task.model)
         if self._woken:
-            if self.book.queues:
+            if self.book.queues.waiting:
                 # Placing only changes its own model's instances: nothing woken here is missed.
                 for model in sorted(self._woken):
                     self._drain(model, now)
             self._woken.clear()
         if self._touched:
-            if self.book.queues:
+            if self.book.queues.waiting:
                 for model in sorted(self._touched):
                     self._fail_stranded(model, now)
             self._touched.clear()
+
+    def expire_waiting(self, now: float) -> None:
+        """Fail requests that waited `queue_timeout` for a slot: never wait forever."""
+        waiting = self.book.queues.waiting
+        if not waiting:
+            return
+        limit = self.config.queue_timeout
+        for task_id in [t for t in waiting if now - self.book.live[t].queued_at >= limit]:
+            task = self.book.live[task_id]
+            self.stats.queue_timeouts += 1
+            message = (
+                f"waited {now - task.queued_at:.0f} s for a free slot on model {task.model!r} "
+                f"(the master's --queue-timeout is {limit:g} s); retry later or add instances"
+            )
+            self.book.fail(task, now, message, unavailable=True)
 
     def _drain(self, model: ModelId, now: float) -> None:
         """Place waiting tasks of `model` while any can be placed, oldest first across kinds."""

@@ -47,6 +47,7 @@ class TaskBook:
         self.resend: OrderedDict[TaskId, float] = OrderedDict()
         self.displaced: list[TaskRecord] = []
         self.on_load_change: LoadListener = lambda inst: None
+        self.on_bind: Callable[[TaskRecord], None] = lambda task: None
         self._recent_limit = recent_limit
         self._admitted = 0
 
@@ -70,22 +71,31 @@ class TaskBook:
         assert task.status is TaskStatus.QUEUED and task.attempts == 0 and task.task_id not in self.queues
         del self.live[task.task_id]
 
-    def enqueue(self, task: TaskRecord) -> int | None:
+    def enqueue(self, task: TaskRecord, now: float) -> int | None:
         """Wait for a slot; the 1-based position, or None when the queue is full."""
         assert task.status is TaskStatus.QUEUED
+        task.queued_at = now
         return self.queues.push((task.model, task.kind), task.task_id, task.admission)
+
+    def requeue(self, task: TaskRecord, now: float) -> None:
+        """Back in line by age after a lost attempt (past the bound: it was admitted already)."""
+        assert task.status is TaskStatus.QUEUED
+        task.queued_at = now
+        self.queues.requeue((task.model, task.kind), task.task_id, task.admission)
 
     # ---- the moves ------------------------------------------------------------------------------
 
     def bind(self, task: TaskRecord, inst: InstanceRecord, now: float) -> None:
         advance(task, Trigger.PLACE)
-        self.queues.remove(task.task_id)
+        if task.task_id in self.queues.waiting:
+            self.queues.remove(task.task_id)
         self.ledger.reserve(task.task_id, inst.instance_id, now)
         task.instance_id = inst.instance_id
         task.node_id = inst.node_id
         task.assigned_at = now
         task.attempts += 1
         task.next_chunk = 0
+        self.on_bind(task)
         self.resend[task.task_id] = now + self.config.assign_resend
         self.on_load_change(inst)
 

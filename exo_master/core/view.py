@@ -25,8 +25,13 @@ class CoreCounters(msgspec.Struct, frozen=True, kw_only=True):
     rejections: dict[str, int]
     finals: dict[str, int]
     orphan_cancels: int
-    chunk_gaps: int
     late_events: int
+    duplicate_chunks: int
+    chunks_out_of_order: int
+    output_fetches: int
+    outputs_lost: int
+    queue_timeouts: int
+    refused_nodes: int
     ledger: dict[str, int]  # reserved, confirmed, released, expired
     queued: int
     pending: int

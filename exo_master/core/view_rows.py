@@ -60,3 +60,5 @@ class ClusterView(msgspec.Struct, frozen=True, kw_only=True):
     instances: list[InstanceRow]
     models: list[ModelRow]
     tasks: list[TaskRow]
+    # True when the master runs a plaintext bus on a reachable address (--insecure).
+    insecure: bool = False

@@ -6,15 +6,21 @@ the tests start is exactly what a user starts. Only processes started here are e
 It never claims someone else's cluster: its ports are checked before anything starts (a taken
 port raises `PortInUse`), and the master it starts gets a unique session id, so readiness is only
 ever read from that master, never from another one answering on the same address.
+
+The bus runs CURVE by default, as across machines: the launcher makes a master keypair, one per
+worker and the authorized-keys directory under `keys/` in the log directory (or a temporary one),
+so the secure path is the default one with no extra step. `ClusterSpec(curve=False)` runs plaintext.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -23,6 +29,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+
+from protocol import keys
 
 
 class ClusterStartError(RuntimeError):
@@ -60,6 +68,13 @@ def cluster_ports(api_port: int, bus_port: int) -> list[tuple[int, str]]:
         (bus_port, "bus, master to workers"),
         (bus_port + 1, "bus, workers to master"),
     ]
+
+
+def check_ports(host: str, api_port: int, bus_port: int) -> None:
+    """Raise PortInUse for the first of a cluster's ports that is taken."""
+    for port, role in cluster_ports(api_port, bus_port):
+        if not port_is_free(host, port):
+            raise PortInUse(host, port, role)
 
 
 def suggest_ports(host: str, api_port: int, bus_port: int, step: int = 10) -> tuple[int, int]:
@@ -122,7 +137,36 @@ class ClusterSpec:
     log_dir: Path | None = None
     log_format: str = "json"
     worker_args: list[str] = field(default_factory=list)
+    # HOST:PORT the workers connect to; None: the master's bus (tests put a fault proxy between).
+    worker_master: str | None = None
     master_args: list[str] = field(default_factory=list)
+    curve: bool = True  # CURVE keys on the bus (made here); False: plaintext, loopback only
+    keys_dir: Path | None = None  # default: log_dir/keys, else a temporary directory
+    api_key: str | None = None  # passed to the master as --api-key and sent by state()
+
+
+class ClusterKeys:
+    """The local cluster's key files: master.key(_secret), workers/NAME.key(_secret), authorized/."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.authorized = directory / "authorized"
+        self.authorized.mkdir(parents=True, exist_ok=True)
+        self.master_public, self.master_secret = self._pair(directory, "master")
+
+    def _pair(self, directory: Path, name: str) -> tuple[Path, Path]:
+        public = directory / f"{name}{keys.PUBLIC_SUFFIX}"
+        secret = directory / f"{name}{keys.SECRET_SUFFIX}"
+        if not secret.exists():
+            public, secret = keys.generate(directory, name)
+        return public, secret
+
+    def worker(self, name: str, authorize: bool = True) -> tuple[Path, Path]:
+        """A worker's (public, secret) files, made on first use; its public key authorized if asked."""
+        public, secret = self._pair(self.directory / "workers", name)
+        if authorize:
+            shutil.copyfile(public, self.authorized / public.name)
+        return public, secret
 
 
 class LocalCluster:
@@ -137,6 +181,13 @@ class LocalCluster:
         self.master: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
+        self._temp_keys: Path | None = None
+        self.keys: ClusterKeys | None = None
+        if spec.curve:
+            directory = spec.keys_dir or (spec.log_dir / "keys" if spec.log_dir is not None else None)
+            if directory is None:
+                directory = self._temp_keys = Path(tempfile.mkdtemp(prefix="exo-keys-"))
+            self.keys = ClusterKeys(directory)
 
     @property
     def api_url(self) -> str:
@@ -165,16 +216,29 @@ class LocalCluster:
                 "--policy", s.policy,
                 "--heartbeat-interval", str(s.heartbeat_interval),
                 "--log-format", s.log_format,
+                *self._master_security_args(),
                 "--session", self.session,
                 *s.master_args,
             ],
         )  # fmt: skip
 
-    def start_worker(self, node_id: str) -> subprocess.Popen[bytes]:
+    def _master_security_args(self) -> list[str]:
+        args: list[str] = []
+        if self.keys is not None:
+            args += ["--secret-key", str(self.keys.master_secret)]
+            args += ["--authorized-keys", str(self.keys.authorized)]
+        if self.spec.api_key:
+            args += ["--api-key", self.spec.api_key]
+        return args
+
+    def start_worker(
+        self, node_id: str, extra_args: list[str] | None = None, with_keys: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """Start a worker (with its own authorized key when the cluster runs CURVE and `with_keys`)."""
         s = self.spec
         args = [
             "exo_worker.daemon",
-            "--master", f"{s.host}:{self.bus_port}",
+            "--master", s.worker_master or f"{s.host}:{self.bus_port}",
             "--node-id", node_id,
             "--engine", s.engine,
             "--instances", str(s.instances_per_worker),
@@ -186,18 +250,21 @@ class LocalCluster:
         ]  # fmt: skip
         if s.model:
             args += ["--model", s.model]
-        proc = self._spawn(node_id, args)
+        if self.keys is not None and with_keys:
+            _, secret = self.keys.worker(node_id)
+            args += ["--secret-key", str(secret), "--master-key", str(self.keys.master_public)]
+        proc = self._spawn(node_id, [*args, *(extra_args or [])])
         self.workers[node_id] = proc
         return proc
 
     def check_ports(self) -> None:
-        """Raise PortInUse for the first of the cluster's ports that is taken."""
-        for port, role in cluster_ports(self.api_port, self.bus_port):
-            if not port_is_free(self.spec.host, port):
-                raise PortInUse(self.spec.host, port, role)
+        check_ports(self.spec.host, self.api_port, self.bus_port)
 
     def start(self, ready_timeout: float = 60.0) -> LocalCluster:
         self.check_ports()
+        if self.keys is not None:  # authorized before the master reads its directory
+            for i in range(self.spec.workers):
+                self.keys.worker(f"node{i + 1}")
         self.start_master()
         self.wait_healthy(timeout=30)
         for i in range(self.spec.workers):
@@ -205,13 +272,19 @@ class LocalCluster:
         self.wait_ready(self.spec.workers * self.spec.instances_per_worker, timeout=ready_timeout)
         return self
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
+
     def state(self, tasks: int = 0) -> dict[str, Any] | None:
         """GET /v1/cluster/state (with up to `tasks` task rows), or None while it does not answer.
 
         Raises ClusterStartError when a master answers with another session: not the one we started.
         """
         try:
-            response = httpx.get(f"{self.api_url}/v1/cluster/state", params={"tasks": tasks}, timeout=2)
+            response = httpx.get(
+                f"{self.api_url}/v1/cluster/state", params={"tasks": tasks}, headers=self.headers, timeout=2
+            )
         except httpx.HTTPError:
             return None
         if response.status_code != 200:
@@ -271,6 +344,9 @@ class LocalCluster:
         for f in self._logs:
             f.close()
         self._logs.clear()
+        if self._temp_keys is not None:
+            shutil.rmtree(self._temp_keys, ignore_errors=True)
+            self._temp_keys = None
 
     def __enter__(self) -> LocalCluster:
         return self

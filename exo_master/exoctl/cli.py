@@ -9,6 +9,9 @@ shell completion.
     exoctl nodes [--watch [--interval S] [--count N]]   worker nodes, liveness, sequence gaps
     exoctl tasks [--status S] [--limit N]               live tasks first, then recently ended ones
     exoctl cancel TASK_ID                               cancel a live task
+    exoctl keys generate NAME [--dir DIR]               a CURVE keypair for the bus
+
+With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a bearer token).
 
 Exit codes: 0 ok; 1 the API answered with an error (its message is printed on stderr); 2 the
 master is down, unreachable or does not answer in time (one line on stderr, never a traceback).
@@ -16,7 +19,7 @@ master is down, unreachable or does not answer in time (one line on stderr, neve
 document per line per refresh, and into a pipe or file one summary line per refresh.
 
 JSON output (`--json`). Field names are those of the ClusterView served on GET /v1/cluster/state
-(`exo_master.views`) and are a stable contract:
+(`exo_master.core.view_rows`) and are a stable contract:
 
     load    {"policy", "session", "instances": [InstanceRow], "models": [ModelRow], "totals"}
             InstanceRow: instance_id, node_id, model, kinds, status (loading|ready|failed|dead),
@@ -57,7 +60,7 @@ from rich.text import Text
 
 from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.view_rows import ClusterView
-from exo_master.exoctl import render
+from exo_master.exoctl import keys, render
 from protocol.version import version_line
 
 DEFAULT_API = "http://127.0.0.1:52415"
@@ -76,6 +79,9 @@ app = typer.Typer(
 )
 
 
+app.add_typer(keys.app, name="keys")
+
+
 class Unreachable(Exception):
     """The master did not answer (down, wrong address, timeout): exit code 2."""
 
@@ -85,11 +91,12 @@ class ApiFailure(Exception):
 
 
 class MasterClient:
-    def __init__(self, api: str, timeout: float) -> None:
+    def __init__(self, api: str, timeout: float, api_key: str | None = None) -> None:
         self.base_url = (api if "://" in api else f"http://{api}").rstrip("/")
         self.timeout = timeout
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
+            self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
         except httpx.InvalidURL as exc:
             raise Unreachable(f"invalid --api URL {api!r}: {exc}") from None
 
@@ -149,11 +156,11 @@ def error_message(response: httpx.Response) -> str:
 
 
 @contextmanager
-def _client(api: str, timeout: float) -> Iterator[MasterClient]:
+def _client(api: str, timeout: float, api_key: str | None = None) -> Iterator[MasterClient]:
     """A client whose failures become one stderr line and exit code 2 (unreachable) or 1 (error)."""
     client: MasterClient | None = None
     try:
-        client = MasterClient(api, timeout)
+        client = MasterClient(api, timeout, api_key)
         yield client
     except Unreachable as exc:
         typer.echo(f"exoctl: {exc}", err=True)
@@ -276,6 +283,10 @@ ApiUrl = Annotated[
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (ClusterView field names).")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the master.")]
+ApiKey = Annotated[
+    str | None,
+    typer.Option("--api-key", envvar="EXO_API_KEY", show_default=False, help="Bearer key for the API."),
+]
 Watch = Annotated[
     bool,
     typer.Option(
@@ -329,9 +340,10 @@ def load(
     interval: Interval = 1.0,
     count: Count = 0,
     timeout: Timeout = 5.0,
+    api_key: ApiKey = None,
 ) -> None:
     """Per instance: in-flight (confirmed), pending (ledger), queued, capacity and totals."""
-    with _client(_api(ctx, api), timeout) as client:
+    with _client(_api(ctx, api), timeout, api_key) as client:
         _show(
             client.state,
             render.load_table,
@@ -353,9 +365,10 @@ def nodes(
     interval: Interval = 1.0,
     count: Count = 0,
     timeout: Timeout = 5.0,
+    api_key: ApiKey = None,
 ) -> None:
     """Worker nodes: address, last heartbeat, alive/dead, subscription, instances, sequence gaps."""
-    with _client(_api(ctx, api), timeout) as client:
+    with _client(_api(ctx, api), timeout, api_key) as client:
         _show(
             client.state,
             render.nodes_table,
@@ -378,10 +391,11 @@ def tasks(
     api: ApiUrl = None,
     as_json: AsJson = False,
     timeout: Timeout = 5.0,
+    api_key: ApiKey = None,
 ) -> None:
     """Tasks (live ones first, then recently ended, newest first): id, kind, model, instance, status, age."""
     wanted = str(status) if status is not None else None
-    with _client(_api(ctx, api), timeout) as client:
+    with _client(_api(ctx, api), timeout, api_key) as client:
         view = client.state(tasks=limit, status=wanted)
         rows = render.filter_tasks(view.tasks, wanted, limit)
         if as_json:
@@ -397,9 +411,10 @@ def cancel(
     api: ApiUrl = None,
     as_json: AsJson = False,
     timeout: Timeout = 5.0,
+    api_key: ApiKey = None,
 ) -> None:
     """Cancel a live task wherever it is (queued, pending or running); its slot is freed."""
-    with _client(_api(ctx, api), timeout) as client:
+    with _client(_api(ctx, api), timeout, api_key) as client:
         result = client.cancel(task_id)
         if as_json:
             _print_json(result)

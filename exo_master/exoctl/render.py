@@ -1,7 +1,7 @@
 """Pure rendering for `exoctl`: ClusterView rows in, rich Tables and JSON-ready dicts out.
 
 No I/O here (the CLI in `exo_master.exoctl.cli` fetches and prints), so every helper is unit-testable.
-JSON documents reuse the ClusterView field names unchanged (see `exo_master.views`); the only
+JSON documents reuse the ClusterView field names unchanged (see `exo_master.core.view_rows`); the only
 additions are `totals` (for `load`) and the wrapper keys documented in `exo_master.exoctl.cli`.
 """
 

@@ -6,11 +6,12 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import LocalCluster
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair, wait_for
 from exo_master.devtools.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
 
@@ -68,3 +69,47 @@ def test_a_restarted_master_rebuilds_its_state_from_heartbeats(start_cluster: Cl
     state = cluster.wait_ready(2, timeout=30)
     assert {n["node_id"] for n in state["nodes"]} == {"node1", "node2"}
     assert spread(asyncio.run(burst(cluster.api_url, 16))) == [8, 8]
+
+
+def test_a_second_worker_with_a_taken_node_id_is_refused_and_exits_2(start_cluster: ClusterFactory) -> None:
+    cluster = start_cluster(workers=1, heartbeat_interval=0.2)
+    original = cluster.workers["node1"]
+    duplicate = cluster.start_worker("node1")  # the same --node-id as the running worker
+    cluster.workers["node1"] = original  # the launcher stops the one that keeps running
+    assert duplicate.wait(timeout=30) == 2
+    log = (cluster.spec.log_dir / "node1.log").read_text() if cluster.spec.log_dir else ""
+    assert "already served by another running worker" in log
+    # The first worker still serves, alone: nothing interleaves into a client's stream.
+    assert original.poll() is None
+    state = cluster.state()
+    assert state is not None and [n["node_id"] for n in state["nodes"]] == ["node1"]
+    assert spread(asyncio.run(burst(cluster.api_url, 4, max_tokens=4))) == [4]
+    metrics = httpx.get(f"{cluster.api_url}/metrics").text
+    assert "exo_bus_duplicate_node_messages_total" in metrics
+
+
+def test_a_restarted_worker_with_the_same_node_id_is_admitted(start_cluster: ClusterFactory) -> None:
+    cluster = start_cluster(workers=1, heartbeat_interval=0.2)
+    old = cluster.workers["node1"]
+    old.kill()
+    old.wait()
+    cluster.start_worker("node1")  # a new process, a new incarnation: admitted once the old is silent
+    cluster.wait_ready(1, timeout=30)
+    assert spread(asyncio.run(burst(cluster.api_url, 4, max_tokens=4))) == [4]
+
+
+def test_a_worker_that_cannot_reach_its_master_says_where_it_looks(tmp_path: Path) -> None:
+    nowhere = free_port_pair()
+    cluster = LocalCluster(ClusterSpec(workers=0, heartbeat_interval=0.2, log_dir=tmp_path))
+    try:
+        cluster.spec.worker_master = f"127.0.0.1:{nowhere}"
+        cluster.start_worker("lost")
+        log = tmp_path / "lost.log"
+
+        def said_twice() -> bool:
+            lines = log.read_text().splitlines() if log.exists() else []
+            return sum("master.unreachable" in line and f":{nowhere}" in line for line in lines) >= 2
+
+        wait_for(said_twice, timeout=30, what="two master.unreachable lines naming the address")
+    finally:
+        cluster.stop()

@@ -61,7 +61,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def _env(cluster: LocalCluster) -> dict[str, str]:
-    return {**os.environ, "EXO_API": cluster.api_url, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    return {
+        **os.environ,
+        "EXO_API": cluster.api_url,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        # `exoctl keys generate` writes under $XDG_CONFIG_HOME/exo/keys: never the user's own.
+        "XDG_CONFIG_HOME": str(cluster.spec.log_dir),
+    }
 
 
 def test_the_readme_has_what_this_walk_runs() -> None:

@@ -49,6 +49,7 @@ def report(
     status: InstanceStatus = InstanceStatus.READY,
     active: Iterable[TaskId] = (),
     kinds: tuple[TaskKind, ...] = ALL_KINDS,
+    finished: Iterable[TaskId] = (),
 ) -> InstanceReport:
     return InstanceReport(
         instance_id=instance_of(i),
@@ -58,6 +59,7 @@ def report(
         max_concurrency=max_concurrency,
         capacity=capacity,
         active_tasks=tuple(active),
+        finished_tasks=tuple(finished),
     )
 
 

@@ -76,7 +76,7 @@ def test_api_works_before_and_after_the_command_and_after_wins() -> None:
 def test_without_any_api_the_default_url_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     used: list[str] = []
 
-    def record(api: str, timeout: float) -> None:
+    def record(api: str, timeout: float, api_key: str | None = None) -> None:
         used.append(api)
         raise typer.Exit(0)  # never contact whatever listens on the default port
 

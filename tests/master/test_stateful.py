@@ -37,10 +37,12 @@ from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
     CancelTask,
+    FetchOutput,
     FinishReason,
     InstanceReport,
     InstanceStatus,
     TaskAccepted,
+    TaskAck,
     TaskChunk,
     TaskFailed,
     TaskFinished,
@@ -74,6 +76,9 @@ class SimInstance:
     present: bool = True
     active: dict[TaskId, int] = field(default_factory=dict)  # task -> next chunk index
     finals: OrderedDict[TaskId, FinalMessage] = field(default_factory=OrderedDict)
+    # Like the Runner's output log: each task's chunks until the master acknowledges its end.
+    outputs: dict[TaskId, int] = field(default_factory=dict)  # task -> chunks produced
+    unacked: set[TaskId] = field(default_factory=set)
 
     def report(self) -> InstanceReport:
         return InstanceReport(
@@ -84,6 +89,7 @@ class SimInstance:
             max_concurrency=self.max_concurrency,
             capacity=self.capacity,
             active_tasks=tuple(self.active),
+            finished_tasks=tuple(sorted(self.unacked)),
         )
 
 
@@ -92,13 +98,22 @@ class SimWorker:
     node_id: NodeId
     instances: dict[InstanceId, SimInstance]
     up: bool = True
-    inbox: list[AssignTask | CancelTask] = field(default_factory=list)
+    inbox: list[AssignTask | CancelTask | FetchOutput | TaskAck] = field(default_factory=list)
 
     def heartbeat(self) -> WorkerHeartbeat:
         reports = tuple(i.report() for i in self.instances.values() if i.present)
         return WorkerHeartbeat(node_id=self.node_id, instances=reports)
 
-    def receive(self, msg: AssignTask | CancelTask) -> list[WorkerMessage]:
+    def receive(self, msg: AssignTask | CancelTask | FetchOutput | TaskAck) -> list[WorkerMessage]:
+        if isinstance(msg, TaskAck | FetchOutput):
+            inst = self.instances.get(msg.instance_id)
+            if inst is None:
+                return []
+            if isinstance(msg, TaskAck):
+                inst.unacked.discard(msg.task_id)
+                inst.outputs.pop(msg.task_id, None)
+                return []
+            return self.resend(inst, msg)
         if isinstance(msg, CancelTask):  # like RunnerGroup: the named instance, else wherever it runs
             named = self.instances.get(msg.instance_id)
             targets = (
@@ -123,7 +138,30 @@ class SimWorker:
             if inst.status is not InstanceStatus.READY or msg.kind not in inst.kinds:
                 return [self.end(inst, msg.task_id, None, refused=True)]
             inst.active[msg.task_id] = 0
+            inst.outputs[msg.task_id] = 0
         return [TaskAccepted(node_id=self.node_id, task_id=msg.task_id, instance_id=inst.instance_id)]
+
+    def resend(self, inst: SimInstance, msg: FetchOutput) -> list[WorkerMessage]:
+        if msg.task_id not in inst.outputs:
+            reason = "output no longer held"
+            return [
+                TaskFailed(
+                    node_id=self.node_id, task_id=msg.task_id, instance_id=inst.instance_id, reason=reason
+                )
+            ]
+        again: list[WorkerMessage] = [
+            self.chunk_message(inst, msg.task_id, i) for i in range(msg.from_index, inst.outputs[msg.task_id])
+        ]
+        final = inst.finals.get(msg.task_id)
+        if msg.final and final is not None:
+            again.append(final)
+        return again
+
+    def chunk_message(self, inst: SimInstance, task_id: TaskId, index: int) -> TaskChunk:
+        # Deterministic text per (task, index), like the sim engine: any attempt yields the same text.
+        return TaskChunk(
+            node_id=self.node_id, task_id=task_id, instance_id=inst.instance_id, index=index, text=f"{index} "
+        )
 
     def _cancel(self, inst: SimInstance, task_id: TaskId) -> list[WorkerMessage]:
         return [self.end(inst, task_id, FinishReason.CANCELLED)] if task_id in inst.active else []
@@ -143,9 +181,17 @@ class SimWorker:
             )
         else:
             final = TaskFinished(
-                node_id=self.node_id, task_id=task_id, instance_id=inst.instance_id, finish_reason=reason
+                node_id=self.node_id,
+                task_id=task_id,
+                instance_id=inst.instance_id,
+                finish_reason=reason,
+                chunks=inst.outputs.get(task_id, 0),
             )
         inst.finals[task_id] = final
+        if not refused and reason is not FinishReason.CANCELLED:
+            inst.unacked.add(task_id)
+        else:
+            inst.outputs.pop(task_id, None)
         return final
 
     def crash(self) -> None:
@@ -153,6 +199,8 @@ class SimWorker:
         for inst in self.instances.values():
             inst.active.clear()
             inst.finals.clear()
+            inst.outputs.clear()
+            inst.unacked.clear()
 
 
 def _cancelled(final: FinalMessage) -> bool:
@@ -225,6 +273,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.finals: Counter[TaskId] = Counter()
         self.final_kind: dict[TaskId, type] = {}
         self.last_output: dict[TaskId, int] = {}
+        self.delivered: dict[TaskId, str] = {}
         self.told = Told()
         self.kind_of: dict[TaskId, TaskKind] = {}
         self.attempts: Counter[TaskId] = Counter()
@@ -253,20 +302,24 @@ class ClusterMachine(RuleBasedStateMachine):
             assert p.attempt == self.attempts[p.task_id], f"an attempt lost without a placement: {p}"
         self.check_age_order(placed)
         for e in effects:
-            if isinstance(e, AssignTask | CancelTask):
+            if isinstance(e, AssignTask | CancelTask | FetchOutput | TaskAck):
                 worker = self.workers[int(e.node_id.removeprefix("node"))]
                 if worker.up:
                     worker.inbox.append(e)
             elif isinstance(e, TaskCompleted | TaskErrored):
                 assert self.finals[e.task_id] == 0, f"second final effect for {e.task_id}: {e}"
+                if isinstance(e, TaskCompleted):  # a normal end means exactly the engine's text
+                    n = self.last_output.get(e.task_id, -1) + 1
+                    assert self.delivered.get(e.task_id, "") == "".join(f"{i} " for i in range(n))
                 cancelled = isinstance(e, TaskErrored) and e.cancelled
                 assert cancelled == (e.task_id in self.client_cancelled), f"cancel mismatch: {e}"
                 self.finals[e.task_id] += 1
                 self.final_kind[e.task_id] = type(e)
             elif isinstance(e, TaskOutput):
                 assert self.finals[e.task_id] == 0, f"output after the end of {e.task_id}"
-                assert e.index > self.last_output.get(e.task_id, -1), f"output out of order: {e}"
+                assert e.index == self.last_output.get(e.task_id, -1) + 1, f"output out of order: {e}"
                 self.last_output[e.task_id] = e.index
+                self.delivered[e.task_id] = self.delivered.get(e.task_id, "") + e.text
             elif isinstance(e, TaskPlaced):
                 assert self.finals[e.task_id] == 0 and e.attempt <= CONFIG.max_attempts
 
@@ -356,15 +409,12 @@ class ClusterMachine(RuleBasedStateMachine):
         worker.inbox.pop(data.draw(st.integers(0, len(worker.inbox) - 1)))
 
     @precondition(lambda self: self.running())
-    @rule(data=st.data(), gap=st.sampled_from([0, 0, 0, 1]), lost=maybe_lost)
-    def chunk(self, data: st.DataObject, gap: int, lost: bool) -> None:
+    @rule(data=st.data(), lost=maybe_lost)
+    def chunk(self, data: st.DataObject, lost: bool) -> None:
         worker, inst, task_id = data.draw(st.sampled_from(self.running()))
-        index = inst.active[task_id] + gap
-        inst.active[task_id] = index + 1
-        msg = TaskChunk(
-            node_id=worker.node_id, task_id=task_id, instance_id=inst.instance_id, index=index, text="t"
-        )
-        self.send(worker, [msg], lost)
+        index = inst.active[task_id]
+        inst.active[task_id] = inst.outputs[task_id] = index + 1
+        self.send(worker, [worker.chunk_message(inst, task_id, index)], lost)
 
     @precondition(lambda self: self.running())
     @rule(data=st.data(), failed=st.booleans(), lost=maybe_lost)

@@ -56,7 +56,8 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return st.sampled_from(list(tp))
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
-        return strategy_for(typing.get_args(tp)[0])
+        base, *metas = typing.get_args(tp)
+        return constrained(base, [m for m in metas if isinstance(m, msgspec.Meta)])
     if origin in (typing.Union, types.UnionType):
         return st.one_of([strategy_for(arg) for arg in typing.get_args(tp)])
     if origin is tuple:
@@ -73,15 +74,35 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     return leaves[tp]
 
 
+def constrained(base: Any, metas: list[msgspec.Meta]) -> st.SearchStrategy[Any]:
+    """Values of `base` inside the bounds its msgspec.Meta annotations declare."""
+    bounds = {
+        k: getattr(m, k) for m in metas for k in ("ge", "gt", "le", "max_length") if getattr(m, k) is not None
+    }
+    if base is int:
+        lo = bounds.get("ge", bounds["gt"] + 1 if "gt" in bounds else -(2**63))
+        return st.integers(min_value=lo, max_value=bounds.get("le", 2**63 - 1))
+    if base is float:
+        return st.floats(min_value=1e-6, max_value=bounds.get("le", 1e6))
+    if "max_length" in bounds and typing.get_origin(base) is tuple:
+        return strategy_for(base).filter(lambda t: len(t) <= bounds["max_length"])
+    return strategy_for(base)
+
+
 def struct_strategy(cls: type[msgspec.Struct]) -> st.SearchStrategy[Any]:
     fields = {f.name: strategy_for(f.type) for f in msgspec.structs.fields(cls)}
-    if cls is messages.InstanceReport:  # the protocol only admits positive capacities
-        fields["capacity"] = st.floats(min_value=1e-6, max_value=1e6)
     return st.builds(cls, **fields)
 
 
 def envelopes(body: st.SearchStrategy[Any]) -> st.SearchStrategy[Envelope]:
-    return st.builds(Envelope, origin=_TEXT, seq=_INT64, sent_at=st.floats(allow_nan=False), body=body)
+    return st.builds(
+        Envelope,
+        origin=_TEXT,
+        seq=st.integers(min_value=0, max_value=2**63 - 1),
+        sent_at=st.floats(allow_nan=False),
+        body=body,
+        incarnation=_TEXT,
+    )
 
 
 ANY_MESSAGE = st.one_of([struct_strategy(cls) for cls in MESSAGE_TYPES])
@@ -276,6 +297,34 @@ def test_missing_required_field_is_a_protocol_error() -> None:
     del raw["seq"]
     with pytest.raises(ProtocolError, match="seq"):
         decode(msgspec.msgpack.encode(raw))
+
+
+@pytest.mark.parametrize("field", ["size_bytes", "hits", "misses", "reused_tokens"])
+@pytest.mark.parametrize("value", [-1, 2**63])
+def test_out_of_range_prompt_cache_stats_are_protocol_errors(field: str, value: int) -> None:
+    report = {"instance_id": "i", "model": "m", "prompt_cache": {field: value}}
+    body = {"type": "WorkerHeartbeat", "node_id": "n", "instances": [report]}
+    raw = {"origin": "w", "seq": 1, "sent_at": 0.0, "body": body}
+    with pytest.raises(ProtocolError):
+        decode(msgspec.msgpack.encode(raw))
+
+
+def test_an_instance_report_without_prompt_cache_stats_decodes_as_none() -> None:
+    report = {"instance_id": "i", "model": "m"}
+    body = {"type": "WorkerHeartbeat", "node_id": "n", "instances": [report]}
+    envelope = decode(msgspec.msgpack.encode({"origin": "w", "seq": 1, "sent_at": 0.0, "body": body}))
+    assert isinstance(envelope.body, messages.WorkerHeartbeat)
+    assert envelope.body.instances[0].prompt_cache is None
+
+
+def test_prompt_cache_stats_round_trip_in_a_heartbeat() -> None:
+    stats = messages.PromptCacheStats(
+        size_bytes=123, budget_bytes=2**40, entries=3, hits=5, misses=2, reused_tokens=2**62
+    )
+    report = messages.InstanceReport(instance_id="i", model="m", prompt_cache=stats)  # type: ignore[arg-type]
+    heartbeat = messages.WorkerHeartbeat(node_id="n", instances=(report,))  # type: ignore[arg-type]
+    envelope = decode(encode(Stamper("w").stamp(heartbeat, 1.0)))
+    assert envelope.body == heartbeat
 
 
 @pytest.mark.parametrize("capacity", [0.0, -1.0, float("nan")])

@@ -201,7 +201,7 @@ def test_cancelling_the_awaiting_task_frees_the_engine(engine: MlxEngine) -> Non
 
 
 @pytest.mark.mlx
-def test_concurrent_runs_are_serialized_and_agree(engine: MlxEngine) -> None:
+def test_concurrent_runs_are_batched_and_agree(engine: MlxEngine) -> None:
     async def main() -> list[tuple[str, RunOutcome]]:
         async def one() -> tuple[str, RunOutcome]:
             pieces: list[str] = []
@@ -216,8 +216,17 @@ def test_concurrent_runs_are_serialized_and_agree(engine: MlxEngine) -> None:
     assert results[0] == results[1] == results[2]
 
 
+@pytest.fixture(scope="module")
+def one_slot_engine(tiny_model_dir: Path) -> MlxEngine:
+    engine = MlxEngine(tiny_model_dir, label="tiny", max_batch=1)
+    asyncio.run(engine.load())
+    return engine
+
+
 @pytest.mark.mlx
-def test_a_queued_task_is_cancelled_without_waiting_for_its_turn(engine: MlxEngine) -> None:
+def test_a_queued_task_is_cancelled_without_waiting_for_its_turn(one_slot_engine: MlxEngine) -> None:
+    engine = one_slot_engine  # one slot: the second task waits for it
+
     async def main() -> tuple[RunOutcome, RunOutcome, bool]:
         first_piece = asyncio.Event()
         cancel_running, cancel_queued = threading.Event(), threading.Event()
@@ -244,7 +253,10 @@ from exo_worker.mlx_engine import MlxEngine
 from protocol.messages import ChatMessage, TextGenerationParams
 engine = MlxEngine(sys.argv[1])
 asyncio.run(engine.load())
-params = TextGenerationParams(model="tiny", messages=(ChatMessage(role="user", content="hi"),), max_tokens=8)
+# Greedy: the tiny model never picks EOS then, so the run always ends at max_tokens ("length").
+params = TextGenerationParams(
+    model="tiny", messages=(ChatMessage(role="user", content="hi"),), max_tokens=8, temperature=0.0
+)
 print(asyncio.run(engine.run(params, lambda _: None, threading.Event())).finish_reason)
 """
 

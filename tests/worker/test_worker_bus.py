@@ -552,6 +552,8 @@ async def test_subprocess_model_load_error_is_one_line_and_exit_2() -> None:
         ["--master", "host:port"],
         ["--master", "host:5000", "--node-id", "a/b"],
         ["--master", "host:5000", "--heartbeat-interval", "0"],
+        ["--master", "host:5000", "--prompt-cache-bytes", "-1"],
+        ["--master", "host:5000", "--prompt-cache-bytes", "lots"],
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:

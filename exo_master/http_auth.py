@@ -1,0 +1,108 @@
+"""Bearer API keys and CORS for the HTTP API, as plain ASGI wrappers around the Starlette app.
+
+A pure ASGI check (not a BaseHTTPMiddleware): one header lookup and a constant-time comparison
+per request, no extra task or body wrapping on the hot route. Every path except the open ones
+(`/health`, `/ready`) needs `Authorization: Bearer KEY`; anything else gets the OpenAI-style 401
+the SDKs understand (`invalid_api_key`). Keys are only ever compared, never logged or shown.
+
+CORS (Starlette's CORSMiddleware) is added only for the origins given, outside the key check, so a
+browser's preflight (which carries no credentials) is answered and the 401s carry CORS headers too.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import msgspec
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+_UNAUTHORIZED = msgspec.json.encode(
+    {
+        "error": {
+            "message": "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+)
+_HEADERS = [
+    (b"content-type", b"application/json"),
+    (b"content-length", str(len(_UNAUTHORIZED)).encode()),
+    (b"www-authenticate", b'Bearer realm="exo"'),
+]
+
+
+class ApiKeyError(ValueError):
+    """An unusable key or key file: one line for the user."""
+
+
+def read_keys(keys: Iterable[str], keys_file: Path | None) -> list[str]:
+    """The keys from the command line plus those in the file (one per line; blank and # lines skipped)."""
+    found = [k.strip() for k in keys if k.strip()]
+    if keys_file is not None:
+        try:
+            text = keys_file.read_text()
+        except OSError as exc:
+            raise ApiKeyError(f"cannot read --api-keys-file {keys_file}: {exc.strerror or exc}") from None
+        found += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    for key in found:
+        if not key.isascii() or not key.isprintable() or " " in key:
+            raise ApiKeyError("an API key must be printable ASCII without spaces")
+    return found
+
+
+class ApiKeyAuth:
+    """Let a request through only with a known bearer key (or to an open path)."""
+
+    def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
+        assert keys, "ApiKeyAuth needs at least one key"
+        self.app = app
+        self._keys = [k.encode() for k in keys]
+
+    def allowed(self, authorization: bytes | None) -> bool:
+        if authorization is None:
+            return False
+        scheme, _, token = authorization.partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        token = token.strip()
+        # Compare with every key (no early exit), each in constant time.
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(token, key)
+        return ok
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        authorization = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                authorization = value
+                break
+        if self.allowed(authorization):
+            await self.app(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 401, "headers": _HEADERS})
+        await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+
+
+def secure_app(app: ASGIApp, api_keys: Sequence[str], cors_origins: Sequence[str]) -> ASGIApp:
+    """Wrap the API: key check when keys are given, CORS outside it when origins are given."""
+    if api_keys:
+        app = ApiKeyAuth(app, api_keys)
+    if cors_origins:
+        app = CORSMiddleware(
+            app,
+            allow_origins=list(cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type"],
+            expose_headers=["x-exo-task", "x-exo-instance", "x-exo-node"],
+        )
+    return app

@@ -1,0 +1,243 @@
+"""BatchScheduler: continuous batching of one model instance's requests with mlx-lm's BatchGenerator.
+
+Requests join the batch between steps (`admit`) and leave it when they end: at EOS, at max_tokens,
+at a stop string, on cancel, or when their `on_text` fails. Each step decodes one token for every
+sequence in the batch (and processes the prompts of newly admitted ones), then hands each request
+its piece of text and waits until every piece was taken (see text_delivery). Cancels are checked
+before and after each step, so a cancel takes effect within one step and frees its slot at once;
+the other requests keep decoding.
+
+Before a prompt is processed, the instance's prompt cache is asked for the longest cached prefix;
+only the rest is run through the model. When a sequence ends, its KV cache (prompt and answer) goes
+back into the prompt cache for the next turn of the same conversation, or the next chat sharing its
+system prompt.
+
+Everything here runs on the engine's MLX thread only.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from exo_worker.engine import EngineError, RunOutcome
+from exo_worker.prompt_cache import PromptCache
+from exo_worker.sampling import make_request_sampler
+from exo_worker.stop_strings import StopStringFilter
+from exo_worker.text_delivery import Delivery, deliver_all
+from protocol.messages import ChatMessage, FinishReason, TextGenerationParams, Usage
+
+CANCELLED = RunOutcome(finish_reason=FinishReason.CANCELLED, usage=Usage())
+
+
+@dataclass(eq=False, slots=True)
+class GenRequest:
+    """One generation as handed to the MLX thread; `future` gets its outcome (or EngineError)."""
+
+    params: TextGenerationParams
+    delivery: Delivery
+    stopped: Callable[[], bool]  # cancelled, or the awaiting task went away
+    future: concurrent.futures.Future[RunOutcome]
+
+    def start(self) -> bool:
+        """Mark the request as taken; False when its awaiting task already gave up."""
+        return self.future.set_running_or_notify_cancel()
+
+    def settle(self, outcome: RunOutcome | EngineError) -> None:
+        if isinstance(outcome, EngineError):
+            self.future.set_exception(outcome)
+        else:
+            self.future.set_result(outcome)
+
+
+@dataclass(eq=False, slots=True)
+class _Sequence:
+    """A request in the batch, with its decoding state."""
+
+    request: GenRequest
+    uid: int
+    prompt_tokens: int
+    detokenizer: Any
+    stops: StopStringFilter
+    completion_tokens: int = 0
+
+    def outcome(self, reason: FinishReason) -> RunOutcome:
+        return RunOutcome(
+            finish_reason=reason,
+            usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
+        )
+
+
+class BatchScheduler:
+    """The batch of one engine: at most `max_batch` sequences decode together."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int, prompt_cache: PromptCache) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self._model = model
+        self._tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.prompt_cache = prompt_cache
+        self._log = structlog.get_logger(__name__)
+        self._active: dict[int, _Sequence] = {}
+        # Every admitted request whose outcome is not set yet, in the batch or just leaving it: on a
+        # failure, fail_all ends them all, so no awaiting task is left without an answer.
+        self._owned: set[GenRequest] = set()
+        self._generator = self._new_generator()
+
+    def _new_generator(self) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        eos = [[token] for token in sorted(self._tokenizer.eos_token_ids)]
+        return BatchGenerator(
+            self._model,
+            stop_tokens=eos,
+            completion_batch_size=self.max_batch,
+            prefill_batch_size=self.max_batch,
+        )
+
+    @property
+    def free_slots(self) -> int:
+        return self.max_batch - len(self._active)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._active)
+
+    # ---- joining the batch -----------------------------------------------------------------
+
+    def admit(self, request: GenRequest) -> None:
+        """Put a request into the batch (its prompt is processed by the next step)."""
+        assert self.free_slots > 0, "admit() beyond max_batch"
+        if not request.start():
+            return
+        if request.stopped():  # cancelled while it waited for a slot
+            request.settle(CANCELLED)
+            return
+        params = request.params
+        try:
+            prompt = self._encode_prompt(params.messages)
+        except EngineError as exc:
+            request.settle(exc)
+            return
+        from mlx_lm.models.cache import make_prompt_cache
+
+        try:
+            cache, reused = self.prompt_cache.fetch(prompt)
+            if cache is None:
+                cache = make_prompt_cache(self._model)
+            (uid,) = self._generator.insert(
+                [prompt[reused:]],
+                max_tokens=[params.max_tokens],
+                caches=[cache],
+                all_tokens=[prompt[:reused]],
+                samplers=[make_request_sampler(params.temperature, params.top_p, params.seed)],
+            )
+        except Exception as exc:  # this request cannot join; the batch goes on without it
+            self._log.exception("admission failed")
+            request.settle(EngineError(f"generation failed: {one_line(exc)}"))
+            return
+        self._owned.add(request)
+        self._active[uid] = _Sequence(
+            request=request,
+            uid=uid,
+            prompt_tokens=len(prompt),
+            detokenizer=self._tokenizer.detokenizer,
+            stops=StopStringFilter(params.stop),
+        )
+
+    def _encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text = self._tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            # The template already writes any BOS token, so the tokenizer must not add another.
+            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
+        except Exception as exc:  # tokenizers and jinja raise many kinds; one line fails this request
+            raise EngineError(f"cannot build the prompt: {one_line(exc)}") from exc
+        if not ids:
+            raise EngineError("the prompt is empty after applying the chat template")
+        return ids
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """Decode one token for every sequence, hand out the text, and retire what ended."""
+        self._drop_stopped()
+        if not self._active:
+            return
+        try:
+            _, responses = self._generator.next()
+        except Exception as exc:  # a model failure: every sequence of this batch is lost with it
+            self._log.exception("batch step failed", sequences=len(self._active))
+            self.fail_all(EngineError(f"generation failed: {one_line(exc)}"))
+            return
+        pieces: list[tuple[Delivery, str]] = []
+        ended: list[tuple[_Sequence, FinishReason]] = []
+        for response in responses:
+            seq = self._active[response.uid]
+            seq.completion_tokens += 1
+            if response.finish_reason == "stop":  # EOS: its text is not part of the answer
+                seq.detokenizer.finalize()
+            else:
+                seq.detokenizer.add_token(response.token)
+                if response.finish_reason is not None:
+                    seq.detokenizer.finalize()
+            text, hit = seq.stops.feed(seq.detokenizer.last_segment)
+            if hit:
+                ended.append((seq, FinishReason.STOP))
+                self._remove(seq, keep_cache=True)
+            elif response.finish_reason is not None:
+                text += seq.stops.flush()
+                reason = FinishReason.STOP if response.finish_reason == "stop" else FinishReason.LENGTH
+                ended.append((seq, reason))
+                del self._active[seq.uid]  # the generator has dropped it already
+                self.prompt_cache.insert(response.all_tokens, response.prompt_cache)
+            pieces.append((seq.request.delivery, text))
+        deliver_all(pieces)
+        for seq, reason in ended:
+            failure = seq.request.delivery.failure()
+            self._settle(seq.request, failure if failure is not None else seq.outcome(reason))
+        for seq in list(self._active.values()):
+            failure = seq.request.delivery.failure()
+            if failure is not None:
+                self._remove(seq, keep_cache=False)
+                self._settle(seq.request, failure)
+        self._drop_stopped()  # a cancel set while the text was delivered: honoured within one token
+
+    def _drop_stopped(self) -> None:
+        for seq in [s for s in self._active.values() if s.request.stopped()]:
+            self._remove(seq, keep_cache=False)
+            self._settle(seq.request, seq.outcome(FinishReason.CANCELLED))
+
+    def _remove(self, seq: _Sequence, *, keep_cache: bool) -> None:
+        del self._active[seq.uid]
+        caches = self._generator.remove([seq.uid], return_prompt_caches=keep_cache)
+        if keep_cache and seq.uid in caches:
+            cache, tokens = caches[seq.uid]
+            self.prompt_cache.insert(tokens, cache)
+
+    def fail_all(self, error: EngineError, *, restart: bool = True) -> None:
+        """End every sequence of the batch with `error` (and start a fresh generator)."""
+        self._active = {}
+        self._generator.close()
+        if restart:  # a fresh generator: the failed one's batch state is not to be trusted
+            self._generator = self._new_generator()
+        for request in list(self._owned):
+            self._settle(request, error)
+
+    def _settle(self, request: GenRequest, outcome: RunOutcome | EngineError) -> None:
+        self._owned.discard(request)
+        request.settle(outcome)
+
+    def close(self) -> None:
+        """Release the generator; anything still in the batch fails (the engine is going away)."""
+        self.fail_all(EngineError("the engine is closed"), restart=False)
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
