@@ -201,8 +201,8 @@ def _start_and_serve(cluster: LocalCluster, demo: int, demo_max_tokens: int, rea
         return True
     console.print(f"[green]Ready.[/green] OpenAI-compatible API at {cluster.api_url}/v1")
     if spec.model is not None and demo:
-        # SmolLM2 on 2 shared CPU cores: 20 to 70 s per answer in a burst of 6 (measured).
-        note = " (on a CPU an answer takes 10 s to a minute or more; each is printed as it arrives)"
+        # SmolLM2 on 2 shared CPU cores, a burst of 6: 15 to 26 s per answer (70 s on a busy machine).
+        note = " (on a CPU an answer takes 10 s to a minute; each is printed as it arrives)"
         asyncio.run(
             demo_burst(
                 cluster.api_url, spec.model, demo, demo_max_tokens, note if spec.engine == "mlx" else ""
