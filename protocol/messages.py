@@ -72,8 +72,11 @@ class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextG
     model: ModelId
     messages: tuple[ChatMessage, ...]
     max_tokens: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
+    # None: the model's default (its generation_config.json, else a conservative one; see
+    # exo_worker.sampling_defaults). The 1.0 defaults are what these fields always had, so code
+    # that builds params without them, and old peers, mean what they meant before.
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     # Legacy text completion (/v1/completions): the raw prompt, continued as is without the chat

@@ -3,6 +3,10 @@
 Used by `scripts/local_cluster.py` (and so `make run`) and by the end-to-end tests, so that what
 the tests start is exactly what a user starts. Only processes started here are ever stopped.
 
+It never claims someone else's cluster: its ports are checked before anything starts (a taken
+port raises `PortInUse`), and the master it starts gets a unique session id, so readiness is only
+ever read from that master, never from another one answering on the same address.
+
 The bus runs CURVE by default, as across machines: the launcher makes a master keypair, one per
 worker and the authorized-keys directory under `keys/` in the log directory (or a temporary one),
 so the secure path is the default one with no extra step. `ClusterSpec(curve=False)` runs plaintext.
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,55 @@ from protocol import keys
 
 class ClusterStartError(RuntimeError):
     pass
+
+
+class PortInUse(ClusterStartError):
+    """A port the cluster needs is taken (by another cluster, most likely). Nothing was started."""
+
+    def __init__(self, host: str, port: int, role: str) -> None:
+        super().__init__(f"port {port} ({role}) on {host} is already in use")
+        self.host, self.port, self.role = host, port, role
+
+
+def port_is_free(host: str, port: int) -> bool:
+    """True when a listener could bind host:port now.
+
+    SO_REUSEADDR as the master's sockets (uvicorn's and ZeroMQ's) use it: a port that only has
+    connections in TIME_WAIT from a cluster that just stopped counts as free, a listening one not.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_ports(api_port: int, bus_port: int) -> list[tuple[int, str]]:
+    """Every port a cluster binds, with what it is for."""
+    return [
+        (api_port, "HTTP API"),
+        (bus_port, "bus, master to workers"),
+        (bus_port + 1, "bus, workers to master"),
+    ]
+
+
+def check_ports(host: str, api_port: int, bus_port: int) -> None:
+    """Raise PortInUse for the first of a cluster's ports that is taken."""
+    for port, role in cluster_ports(api_port, bus_port):
+        if not port_is_free(host, port):
+            raise PortInUse(host, port, role)
+
+
+def suggest_ports(host: str, api_port: int, bus_port: int, step: int = 10) -> tuple[int, int]:
+    """The first (API, bus) ports past the given ones, `step` apart, that are all free now."""
+    for shift in range(step, 100 * step, step):
+        api, bus = api_port + shift, bus_port + shift
+        if bus + 1 < 65536 and all(port_is_free(host, p) for p, _ in cluster_ports(api, bus)):
+            return api, bus
+    return free_port(host), free_port_pair(host)
 
 
 def free_port_pair(host: str = "127.0.0.1") -> int:
@@ -120,6 +174,10 @@ class LocalCluster:
         self.spec = spec
         self.api_port = spec.api_port or free_port(spec.host)
         self.bus_port = spec.bus_port or free_port_pair(spec.host)
+        # Passed to each master we start (a new one per start: workers tell a restarted master by
+        # its session); its /v1/cluster/state echoes it, so an answer from any other master on that
+        # address (a cluster started earlier) is recognised as not ours.
+        self.session = ""
         self.master: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
@@ -147,6 +205,7 @@ class LocalCluster:
 
     def start_master(self) -> None:
         s = self.spec
+        self.session = f"local-{uuid.uuid4().hex[:12]}"
         self.master = self._spawn(
             "master",
             [
@@ -158,6 +217,7 @@ class LocalCluster:
                 "--heartbeat-interval", str(s.heartbeat_interval),
                 "--log-format", s.log_format,
                 *self._master_security_args(),
+                "--session", self.session,
                 *s.master_args,
             ],
         )  # fmt: skip
@@ -197,7 +257,11 @@ class LocalCluster:
         self.workers[node_id] = proc
         return proc
 
+    def check_ports(self) -> None:
+        check_ports(self.spec.host, self.api_port, self.bus_port)
+
     def start(self, ready_timeout: float = 60.0) -> LocalCluster:
+        self.check_ports()
         if self.keys is not None:  # authorized before the master reads its directory
             for i in range(self.spec.workers):
                 self.keys.worker(f"node{i + 1}")
@@ -213,14 +277,25 @@ class LocalCluster:
         return {"authorization": f"Bearer {self.spec.api_key}"} if self.spec.api_key else {}
 
     def state(self, tasks: int = 0) -> dict[str, Any] | None:
-        """GET /v1/cluster/state (with up to `tasks` task rows), or None while it does not answer."""
+        """GET /v1/cluster/state (with up to `tasks` task rows), or None while it does not answer.
+
+        Raises ClusterStartError when a master answers with another session: not the one we started.
+        """
         try:
             response = httpx.get(
                 f"{self.api_url}/v1/cluster/state", params={"tasks": tasks}, headers=self.headers, timeout=2
             )
         except httpx.HTTPError:
             return None
-        return response.json() if response.status_code == 200 else None
+        if response.status_code != 200:
+            return None
+        state: dict[str, Any] = response.json()
+        if state.get("session") != self.session:
+            raise ClusterStartError(
+                f"another master (session {state.get('session')!r}) answers at {self.api_url}, "
+                f"not the one started here (session {self.session!r})"
+            )
+        return state
 
     def _check_alive(self) -> None:
         if self.master is not None and self.master.poll() is not None:

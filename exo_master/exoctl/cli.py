@@ -1,6 +1,9 @@
 """`exoctl`: inspect and steer a running exo master through its HTTP API.
 
-Commands (each takes `--api URL`, default http://127.0.0.1:52415 or $EXO_API, and `--json`):
+`--api URL` chooses the master (default http://127.0.0.1:52415, or $EXO_API). It may come before
+the command (`exoctl --api URL load`) or after it (`exoctl load --api URL`); after wins. Every
+command takes `--json`. `exoctl --version` prints the version; `--install-completion` installs
+shell completion.
 
     exoctl load  [--watch [--interval S] [--count N]]   per-instance load and a totals row
     exoctl nodes [--watch [--interval S] [--count N]]   worker nodes, liveness, sequence gaps
@@ -12,8 +15,8 @@ With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a
 
 Exit codes: 0 ok; 1 the API answered with an error (its message is printed on stderr); 2 the
 master is down, unreachable or does not answer in time (one line on stderr, never a traceback).
-`--watch` refreshes in place until Ctrl-C (exit 0); with `--json` it prints one JSON document per
-line per refresh instead.
+`--watch` refreshes in place until Ctrl-C (exit 0) on a terminal. With `--json` it prints one JSON
+document per line per refresh, and into a pipe or file one summary line per refresh.
 
 JSON output (`--json`). Field names are those of the ClusterView served on GET /v1/cluster/state
 (`exo_master.core.view_rows`) and are a stable contract:
@@ -32,14 +35,15 @@ JSON output (`--json`). Field names are those of the ClusterView served on GET /
                          instances (instance ids), sequence_gaps (bus messages missed from it)
     tasks   {"tasks": [TaskRow]}
             TaskRow:     task_id, kind, model, status (queued|pending|running|finished|failed|
-                         cancelled), instance_id, node_id, age (seconds since submission, frozen
-                         at the end for ended tasks), attempts, error
+                         cancelled), instance_id, node_id, age (seconds since submission, for
+                         ended tasks too), attempts, error
     cancel  {"task_id", "cancelled": true}
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -57,6 +61,7 @@ from rich.text import Text
 from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.view_rows import ClusterView
 from exo_master.exoctl import keys, render
+from protocol.version import version_line
 
 DEFAULT_API = "http://127.0.0.1:52415"
 
@@ -67,7 +72,7 @@ def _console() -> Console:
 
 
 app = typer.Typer(
-    add_completion=False,
+    add_completion=True,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Inspect and steer an exo master: load, nodes, tasks, cancel.",
@@ -168,14 +173,15 @@ def _client(api: str, timeout: float, api_key: str | None = None) -> Iterator[Ma
             client.close()
 
 
-def _print_json(document: Any, compact: bool = False) -> None:
-    typer.echo(json.dumps(document, separators=(",", ":")) if compact else json.dumps(document, indent=2))
+def _print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2))
 
 
 def _show(
     fetch: Callable[[], ClusterView],
     table: Callable[[ClusterView], RenderableType],
     document: Callable[[ClusterView], dict[str, Any]],
+    line: Callable[[ClusterView, str], str],
     as_json: bool,
     watch: bool,
     interval: float,
@@ -184,7 +190,8 @@ def _show(
     """Fetch once and print; with `watch`, keep refreshing until Ctrl-C or `count` refreshes.
 
     The first fetch's failure ends the command (exit 1 or 2); later ones are reported and retried,
-    so a watch survives a master restart.
+    so a watch survives a master restart. A live screen needs a terminal: into a pipe or a file,
+    a watch prints one line per refresh, each flushed at once.
     """
     view = fetch()
     if not watch:
@@ -195,9 +202,13 @@ def _show(
         return
     try:
         if as_json:
-            _watch_json(view, fetch, document, interval, count)
-        else:
+            _watch_lines(
+                view, fetch, lambda v: json.dumps(document(v), separators=(",", ":")), interval, count
+            )
+        elif sys.stdout.isatty():
             _watch_live(view, fetch, table, interval, count)
+        else:
+            _watch_lines(view, fetch, lambda v: line(v, time.strftime("%H:%M:%S")), interval, count)
     except KeyboardInterrupt:
         return
 
@@ -217,18 +228,25 @@ def _refreshes(
         shown += 1
 
 
-def _watch_json(
+def _watch_lines(
     first: ClusterView,
     fetch: Callable[[], ClusterView],
-    document: Callable[[ClusterView], dict[str, Any]],
+    line: Callable[[ClusterView], str],
     interval: float,
     count: int,
 ) -> None:
-    for item in _refreshes(first, fetch, interval, count):
-        if isinstance(item, Exception):
-            typer.echo(f"exoctl: {item} (retrying)", err=True)
-        else:
-            _print_json(document(item), compact=True)
+    try:
+        for item in _refreshes(first, fetch, interval, count):
+            if isinstance(item, Exception):
+                typer.echo(f"exoctl: {item} (retrying)", err=True)
+            else:
+                typer.echo(line(item))  # click's echo flushes: a reader of the pipe sees it now
+    except BrokenPipeError:
+        # The reader has had enough (`| head -n 3`): a normal end. Point stdout at /dev/null so
+        # that the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _watch_live(
@@ -252,18 +270,62 @@ def _watch_live(
 
 # ---- options ------------------------------------------------------------------------------------
 
-ApiUrl = Annotated[str, typer.Option("--api", envvar="EXO_API", help="Base URL of the master's HTTP API.")]
+GlobalApiUrl = Annotated[
+    str, typer.Option("--api", envvar="EXO_API", help="Base URL of the master's HTTP API, for every command.")
+]
+# No envvar here: $EXO_API is read once, by the global option, so that `exoctl --api URL load`
+# is not overridden by the environment.
+ApiUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--api", show_default=False, help="Base URL of the master's HTTP API (overrides the global --api)."
+    ),
+]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON (ClusterView field names).")]
 Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait for the master.")]
 ApiKey = Annotated[
     str | None,
     typer.Option("--api-key", envvar="EXO_API_KEY", show_default=False, help="Bearer key for the API."),
 ]
-Watch = Annotated[bool, typer.Option("--watch", "-w", help="Refresh in place until Ctrl-C.")]
+Watch = Annotated[
+    bool,
+    typer.Option(
+        "--watch", "-w", help="Refresh until Ctrl-C: in place on a terminal, else a line per refresh."
+    ),
+]
 Interval = Annotated[float, typer.Option("--interval", "-n", min=0.05, help="Seconds between refreshes.")]
 Count = Annotated[
     int, typer.Option("--count", min=0, help="With --watch: stop after N refreshes (0: until Ctrl-C).")
 ]
+
+
+# ---- global options -----------------------------------------------------------------------------
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line("exoctl"))
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    ctx: typer.Context,
+    api: GlobalApiUrl = DEFAULT_API,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Inspect and steer an exo master: load, nodes, tasks, cancel."""
+    ctx.obj = api
+
+
+def _api(ctx: typer.Context, api: str | None) -> str:
+    """The command's own --api, else the global one (itself --api, $EXO_API or the default)."""
+    if api is not None:
+        return api
+    return ctx.obj if isinstance(ctx.obj, str) else DEFAULT_API
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -271,7 +333,8 @@ Count = Annotated[
 
 @app.command()
 def load(
-    api: ApiUrl = DEFAULT_API,
+    ctx: typer.Context,
+    api: ApiUrl = None,
     as_json: AsJson = False,
     watch: Watch = False,
     interval: Interval = 1.0,
@@ -280,13 +343,23 @@ def load(
     api_key: ApiKey = None,
 ) -> None:
     """Per instance: in-flight (confirmed), pending (ledger), queued, capacity and totals."""
-    with _client(api, timeout, api_key) as client:
-        _show(client.state, render.load_table, render.load_json, as_json, watch, interval, count)
+    with _client(_api(ctx, api), timeout, api_key) as client:
+        _show(
+            client.state,
+            render.load_table,
+            render.load_json,
+            render.load_line,
+            as_json,
+            watch,
+            interval,
+            count,
+        )
 
 
 @app.command()
 def nodes(
-    api: ApiUrl = DEFAULT_API,
+    ctx: typer.Context,
+    api: ApiUrl = None,
     as_json: AsJson = False,
     watch: Watch = False,
     interval: Interval = 1.0,
@@ -295,24 +368,34 @@ def nodes(
     api_key: ApiKey = None,
 ) -> None:
     """Worker nodes: address, last heartbeat, alive/dead, subscription, instances, sequence gaps."""
-    with _client(api, timeout, api_key) as client:
-        _show(client.state, render.nodes_table, render.nodes_json, as_json, watch, interval, count)
+    with _client(_api(ctx, api), timeout, api_key) as client:
+        _show(
+            client.state,
+            render.nodes_table,
+            render.nodes_json,
+            render.nodes_line,
+            as_json,
+            watch,
+            interval,
+            count,
+        )
 
 
 @app.command()
 def tasks(
+    ctx: typer.Context,
     status: Annotated[
         TaskStatus | None, typer.Option("--status", "-s", help="Only tasks in this status.")
     ] = None,
     limit: Annotated[int, typer.Option("--limit", "-l", min=0, help="At most this many tasks.")] = 50,
-    api: ApiUrl = DEFAULT_API,
+    api: ApiUrl = None,
     as_json: AsJson = False,
     timeout: Timeout = 5.0,
     api_key: ApiKey = None,
 ) -> None:
     """Tasks (live ones first, then recently ended, newest first): id, kind, model, instance, status, age."""
     wanted = str(status) if status is not None else None
-    with _client(api, timeout, api_key) as client:
+    with _client(_api(ctx, api), timeout, api_key) as client:
         view = client.state(tasks=limit, status=wanted)
         rows = render.filter_tasks(view.tasks, wanted, limit)
         if as_json:
@@ -323,14 +406,15 @@ def tasks(
 
 @app.command()
 def cancel(
+    ctx: typer.Context,
     task_id: Annotated[str, typer.Argument(help="The task id (x-exo-task header, or `exoctl tasks`).")],
-    api: ApiUrl = DEFAULT_API,
+    api: ApiUrl = None,
     as_json: AsJson = False,
     timeout: Timeout = 5.0,
     api_key: ApiKey = None,
 ) -> None:
     """Cancel a live task wherever it is (queued, pending or running); its slot is freed."""
-    with _client(api, timeout, api_key) as client:
+    with _client(_api(ctx, api), timeout, api_key) as client:
         result = client.cancel(task_id)
         if as_json:
             _print_json(result)

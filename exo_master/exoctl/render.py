@@ -75,6 +75,45 @@ def _instance_status(row: InstanceRow) -> Text:
     return Text(row.status, style=_INSTANCE_STYLE.get(row.status, ""))
 
 
+def not_ready_reason(row: InstanceRow, nodes: dict[str, NodeRow]) -> str:
+    """Why an instance takes no requests ("" when it is ready): the worker's own error first."""
+    if row.status == "ready":
+        return ""
+    if row.error:
+        return row.error
+    if row.status == "dead":
+        node = nodes.get(row.node_id)
+        if node is not None:
+            return f"node {row.node_id}: no heartbeat for {format_age(node.last_heartbeat_age)}"
+        return f"node {row.node_id} stopped heartbeating"
+    if row.status == "loading":
+        return "loading the model"
+    if row.status == "failed":
+        return "the worker reported a failure without a reason (see its log)"
+    return row.status
+
+
+def load_line(view: ClusterView, clock: str) -> str:
+    """One line per refresh for `exoctl load --watch` into a pipe: totals, then each instance."""
+    totals = load_totals(view)
+    nodes = {n.node_id: n for n in view.nodes}
+    ready = sum(1 for i in view.instances if i.status == "ready")
+    parts = [
+        f"{clock} ready {ready}/{totals['instances']}",
+        f"in-flight {totals['in_flight']}",
+        f"pending {totals['pending']}",
+        f"queued {totals['queued']}",
+        f"completed {totals['completed']}",
+        f"failed {totals['failed']}",
+    ]
+    rows = []
+    for row in view.instances:
+        text = f"{row.instance_id} {row.status} {row.in_flight}+{row.pending}"
+        reason = not_ready_reason(row, nodes)
+        rows.append(f"{text} ({reason})" if reason else text)
+    return " · ".join(parts) + (" | " + ", ".join(rows) if rows else "")
+
+
 def load_table(view: ClusterView) -> Table:
     table = Table(
         title=f"load · policy {view.policy} · session {view.session}",
@@ -87,7 +126,13 @@ def load_table(view: ClusterView) -> Table:
     table.add_column("status")
     for name in ("in-flight", "pending", "queued", "capacity", "max conc.", "completed", "failed"):
         table.add_column(name, justify="right")
-    for row in view.instances:
+    nodes = {n.node_id: n for n in view.nodes}
+    reasons = [not_ready_reason(row, nodes) for row in view.instances]
+    # Only when something is not ready: a healthy cluster keeps its narrow table.
+    with_reasons = any(reasons)
+    if with_reasons:
+        table.add_column("why not ready", overflow="fold", style="red")
+    for row, reason in zip(view.instances, reasons, strict=True):
         table.add_row(
             row.instance_id,
             row.node_id,
@@ -100,6 +145,7 @@ def load_table(view: ClusterView) -> Table:
             str(row.max_concurrency),
             str(row.completed),
             str(row.failed),
+            *([reason] if with_reasons else []),
         )
     totals = load_totals(view)
     table.add_section()
@@ -115,6 +161,7 @@ def load_table(view: ClusterView) -> Table:
         str(totals["max_concurrency"]),
         str(totals["completed"]),
         str(totals["failed"]),
+        *([""] if with_reasons else []),
         style="bold",
     )
     return table
@@ -129,6 +176,18 @@ def nodes_json(view: ClusterView) -> dict[str, Any]:
 
 def _node_state(row: NodeRow) -> Text:
     return Text("alive", style="green") if row.alive else Text("dead", style="bold red")
+
+
+def nodes_line(view: ClusterView, clock: str) -> str:
+    """One line per refresh for `exoctl nodes --watch` into a pipe."""
+    alive = sum(1 for n in view.nodes if n.alive)
+    rows = [
+        f"{n.node_id} {'alive' if n.alive else 'dead'} {format_age(n.last_heartbeat_age)} ago"
+        + ("" if n.subscribed else " unsubscribed")
+        + (f" gaps {n.sequence_gaps}" if n.sequence_gaps else "")
+        for n in view.nodes
+    ]
+    return f"{clock} alive {alive}/{len(view.nodes)}" + (" | " + ", ".join(rows) if rows else "")
 
 
 def _ids(ids: list[str], shown: int = 4) -> str:
