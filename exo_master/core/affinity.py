@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from protocol.ids import InstanceId
 from protocol.messages import ChatMessage
@@ -28,6 +29,13 @@ def extend(previous: bytes, role: str, content: str) -> bytes:
     digest.update(b"\x00")
     digest.update(content.encode())
     return digest.digest()
+
+
+def reply_hasher(previous: bytes) -> Any:
+    """A running hash that ends as `extend(previous, "assistant", reply)` once fed the reply."""
+    digest = hashlib.blake2b(previous, digest_size=16)
+    digest.update(b"assistant\x00")
+    return digest
 
 
 def prefix_chain(messages: Sequence[ChatMessage]) -> PrefixChain:

@@ -28,6 +28,12 @@ class CoreConfig:
     fetch_after: float = 0.2
     fetch_every: float = 0.5
     max_fetches: int = 6
+    # Prefix-aware placement: among the instances the policy ranks equal (or within
+    # `affinity_slack` of its choice's score), prefer the one that holds the longest prefix of the
+    # conversation in its prompt cache. Slack 0 never costs balance. `affinity_entries` bounds it.
+    prefix_affinity: bool = True
+    affinity_slack: float = 0.0
+    affinity_entries: int = 65_536
 
     @property
     def node_timeout(self) -> float:
@@ -48,3 +54,5 @@ class CoreStats:
     outputs_lost: int = 0
     queue_timeouts: int = 0
     refused_nodes: int = 0
+    affinity_lookups: int = 0  # placements of a chat whose prefix some instance held
+    affinity_hits: int = 0  # of those, placed on a holder

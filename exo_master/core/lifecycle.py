@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import FinishReason, TaskFinished, TaskKind, TaskParams, Usage
@@ -80,6 +81,10 @@ class TaskRecord:
     final: TaskFinished | None = None  # a TaskFinished that arrived before all its chunks
     fetches: int = 0  # FetchOutput requests sent for the current attempt
     queued_at: float = 0.0  # when it last started waiting in a queue (for --queue-timeout)
+    # Prefix affinity (affinity.py): the chat's hash chain, and a running hash of the reply so far,
+    # which becomes the next turn's prefix when the task completes.
+    prefixes: tuple[bytes, ...] = ()
+    reply_hash: Any = None
     # Why the last attempt was lost, and where: re-placement avoids that instance if it can.
     lost_reason: str | None = None
     lost_on: InstanceId | None = None

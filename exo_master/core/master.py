@@ -66,7 +66,7 @@ class MasterCore:
         self.policy = make_policy(self.config.policy, self.config.seed)
         self.scheduler = Scheduler(self.config, self.state, self.book, self.policy, self.stats, self._out)
         self.liveness = Liveness(self.config, self.state, self.book, self.scheduler, self._out)
-        self.output = OutputRelay(self.config, self.book, self.stats, self._out)
+        self.output = OutputRelay(self.config, self.book, self.stats, self._out, self.scheduler.affinity)
         self.book.on_bind = self.output.reset
         self.reconciler = Reconciler(
             self.config, self.state, self.book, self.scheduler, self.liveness, self.output, self._out

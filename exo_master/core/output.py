@@ -14,6 +14,7 @@ error. So a normal finish always means exactly the engine's text.
 
 from __future__ import annotations
 
+from exo_master.core.affinity import AffinityIndex, reply_hasher
 from exo_master.core.config import CoreConfig, CoreStats
 from exo_master.core.events import Effect, TaskOutput
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
@@ -23,8 +24,16 @@ from protocol.messages import FetchOutput, TaskAck, TaskFinished
 
 
 class OutputRelay:
-    def __init__(self, config: CoreConfig, book: TaskBook, stats: CoreStats, out: list[Effect]) -> None:
+    def __init__(
+        self,
+        config: CoreConfig,
+        book: TaskBook,
+        stats: CoreStats,
+        out: list[Effect],
+        affinity: AffinityIndex | None = None,
+    ) -> None:
         self.config = config
+        self.affinity = affinity
         self.book = book
         self.stats = stats
         self.out = out
@@ -67,6 +76,7 @@ class OutputRelay:
         task.held.clear()
         task.final = None
         task.fetches = 0
+        task.reply_hash = reply_hasher(task.prefixes[-1]) if self.affinity and task.prefixes else None
         self.due.pop(task.task_id, None)
 
     def tick(self, now: float) -> None:
@@ -96,12 +106,17 @@ class OutputRelay:
 
     def _deliver(self, task: TaskRecord, index: int, text: str) -> None:
         task.next_chunk = index + 1
+        if task.reply_hash is not None:
+            task.reply_hash.update(text.encode())
         self.out.append(TaskOutput(task_id=task.task_id, index=index, text=text))
 
     def _complete(self, task: TaskRecord, msg: TaskFinished, now: float) -> None:
         self.due.pop(task.task_id, None)
         node_id, instance_id = task.node_id, task.instance_id
         assert node_id is not None and instance_id is not None
+        if self.affinity is not None and task.reply_hash is not None:
+            # The next turn of this chat starts with the reply: its prefix is on this instance now.
+            self.affinity.remember((task.reply_hash.digest(),), instance_id)
         self.book.finish(task, now, msg.finish_reason, msg.usage)
         self.out.append(TaskAck(task_id=task.task_id, node_id=node_id, instance_id=instance_id))
 

@@ -9,11 +9,12 @@ in the same event, and one loss costs a task exactly one attempt.
 
 from __future__ import annotations
 
+from exo_master.core.affinity import AffinityIndex
 from exo_master.core.config import CoreConfig, CoreStats
 from exo_master.core.events import Effect, TaskPlaced
 from exo_master.core.lifecycle import TaskRecord
 from exo_master.core.placement import Policy
-from exo_master.core.pool import InstancePool
+from exo_master.core.pool import InstancePool, score
 from exo_master.core.queue import QueueKey
 from exo_master.core.records import ClusterState, InstanceRecord
 from exo_master.core.tasks import TaskBook
@@ -47,6 +48,13 @@ class Scheduler:
         self.stats = stats
         self.out = out
         self.pools: dict[QueueKey, InstancePool] = {}
+        # Only the score-ranking policies can prefer a prefix holder without giving up their rule;
+        # state-only stays the plain baseline.
+        self.affinity = (
+            AffinityIndex(config.affinity_entries)
+            if config.prefix_affinity and policy.name in ("least-loaded", "power-of-two")
+            else None
+        )
         self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
         self._touched: set[ModelId] = set()  # models whose instances changed eligibility or left
         book.on_load_change = self.reindex
@@ -124,8 +132,12 @@ class Scheduler:
             inst = self.policy.choose(pool, self, _NOWHERE)  # better the same instance than none
         if inst is None:
             return False
+        if self.affinity is not None and task.prefixes:
+            inst = self._prefer_prefix_holder(task, pool, inst, avoid)
         load_before = self.book.load(inst)
         self.book.bind(task, inst, now)
+        if self.affinity is not None and task.prefixes:
+            self.affinity.remember(task.prefixes, inst.instance_id)
         self.stats.placements += 1
         self.out.append(
             TaskPlaced(
@@ -140,6 +152,35 @@ class Scheduler:
         )
         self.out.append(assign_message(task))
         return True
+
+    def _prefer_prefix_holder(
+        self, task: TaskRecord, pool: InstancePool, chosen: InstanceRecord, avoid: frozenset[InstanceId]
+    ) -> InstanceRecord:
+        """The instance holding the longest prefix of the chat, if it scores no worse than the
+        policy's choice (plus the slack); otherwise the choice. With slack 0 this only breaks ties,
+        so a burst over equal instances stays within ceil(N/k) on each."""
+        assert self.affinity is not None
+        length, holders = self.affinity.holders(task.prefixes)
+        if not length:
+            return chosen
+        self.stats.affinity_lookups += 1
+        best: InstanceRecord | None = None
+        best_score = score(self.book.load(chosen), chosen.capacity) + self.config.affinity_slack
+        for iid in holders:
+            inst = pool.members.get(iid)
+            if inst is None or iid in avoid or inst is chosen:
+                continue
+            load = self.book.load(inst)
+            if load < inst.max_concurrency and (s := score(load, inst.capacity)) <= best_score:
+                best, best_score = inst, s
+        if best is None:
+            if chosen.instance_id in holders:
+                self.stats.affinity_hits += 1
+            return chosen
+        self.stats.affinity_hits += 1
+        # The policy may have taken `chosen` off its heap: put it back, unchanged.
+        self.reindex(chosen)
+        return best
 
     def settle(self, now: float) -> None:
         """Second phase of every event: displaced tasks go back in line by age (or fail when their

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+from exo_master.core.affinity import prefix_chain
 from exo_master.core.config import CoreConfig, CoreStats
 from exo_master.core.events import Effect, TaskCompleted, TaskErrored
 from exo_master.core.ledger import PendingLedger
@@ -20,7 +21,7 @@ from exo_master.core.lifecycle import TaskRecord, TaskStatus, Trigger, advance
 from exo_master.core.queue import WaitQueues
 from exo_master.core.records import ClusterState, InstanceRecord
 from protocol.ids import TaskId
-from protocol.messages import FinishReason, TaskParams, Usage
+from protocol.messages import FinishReason, TaskParams, TextGenerationParams, Usage
 
 LoadListener = Callable[[InstanceRecord], None]
 
@@ -63,6 +64,8 @@ class TaskBook:
     def admit(self, task_id: TaskId, params: TaskParams, now: float) -> TaskRecord:
         self._admitted += 1
         task = TaskRecord(task_id=task_id, params=params, submitted_at=now, admission=self._admitted)
+        if self.config.prefix_affinity and isinstance(params, TextGenerationParams) and params.messages:
+            task.prefixes = prefix_chain(params.messages)
         self.live[task_id] = task
         return task
 

@@ -32,6 +32,8 @@ class CoreCounters(msgspec.Struct, frozen=True, kw_only=True):
     outputs_lost: int
     queue_timeouts: int
     refused_nodes: int
+    affinity_lookups: int
+    affinity_hits: int
     ledger: dict[str, int]  # reserved, confirmed, released, expired
     queued: int
     pending: int
