@@ -225,7 +225,7 @@ def test_an_unencodable_assignment_fails_its_request_and_the_sender_goes_on() ->
         def __init__(self) -> None:
             self.sent: list[object] = []
 
-        async def send(self, topic: bytes, message: object) -> None:
+        def send_now(self, topic: bytes, message: object) -> None:
             if isinstance(message, AssignTask) and message.params.seed == 2**64:  # type: ignore[union-attr]
                 raise OverflowError("can't serialize ints > 2**64 - 1")
             self.sent.append(message)

@@ -53,6 +53,7 @@ def run_scale(cfg: ScaleConfig, log_dir: Path) -> dict[str, Any]:
             log_dir=log_dir / f"scale-{size}",
             heartbeat_interval=cfg.heartbeat_interval,
             master_args=["--log-level", "warning", "--forget-dead-after", "60"],
+            curve=False,  # the fake workers speak plaintext (scripts/bench_curve.py measures CURVE)
         )
         with LocalCluster(spec) as cluster, Processes(log_dir / f"scale-{size}-fakes") as procs:
             cluster.start_master()
