@@ -233,6 +233,18 @@ def run(
         300.0, envvar="EXO_QUEUE_TIMEOUT", min=0.1, help="Seconds a request may wait for a free slot."
     ),
     max_nodes: int = typer.Option(1024, envvar="EXO_MAX_NODES", min=1, help="Nodes the master tracks."),
+    prefix_affinity: bool = typer.Option(
+        True,
+        "--prefix-affinity/--no-prefix-affinity",
+        envvar="EXO_PREFIX_AFFINITY",
+        help="Among equally loaded instances, prefer the one holding the chat's prefix in its cache.",
+    ),
+    affinity_slack: float = typer.Option(
+        0.0,
+        envvar="EXO_AFFINITY_SLACK",
+        min=0.0,
+        help="Let prefix affinity win while the holder's load score is within this of the best.",
+    ),
     seed: int | None = typer.Option(
         None,
         envvar="EXO_SEED",
@@ -322,6 +334,8 @@ def run(
         forget_dead_after=forget_dead_after,
         queue_timeout=queue_timeout,
         max_nodes=max_nodes,
+        prefix_affinity=prefix_affinity,
+        affinity_slack=affinity_slack,
     )
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
         code = runner.run(

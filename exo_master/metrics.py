@@ -82,6 +82,8 @@ _PLAIN_COUNTERS = (
     ("outputs_lost", "Tasks failed because their output could not be recovered."),
     ("queue_timeouts", "Requests failed after waiting --queue-timeout for a slot."),
     ("refused_nodes", "Heartbeats ignored because --max-nodes was reached."),
+    ("affinity_lookups", "Chat placements for which some instance held a prefix of the chat."),
+    ("affinity_hits", "Of those, placements on an instance holding the prefix."),
 )
 
 
@@ -182,6 +184,16 @@ class MasterCollector(Collector):
             "ready": _instance_gauge(
                 "exo_instance_ready", "1 when the instance is ready and its node alive."
             ),
+            "cache_bytes": _instance_gauge(
+                "exo_instance_prompt_cache_bytes", "Bytes held by the instance's prompt (KV) cache."
+            ),
+        }
+        cache = {
+            outcome: CounterMetricFamily(f"exo_instance_prompt_cache_{outcome}", doc, labels=_INSTANCE_LABELS)
+            for outcome, doc in (
+                ("hits", "Requests whose prompt reused the instance's prompt cache."),
+                ("misses", "Requests whose prompt reused nothing from it."),
+            )
         }
         completed = CounterMetricFamily(
             "exo_instance_completed", "Tasks finished on the instance.", labels=_INSTANCE_LABELS
@@ -197,7 +209,11 @@ class MasterCollector(Collector):
             families["ready"].add_metric(labels, 1 if row.status == InstanceStatus.READY else 0)
             completed.add_metric(labels, row.completed)
             failed.add_metric(labels, row.failed)
+            families["cache_bytes"].add_metric(labels, row.prompt_cache_bytes)
+            cache["hits"].add_metric(labels, row.prompt_cache_hits)
+            cache["misses"].add_metric(labels, row.prompt_cache_misses)
         yield from families.values()
+        yield from cache.values()
         yield completed
         yield failed
 

@@ -84,11 +84,13 @@ class Reconciler:
                 max_concurrency=report.max_concurrency,
                 capacity=report.capacity,
                 error=report.error,
+                prompt_cache=report.prompt_cache,
             )
             self.state.add_instance(inst)
             self.scheduler.reindex(inst)
             return None
         inst.error = report.error
+        inst.prompt_cache = report.prompt_cache
         if (inst.kinds, inst.status, inst.max_concurrency, inst.capacity) == (
             report.kinds,
             report.status,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
-from protocol.messages import InstanceStatus, TaskKind
+from protocol.messages import InstanceStatus, PromptCacheStats, TaskKind
 
 
 @dataclass(slots=True)
@@ -23,6 +23,7 @@ class InstanceRecord:
     max_concurrency: int
     capacity: float
     error: str | None = None
+    prompt_cache: PromptCacheStats | None = None  # from the latest heartbeat
     confirmed: set[TaskId] = field(default_factory=set)
     completed: int = 0
     failed: int = 0

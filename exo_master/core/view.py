@@ -71,6 +71,9 @@ def build_view(
             completed=inst.completed,
             failed=inst.failed,
             error=inst.error,
+            prompt_cache_hits=inst.prompt_cache.hits if inst.prompt_cache else 0,
+            prompt_cache_misses=inst.prompt_cache.misses if inst.prompt_cache else 0,
+            prompt_cache_bytes=inst.prompt_cache.size_bytes if inst.prompt_cache else 0,
         )
         for inst in sorted(state.instances.values(), key=lambda i: i.instance_id)
     ]

@@ -22,6 +22,10 @@ class InstanceRow(msgspec.Struct, frozen=True, kw_only=True):
     completed: int
     failed: int
     error: str | None = None
+    # The instance's prompt (KV) cache, as its worker reports it (0 when it has none).
+    prompt_cache_hits: int = 0
+    prompt_cache_misses: int = 0
+    prompt_cache_bytes: int = 0
 
 
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):

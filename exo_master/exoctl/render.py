@@ -114,6 +114,12 @@ def load_line(view: ClusterView, clock: str) -> str:
     return " · ".join(parts) + (" | " + ", ".join(rows) if rows else "")
 
 
+def cache_hit_rate(row: InstanceRow) -> str:
+    """The share of requests that reused the instance's prompt cache ("-": none reported yet)."""
+    seen = row.prompt_cache_hits + row.prompt_cache_misses
+    return f"{100 * row.prompt_cache_hits / seen:.0f}%" if seen else "-"
+
+
 def load_table(view: ClusterView) -> Table:
     table = Table(
         title=f"load · policy {view.policy} · session {view.session}",
@@ -124,7 +130,16 @@ def load_table(view: ClusterView) -> Table:
     table.add_column("node")
     table.add_column("model")
     table.add_column("status")
-    for name in ("in-flight", "pending", "queued", "capacity", "max conc.", "completed", "failed"):
+    for name in (
+        "in-flight",
+        "pending",
+        "queued",
+        "capacity",
+        "max conc.",
+        "completed",
+        "failed",
+        "cache hits",
+    ):
         table.add_column(name, justify="right")
     nodes = {n.node_id: n for n in view.nodes}
     reasons = [not_ready_reason(row, nodes) for row in view.instances]
@@ -145,6 +160,7 @@ def load_table(view: ClusterView) -> Table:
             str(row.max_concurrency),
             str(row.completed),
             str(row.failed),
+            cache_hit_rate(row),
             *([reason] if with_reasons else []),
         )
     totals = load_totals(view)
@@ -161,6 +177,7 @@ def load_table(view: ClusterView) -> Table:
         str(totals["max_concurrency"]),
         str(totals["completed"]),
         str(totals["failed"]),
+        "",
         *([""] if with_reasons else []),
         style="bold",
     )

@@ -4,6 +4,7 @@ why-not-ready column and the one-line-per-refresh rendering used when --watch go
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,10 @@ def test_the_installed_commands_offer_shell_completion(command: str) -> None:
     path = BIN / command
     if not path.exists():
         pytest.skip(f"{command} is not installed in {BIN}")
-    help_text = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=60, check=True)
+    wide = {**os.environ, "COLUMNS": "200"}  # rich shortens long option names in a narrow help table
+    help_text = subprocess.run(
+        [str(path), "--help"], capture_output=True, text=True, timeout=60, check=True, env=wide
+    )
     assert "--install-completion" in help_text.stdout
     script = subprocess.run(
         [str(path), "--show-completion", "bash"], capture_output=True, text=True, timeout=60, check=True

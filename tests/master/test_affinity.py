@@ -1,0 +1,128 @@
+"""Prefix-aware placement: the next turn of a chat goes where its prefix is cached, among equals
+only (slack 0), so bursts stay balanced; with slack, affinity may win a bounded imbalance."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from exo_master.core import CoreConfig, MasterCore
+from exo_master.core.affinity import AffinityIndex, extend, prefix_chain, reply_hasher
+from exo_master.core.events import NodeSubscribed, SubmitTask, TaskPlaced
+from protocol.ids import InstanceId, TaskId
+from protocol.messages import ChatMessage, FinishReason, TaskFinished, TextGenerationParams
+from tests.master.cluster import MODEL, accept, chunk, heartbeat, node_of, placement_of, report
+
+SYSTEM = ChatMessage(role="system", content="You are a helpful assistant.")
+
+
+def core_with(k: int, **config: float) -> MasterCore:
+    core = MasterCore(CoreConfig(heartbeat_liveness=1000, **config))  # type: ignore[arg-type]
+    for i in range(k):
+        core.handle(NodeSubscribed(node_id=node_of(i)), 0.0)
+        core.handle(heartbeat(i, report(i)), 0.0)
+    return core
+
+
+def ask(core: MasterCore, task_id: str, *messages: ChatMessage) -> TaskPlaced:
+    params = TextGenerationParams(model=MODEL, messages=(SYSTEM, *messages))
+    placed = placement_of(core.handle(SubmitTask(task_id=TaskId(task_id), params=params), 0.0))
+    assert placed is not None
+    return placed
+
+
+def complete(core: MasterCore, placed: TaskPlaced, reply: str) -> None:
+    accept(core, placed)
+    chunk(core, placed, 0, text=reply)
+    core.handle(
+        TaskFinished(
+            node_id=placed.node_id,
+            task_id=placed.task_id,
+            instance_id=placed.instance_id,
+            finish_reason=FinishReason.STOP,
+            chunks=1,
+        ),
+        0.0,
+    )
+
+
+def test_the_reply_hash_is_the_next_turns_prefix() -> None:
+    user, answer = ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="hello!")
+    running = reply_hasher(prefix_chain((SYSTEM, user))[-1])
+    running.update(b"hel")
+    running.update(b"lo!")
+    assert running.digest() == prefix_chain((SYSTEM, user, answer))[-1]
+    assert extend(b"", "user", "hi") != extend(b"", "user", "hi ")
+
+
+def test_the_next_turn_goes_where_the_conversation_is() -> None:
+    core = core_with(4)
+    hi = ChatMessage(role="user", content="hi")
+    first = ask(core, "t1", hi)
+    complete(core, first, "hello!")
+    # All four instances are idle again: every one is equally loaded, so affinity breaks the tie.
+    second = ask(
+        core,
+        "t2",
+        hi,
+        ChatMessage(role="assistant", content="hello!"),
+        ChatMessage(role="user", content="more"),
+    )
+    assert second.instance_id == first.instance_id
+    assert core.counters().affinity_hits == 1
+
+
+def test_affinity_never_beats_a_lower_load_with_zero_slack() -> None:
+    core = core_with(2)
+    hi = ChatMessage(role="user", content="hi")
+    first = ask(core, "t1", hi)  # still running: its instance has load 1, the other 0
+    second = ask(core, "t2", hi)
+    assert second.instance_id != first.instance_id
+
+
+def test_slack_lets_affinity_win_a_bounded_imbalance() -> None:
+    core = core_with(2, affinity_slack=1.0)
+    hi = ChatMessage(role="user", content="hi")
+    first = ask(core, "t1", hi)
+    assert ask(core, "t2", hi).instance_id == first.instance_id  # load 1 vs 0: within 1
+    third = ask(core, "t3", hi)
+    assert third.instance_id != first.instance_id  # load 2 vs 0: beyond the slack
+
+
+def test_state_only_stays_the_plain_baseline() -> None:
+    core = core_with(2, policy="state-only")  # type: ignore[arg-type]
+    assert core.scheduler.affinity is None
+
+
+@settings(max_examples=60)
+@given(
+    k=st.integers(1, 6),
+    n=st.integers(1, 40),
+    chats=st.integers(1, 5),
+    history=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 5)), max_size=8),
+)
+def test_a_burst_with_prefix_affinity_stays_within_ceil_n_over_k(
+    k: int, n: int, chats: int, history: list[tuple[int, int]]
+) -> None:
+    core = core_with(k)
+    # Earlier, finished turns leave prefixes scattered over the instances.
+    for j, (chat, instance) in enumerate(history):
+        placed = ask(core, f"h{j}", ChatMessage(role="user", content=f"chat {chat}"))
+        complete(core, placed, f"reply {instance}")
+    counts: dict[InstanceId, int] = {}
+    for i in range(n):
+        placed = ask(core, f"b{i}", ChatMessage(role="user", content=f"chat {i % chats}"))
+        counts[placed.instance_id] = counts.get(placed.instance_id, 0) + 1
+    assert max(counts.values()) <= math.ceil(n / k), counts
+    core.check_invariants()
+
+
+def test_the_index_is_bounded_and_forgets_the_oldest() -> None:
+    index = AffinityIndex(capacity=3)
+    for i in range(5):
+        index.remember((bytes([i]),), InstanceId(f"n{i}/0"))
+    assert len(index) == 3
+    assert index.holders((bytes([0]),)) == (0, [])
+    assert index.holders((bytes([4]),)) == (1, [InstanceId("n4/0")])
