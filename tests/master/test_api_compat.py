@@ -206,7 +206,7 @@ def test_shutdown_ends_streams_with_an_error_event_and_done_and_waiters_with_503
             whole = asyncio.create_task(client.post("/v1/chat/completions", json=CHAT))
             async with asyncio.timeout(10):  # both requests open, the stream past its first chunk
                 while len(harness.api._open) < 2 or not first_chunks.is_set():
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.01)  # wait-ok: polls a condition inside asyncio.timeout
             assert harness.api.shutdown("the master is shutting down") == 2
             after = await client.post("/v1/chat/completions", json=CHAT)
             return await stream, await whole, after
@@ -242,7 +242,7 @@ def test_an_unencodable_assignment_fails_its_request_and_the_sender_goes_on() ->
         bad_effects = [await bad.next() for _ in range(2)]
         async with asyncio.timeout(10):
             while not any(isinstance(m, AssignTask) and m.task_id == "good" for m in runtime.bus.sent):  # type: ignore[union-attr]
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # wait-ok: polls a condition inside asyncio.timeout
         assert not sender.done()
         sender.cancel()
         return bad_effects, [good.task_id]

@@ -211,7 +211,7 @@ def test_a_body_that_trickles_in_forever_is_cut_at_the_deadline() -> None:
         async def receive() -> dict[str, Any]:
             nonlocal reads
             reads += 1
-            await asyncio.sleep(0.02)  # the client's pace: one byte every 20 ms, forever
+            await asyncio.sleep(0.02)  # wait-ok: the client's pace, one byte every 20 ms
             return {"type": "http.request", "body": b" ", "more_body": True}
 
         async def send(message: dict[str, Any]) -> None:
