@@ -9,13 +9,11 @@ logs "worker.ready" once every instance is ready, and serves assignments until S
 from __future__ import annotations
 
 import asyncio
-import enum
 import re
 import secrets
 import signal
 import socket
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -25,7 +23,14 @@ import typer
 
 from exo_worker.bus import MasterAddress, WorkerBus, parse_master_address
 from exo_worker.bus_auth import ClientCurve, load_client_curve
-from exo_worker.engine import Engine, ModelLoadError
+from exo_worker.engine import ModelLoadError
+from exo_worker.engine_choice import (
+    DEFAULT_MODEL,
+    EngineFactory,
+    EngineName,
+    build_engine_factory,
+    served_model_id,
+)
 from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.keys import KeyFileError
@@ -49,8 +54,6 @@ EXIT_CRASH = 1
 EXIT_MODEL_LOAD = 2
 EXIT_USAGE = 2  # refused by the master: another live process serves this node id
 EXIT_BAD_KEYS = 2
-
-EngineFactory = Callable[[InstanceId], Engine]
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,14 +235,6 @@ def _stats(daemon: WorkerDaemon) -> dict[str, int]:
 # ---- command line ----------------------------------------------------------------------------
 
 
-class EngineName(enum.StrEnum):
-    SIM = "sim"
-    MLX = "mlx"
-
-
-_DEFAULT_MODEL = {EngineName.SIM: "sim-model", EngineName.MLX: "smollm2"}
-
-
 def default_node_id() -> str:
     """Hostname-derived, plus a short random suffix so several workers on one host never collide."""
     host = re.sub(r"[^a-z0-9-]+", "-", socket.gethostname().split(".")[0].lower()).strip("-") or "worker"
@@ -257,41 +252,6 @@ def _positive(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"must be > 0, got {value}")
     return value
-
-
-def served_model_id(model: str) -> ModelId:
-    """The name clients use for the model: a local directory is served under its folder name."""
-    path = Path(model).expanduser()
-    return ModelId(path.resolve().name if path.is_dir() else model)
-
-
-def build_engine_factory(
-    engine: EngineName,
-    model: str,
-    sim_tokens_per_s: float,
-    *,
-    max_concurrency: int = 4,
-    prompt_cache_bytes: int | None = None,
-) -> EngineFactory:
-    """Resolve the backend once; raises ModelLoadError when the model cannot be found.
-
-    An MLX instance batches up to `max_concurrency` sequences and keeps a prompt cache of at most
-    `prompt_cache_bytes` (None: derived from the memory available; 0: no prompt cache).
-    """
-    if engine is EngineName.SIM:
-        from exo_worker.sim_engine import SimEngine
-
-        return lambda instance_id: SimEngine(sim_tokens_per_s, seed_salt="")
-    try:
-        # Imported lazily: mlx is heavy and optional; the sim engine must work without it.
-        from exo_worker.mlx_engine import MlxEngine
-        from exo_worker.models import resolve_model
-    except ImportError as exc:
-        raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
-    path = resolve_model(model)
-    return lambda instance_id: MlxEngine(
-        path, label=model, max_batch=max_concurrency, prompt_cache_bytes=prompt_cache_bytes
-    )
 
 
 async def _serve(daemon: WorkerDaemon) -> int:
@@ -397,7 +357,7 @@ def serve(
         raise typer.BadParameter(str(exc), param_hint="--master") from exc
     node = NodeId(_check_node_id(node_id if node_id is not None else default_node_id()))
     configure_logging(log_format, log_level)
-    model_name = model or _DEFAULT_MODEL[engine]
+    model_name = model or DEFAULT_MODEL[engine]
     structlog.contextvars.bind_contextvars(node_id=node)
     try:
         curve = load_client_curve(secret_key, master_key)

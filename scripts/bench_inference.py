@@ -418,7 +418,7 @@ def main(
     prompt: str = typer.Option("What is the capital of France?", help="The user message."),
     json_output: bool = typer.Option(False, "--json", help="Print JSON instead of markdown."),
 ) -> None:
-    from exo_worker.daemon import served_model_id
+    from exo_worker.engine_choice import served_model_id
     from protocol.logs import LogFormat, configure_logging
 
     configure_logging(LogFormat.AUTO, level="warning")  # stdout is for the report only

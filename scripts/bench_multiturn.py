@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from exo_worker.daemon import served_model_id
+    from exo_worker.engine_choice import served_model_id
 
     results: dict[str, Any] = {"model": args.model, "chats": args.chats, "turns": args.turns, "variants": {}}
     with (

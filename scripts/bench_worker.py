@@ -182,7 +182,7 @@ def model_directory(model: str) -> Iterator[Path]:
 
 @contextmanager
 def exo_target(path: Path, log_dir: Path, max_concurrency: int) -> Iterator[Target]:
-    from exo_worker.daemon import served_model_id
+    from exo_worker.engine_choice import served_model_id
 
     spec = ClusterSpec(
         workers=1, engine="mlx", model=str(path), max_concurrency=max_concurrency, log_dir=log_dir

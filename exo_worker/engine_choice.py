@@ -1,0 +1,55 @@
+"""Which engine a worker runs, and the model name clients use for it: resolved once at start."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from pathlib import Path
+
+from exo_worker.engine import Engine, ModelLoadError
+from protocol.ids import InstanceId, ModelId
+
+EngineFactory = Callable[[InstanceId], Engine]
+
+
+class EngineName(enum.StrEnum):
+    SIM = "sim"
+    MLX = "mlx"
+
+
+DEFAULT_MODEL = {EngineName.SIM: "sim-model", EngineName.MLX: "smollm2"}
+
+
+def served_model_id(model: str) -> ModelId:
+    """The name clients use for the model: a local directory is served under its folder name."""
+    path = Path(model).expanduser()
+    return ModelId(path.resolve().name if path.is_dir() else model)
+
+
+def build_engine_factory(
+    engine: EngineName,
+    model: str,
+    sim_tokens_per_s: float,
+    *,
+    max_concurrency: int = 4,
+    prompt_cache_bytes: int | None = None,
+) -> EngineFactory:
+    """Resolve the backend once; raises ModelLoadError when the model cannot be found.
+
+    An MLX instance batches up to `max_concurrency` sequences and keeps a prompt cache of at most
+    `prompt_cache_bytes` (None: derived from the memory available; 0: no prompt cache).
+    """
+    if engine is EngineName.SIM:
+        from exo_worker.sim_engine import SimEngine
+
+        return lambda instance_id: SimEngine(sim_tokens_per_s, seed_salt="")
+    try:
+        # Imported lazily: mlx is heavy and optional; the sim engine must work without it.
+        from exo_worker.mlx_engine import MlxEngine
+        from exo_worker.models import resolve_model
+    except ImportError as exc:
+        raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
+    path = resolve_model(model)
+    return lambda instance_id: MlxEngine(
+        path, label=model, max_batch=max_concurrency, prompt_cache_bytes=prompt_cache_bytes
+    )
