@@ -193,6 +193,8 @@ class MasterCollector(Collector):
             for outcome, doc in (
                 ("hits", "Requests whose prompt reused the instance's prompt cache."),
                 ("misses", "Requests whose prompt reused nothing from it."),
+                ("reused_tokens", "Prompt tokens taken from the cache instead of processed again."),
+                ("prompt_tokens", "All prompt tokens of the instance's requests, reused or not."),
             )
         }
         completed = CounterMetricFamily(
@@ -212,6 +214,8 @@ class MasterCollector(Collector):
             families["cache_bytes"].add_metric(labels, row.prompt_cache_bytes)
             cache["hits"].add_metric(labels, row.prompt_cache_hits)
             cache["misses"].add_metric(labels, row.prompt_cache_misses)
+            cache["reused_tokens"].add_metric(labels, row.prompt_cache_reused_tokens)
+            cache["prompt_tokens"].add_metric(labels, row.prompt_tokens)
         yield from families.values()
         yield from cache.values()
         yield completed

@@ -17,6 +17,8 @@ import os
 import threading
 from typing import Any
 
+import msgspec
+
 from protocol.messages import PromptCacheStats
 
 # The single model key: one PromptCache serves one model instance.
@@ -77,13 +79,12 @@ class PromptCache:
                 reused = len(prompt) - len(rest)
         with self._lock:
             s = self._stats
-            self._stats = PromptCacheStats(
-                size_bytes=s.size_bytes,
-                budget_bytes=s.budget_bytes,
-                entries=s.entries,
+            self._stats = msgspec.structs.replace(
+                s,
                 hits=s.hits + (reused > 0),
                 misses=s.misses + (reused == 0),
                 reused_tokens=s.reused_tokens + reused,
+                prompt_tokens=s.prompt_tokens + len(prompt),
             )
         return (cache if reused > 0 else None), reused
 
@@ -96,14 +97,8 @@ class PromptCache:
 
     def _refresh(self) -> None:
         with self._lock:
-            s = self._stats
-            self._stats = PromptCacheStats(
-                size_bytes=int(self._cache.nbytes),
-                budget_bytes=s.budget_bytes,
-                entries=len(self._cache),
-                hits=s.hits,
-                misses=s.misses,
-                reused_tokens=s.reused_tokens,
+            self._stats = msgspec.structs.replace(
+                self._stats, size_bytes=int(self._cache.nbytes), entries=len(self._cache)
             )
 
     def stats(self) -> PromptCacheStats:

@@ -124,6 +124,9 @@ class PromptCacheStats(msgspec.Struct, frozen=True, kw_only=True):
     hits: _Count = 0  # requests that reused at least one cached token
     misses: _Count = 0  # requests that reused none
     reused_tokens: _Count = 0  # prompt tokens not processed again, summed over all requests
+    prompt_tokens: _Count = (
+        0  # all prompt tokens of those requests: reused_tokens / prompt_tokens is the saving
+    )
 
 
 class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):

@@ -74,6 +74,8 @@ def build_view(
             prompt_cache_hits=inst.prompt_cache.hits if inst.prompt_cache else 0,
             prompt_cache_misses=inst.prompt_cache.misses if inst.prompt_cache else 0,
             prompt_cache_bytes=inst.prompt_cache.size_bytes if inst.prompt_cache else 0,
+            prompt_cache_reused_tokens=inst.prompt_cache.reused_tokens if inst.prompt_cache else 0,
+            prompt_tokens=inst.prompt_cache.prompt_tokens if inst.prompt_cache else 0,
         )
         for inst in sorted(state.instances.values(), key=lambda i: i.instance_id)
     ]
@@ -113,4 +115,7 @@ def build_view(
         instances=instances,
         models=models,
         tasks=tasks,
+        prefix_affinity=core.scheduler.affinity is not None,
+        affinity_lookups=core.stats.affinity_lookups,
+        affinity_hits=core.stats.affinity_hits,
     )

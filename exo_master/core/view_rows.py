@@ -26,6 +26,9 @@ class InstanceRow(msgspec.Struct, frozen=True, kw_only=True):
     prompt_cache_hits: int = 0
     prompt_cache_misses: int = 0
     prompt_cache_bytes: int = 0
+    # Prompt tokens the cache spared the model, and all prompt tokens: their ratio is the saving.
+    prompt_cache_reused_tokens: int = 0
+    prompt_tokens: int = 0
 
 
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -66,3 +69,8 @@ class ClusterView(msgspec.Struct, frozen=True, kw_only=True):
     tasks: list[TaskRow]
     # True when the master runs a plaintext bus on a reachable address (--insecure).
     insecure: bool = False
+    # Prefix-aware placement: on (the policy takes it and --no-prefix-affinity is not set), the chat
+    # placements for which some instance held a prefix of the chat, and how many went to it.
+    prefix_affinity: bool = False
+    affinity_lookups: int = 0
+    affinity_hits: int = 0

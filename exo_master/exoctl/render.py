@@ -68,7 +68,25 @@ def load_json(view: ClusterView) -> dict[str, Any]:
         "instances": _rows(view.instances),
         "models": _rows(view.models),
         "totals": load_totals(view),
+        "affinity": {
+            "enabled": view.prefix_affinity,
+            "lookups": view.affinity_lookups,
+            "hits": view.affinity_hits,
+        },
     }
+
+
+def affinity_summary(view: ClusterView) -> str:
+    """How prefix-aware placement fared, for the load table's caption."""
+    if not view.prefix_affinity:
+        return "prefix affinity off"
+    if not view.affinity_lookups:
+        return "prefix affinity on: no chat with a known prefix placed yet"
+    share = 100 * view.affinity_hits / view.affinity_lookups
+    return (
+        f"prefix affinity: {view.affinity_hits}/{view.affinity_lookups} chats with a known prefix "
+        f"placed on its holder ({share:.0f}%)"
+    )
 
 
 def _instance_status(row: InstanceRow) -> Text:
@@ -120,10 +138,16 @@ def cache_hit_rate(row: InstanceRow) -> str:
     return f"{100 * row.prompt_cache_hits / seen:.0f}%" if seen else "-"
 
 
+def cache_token_share(row: InstanceRow) -> str:
+    """The share of prompt tokens the cache spared the model ("-": none reported yet)."""
+    return f"{100 * row.prompt_cache_reused_tokens / row.prompt_tokens:.0f}%" if row.prompt_tokens else "-"
+
+
 def load_table(view: ClusterView) -> Table:
     table = Table(
         title=f"load · policy {view.policy} · session {view.session}",
-        caption="queued: requests waiting at the master for the instance's model",
+        caption="queued: requests waiting at the master for the instance's model · "
+        "tokens reused: prompt tokens served from the instance's cache · " + affinity_summary(view),
         show_footer=False,
     )
     table.add_column("instance")
@@ -139,6 +163,7 @@ def load_table(view: ClusterView) -> Table:
         "completed",
         "failed",
         "cache hits",
+        "tokens reused",
     ):
         table.add_column(name, justify="right")
     nodes = {n.node_id: n for n in view.nodes}
@@ -161,6 +186,7 @@ def load_table(view: ClusterView) -> Table:
             str(row.completed),
             str(row.failed),
             cache_hit_rate(row),
+            cache_token_share(row),
             *([reason] if with_reasons else []),
         )
     totals = load_totals(view)
@@ -177,6 +203,7 @@ def load_table(view: ClusterView) -> Table:
         str(totals["max_concurrency"]),
         str(totals["completed"]),
         str(totals["failed"]),
+        "",
         "",
         *([""] if with_reasons else []),
         style="bold",

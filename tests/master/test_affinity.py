@@ -72,6 +72,8 @@ def test_the_next_turn_goes_where_the_conversation_is() -> None:
     )
     assert second.instance_id == first.instance_id
     assert core.counters().affinity_hits == 1
+    view = core.view(0.0)
+    assert (view.prefix_affinity, view.affinity_lookups, view.affinity_hits) == (True, 1, 1)
 
 
 def test_affinity_never_beats_a_lower_load_with_zero_slack() -> None:
@@ -94,6 +96,7 @@ def test_slack_lets_affinity_win_a_bounded_imbalance() -> None:
 def test_state_only_stays_the_plain_baseline() -> None:
     core = core_with(2, policy="state-only")  # type: ignore[arg-type]
     assert core.scheduler.affinity is None
+    assert not core.view(0.0).prefix_affinity
 
 
 @settings(max_examples=60)

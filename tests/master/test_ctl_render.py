@@ -6,6 +6,7 @@ import io
 import json
 
 import httpx
+import msgspec
 from rich.console import Console
 from rich.table import Table
 
@@ -115,7 +116,8 @@ def test_totals_count_each_model_queue_once() -> None:
 def test_load_json_keeps_the_cluster_view_field_names() -> None:
     doc = render.load_json(view())
     json.dumps(doc)  # serialisable as is
-    assert set(doc) == {"policy", "session", "instances", "models", "totals"}
+    assert set(doc) == {"policy", "session", "instances", "models", "totals", "affinity"}
+    assert doc["affinity"] == {"enabled": False, "lookups": 0, "hits": 0}
     assert set(doc["instances"][0]) == set(InstanceRow.__struct_fields__)
     assert set(doc["models"][0]) == set(ModelRow.__struct_fields__)
     assert doc["instances"][0]["in_flight"] == 2 and doc["instances"][0]["pending"] == 1
@@ -130,6 +132,32 @@ def test_load_table_has_one_row_per_instance_and_a_totals_row() -> None:
     # total, "2 model(s)", in-flight, pending, queued, capacity, max conc., completed, failed
     assert cells == ["total", "2 model(s)", "3", "2", "3", "4.5", "12", "9", "3"]
     assert "policy least-loaded" in text
+
+
+def test_load_table_shows_the_prompt_cache_and_prefix_affinity() -> None:
+    base = view()
+    cached = msgspec.structs.replace(
+        base.instances[0],
+        prompt_cache_hits=3,
+        prompt_cache_misses=1,
+        prompt_cache_reused_tokens=270,
+        prompt_tokens=360,
+    )
+    shown = msgspec.structs.replace(
+        base,
+        instances=[cached, *base.instances[1:]],
+        prefix_affinity=True,
+        affinity_lookups=8,
+        affinity_hits=6,
+    )
+    text = text_of(render.load_table(shown))
+    row = next(line for line in text.splitlines() if "n1/0" in line)
+    assert "75%" in row.split("│")[-3] and "75%" in row.split("│")[-2]  # 3 of 4 hits; 270 of 360 tokens
+    assert "prefix affinity: 6/8 chats with a known prefix placed on its holder (75%)" in " ".join(
+        text.split()
+    )
+    assert "prefix affinity off" in " ".join(text_of(render.load_table(base)).split())
+    assert render.load_json(shown)["affinity"] == {"enabled": True, "lookups": 8, "hits": 6}
 
 
 def test_nodes_table_and_json() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from prometheus_client.parser import text_string_to_metric_families
 
 from exo_master.core import CoreConfig, MasterCore
@@ -9,7 +10,7 @@ from exo_master.core.events import NodeSubscribed
 from exo_master.metrics import MasterMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.ids import InstanceId, NodeId, TaskId
-from protocol.messages import TaskAccepted
+from protocol.messages import PromptCacheStats, TaskAccepted
 from tests.master.cluster import heartbeat, node_of, params, report
 
 
@@ -62,6 +63,19 @@ def test_collector_reads_core_ledger_and_queue_at_scrape_time() -> None:
     assert s[("exo_placement_decision_seconds_count", ())] == 4
     assert s[("exo_queue_wait_seconds_count", ())] == 2
     assert s[("exo_bus_malformed_frames_total", ())] == 0
+
+
+def test_prompt_cache_counters_come_from_the_latest_heartbeat() -> None:
+    runtime = runtime_with(nodes=1, max_concurrency=4)
+    stats = PromptCacheStats(size_bytes=4096, hits=3, misses=1, reused_tokens=270, prompt_tokens=360)
+    runtime.core.handle(heartbeat(0, msgspec.structs.replace(report(0), prompt_cache=stats)), 1.0)
+    s = samples(MasterMetrics(runtime))
+    inst = (("instance", "node0/0"), ("model", "m"), ("node", "node0"))
+    assert s[("exo_instance_prompt_cache_hits_total", inst)] == 3
+    assert s[("exo_instance_prompt_cache_misses_total", inst)] == 1
+    assert s[("exo_instance_prompt_cache_reused_tokens_total", inst)] == 270
+    assert s[("exo_instance_prompt_cache_prompt_tokens_total", inst)] == 360
+    assert s[("exo_instance_prompt_cache_bytes", inst)] == 4096
 
 
 def test_each_runtime_has_its_own_registry() -> None:
