@@ -146,8 +146,9 @@ def cache_token_share(row: InstanceRow) -> str:
 def load_table(view: ClusterView) -> Table:
     table = Table(
         title=f"load · policy {view.policy} · session {view.session}",
-        caption="queued: requests waiting at the master for the instance's model · "
-        "tokens reused: prompt tokens served from the instance's cache · " + affinity_summary(view),
+        caption="queued: requests waiting at the master for the instance's model\n"
+        "tokens reused: the share of prompt tokens served from the instance's prompt cache\n"
+        + affinity_summary(view),
         show_footer=False,
     )
     table.add_column("instance")
