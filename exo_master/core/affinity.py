@@ -6,6 +6,11 @@ when it completes, the chain extended by the assistant's reply is remembered too
 turn of that conversation starts with exactly those messages. A new request then looks for the
 instance holding the longest prefix of its own chain.
 
+Only prefixes that carry at least one assistant reply take part (`conversation_chain`). The
+prefixes before it (a system prompt, a template every chat shares) are in every worker's cache
+after its first request; steering by them would only pull every new chat to the first instance
+that saw one (with --affinity-slack, all of them: measured, the other instance stayed idle).
+
 Bounded like the worker's cache: at most `capacity` (hash, instance) pairs, least recently used
 first out. Pure and deterministic (blake2b of the text; no process-seeded hash()).
 """
@@ -45,6 +50,14 @@ def prefix_chain(messages: Sequence[ChatMessage]) -> PrefixChain:
         previous = extend(previous, message.role, message.content)
         chain.append(previous)
     return tuple(chain)
+
+
+def conversation_chain(messages: Sequence[ChatMessage]) -> tuple[PrefixChain, bytes]:
+    """The hashes of the prefixes of `messages` that end at or after the first assistant message
+    (empty for a first turn), and the hash of all the messages (the base of the reply's hash)."""
+    chain = prefix_chain(messages)
+    first_reply = next((i for i, m in enumerate(messages) if m.role == "assistant"), len(messages))
+    return chain[first_reply:], (chain[-1] if chain else b"")
 
 
 class AffinityIndex:

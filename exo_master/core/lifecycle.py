@@ -81,9 +81,11 @@ class TaskRecord:
     final: TaskFinished | None = None  # a TaskFinished that arrived before all its chunks
     fetches: int = 0  # FetchOutput requests sent for the current attempt
     queued_at: float = 0.0  # when it last started waiting in a queue (for --queue-timeout)
-    # Prefix affinity (affinity.py): the chat's hash chain, and a running hash of the reply so far,
-    # which becomes the next turn's prefix when the task completes.
+    # Prefix affinity (affinity.py): the chat's hash chain from its first reply on, the hash of all
+    # its messages (empty: no affinity), and a running hash of the reply so far, which becomes the
+    # next turn's prefix when the task completes.
     prefixes: tuple[bytes, ...] = ()
+    chat_hash: bytes = b""
     reply_hash: Any = None
     # Why the last attempt was lost, and where: re-placement avoids that instance if it can.
     lost_reason: str | None = None

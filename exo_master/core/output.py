@@ -76,7 +76,8 @@ class OutputRelay:
         task.held.clear()
         task.final = None
         task.fetches = 0
-        task.reply_hash = reply_hasher(task.prefixes[-1]) if self.affinity and task.prefixes else None
+        hashing = self.affinity is not None and task.chat_hash  # (an empty index is falsy: say "not None")
+        task.reply_hash = reply_hasher(task.chat_hash) if hashing else None
         self.due.pop(task.task_id, None)
 
     def tick(self, now: float) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
-from exo_master.core.affinity import prefix_chain
+from exo_master.core.affinity import conversation_chain
 from exo_master.core.config import CoreConfig, CoreStats
 from exo_master.core.events import Effect, TaskCompleted, TaskErrored
 from exo_master.core.ledger import PendingLedger
@@ -65,7 +65,7 @@ class TaskBook:
         self._admitted += 1
         task = TaskRecord(task_id=task_id, params=params, submitted_at=now, admission=self._admitted)
         if self.config.prefix_affinity and isinstance(params, TextGenerationParams) and params.messages:
-            task.prefixes = prefix_chain(params.messages)
+            task.prefixes, task.chat_hash = conversation_chain(params.messages)
         self.live[task_id] = task
         return task
 

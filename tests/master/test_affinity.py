@@ -76,21 +76,37 @@ def test_the_next_turn_goes_where_the_conversation_is() -> None:
     assert (view.prefix_affinity, view.affinity_lookups, view.affinity_hits) == (True, 1, 1)
 
 
+HI, HELLO = ChatMessage(role="user", content="hi"), ChatMessage(role="assistant", content="hello!")
+MORE = ChatMessage(role="user", content="more")
+
+
 def test_affinity_never_beats_a_lower_load_with_zero_slack() -> None:
     core = core_with(2)
-    hi = ChatMessage(role="user", content="hi")
-    first = ask(core, "t1", hi)  # still running: its instance has load 1, the other 0
-    second = ask(core, "t2", hi)
+    home = ask(core, "t0", HI)
+    complete(core, home, "hello!")
+    first = ask(core, "t1", HI, HELLO, MORE)  # still running: its instance has load 1, the other 0
+    assert first.instance_id == home.instance_id
+    second = ask(core, "t2", HI, HELLO, MORE)
     assert second.instance_id != first.instance_id
 
 
 def test_slack_lets_affinity_win_a_bounded_imbalance() -> None:
     core = core_with(2, affinity_slack=1.0)
-    hi = ChatMessage(role="user", content="hi")
-    first = ask(core, "t1", hi)
-    assert ask(core, "t2", hi).instance_id == first.instance_id  # load 1 vs 0: within 1
-    third = ask(core, "t3", hi)
+    home = ask(core, "t0", HI)
+    complete(core, home, "hello!")
+    first = ask(core, "t1", HI, HELLO, MORE)
+    assert ask(core, "t2", HI, HELLO, MORE).instance_id == first.instance_id  # load 1 vs 0: within 1
+    third = ask(core, "t3", HI, HELLO, MORE)
     assert third.instance_id != first.instance_id  # load 2 vs 0: beyond the slack
+
+
+def test_first_turns_sharing_a_system_prompt_are_not_pulled_to_one_instance() -> None:
+    # Every chat starts with the same system prompt; with slack, matching on it would send every
+    # new chat to the first instance (all its workers cache that prompt after one request anyway).
+    core = core_with(2, affinity_slack=1.0)
+    placed = [ask(core, f"t{i}", ChatMessage(role="user", content=f"chat {i}")) for i in range(4)]
+    assert sorted(p.instance_id for p in placed).count(placed[0].instance_id) == 2
+    assert core.counters().affinity_lookups == 0
 
 
 def test_state_only_stays_the_plain_baseline() -> None:
@@ -111,12 +127,14 @@ def test_a_burst_with_prefix_affinity_stays_within_ceil_n_over_k(
 ) -> None:
     core = core_with(k)
     # Earlier, finished turns leave prefixes scattered over the instances.
-    for j, (chat, instance) in enumerate(history):
+    for j, (chat, reply) in enumerate(history):
         placed = ask(core, f"h{j}", ChatMessage(role="user", content=f"chat {chat}"))
-        complete(core, placed, f"reply {instance}")
+        complete(core, placed, f"reply {reply}")
     counts: dict[InstanceId, int] = {}
-    for i in range(n):
-        placed = ask(core, f"b{i}", ChatMessage(role="user", content=f"chat {i % chats}"))
+    for i in range(n):  # next turns of those chats, many of them held by one instance or another
+        opening = ChatMessage(role="user", content=f"chat {i % chats}")
+        answer = ChatMessage(role="assistant", content=f"reply {i % 6}")
+        placed = ask(core, f"b{i}", opening, answer, MORE)
         counts[placed.instance_id] = counts.get(placed.instance_id, 0) + 1
     assert max(counts.values()) <= math.ceil(n / k), counts
     core.check_invariants()
