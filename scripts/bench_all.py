@@ -28,6 +28,8 @@ from exo_master.devtools.bench.scale import ScaleConfig, run_scale
 from exo_master.devtools.bench.speed import SpeedConfig, run_speed
 
 WORKER_BENCH = ROOT / "scripts" / "bench_worker.py"
+MULTITURN_BENCH = ROOT / "scripts" / "bench_multiturn.py"
+MULTITURN_MODELS = ("tiny", "smollm2")
 
 
 def _say(text: str) -> None:
@@ -58,6 +60,19 @@ def run_worker_bench(quick: bool, out: Path) -> dict[str, Any]:
     return found
 
 
+def run_multiturn_bench(quick: bool, results_dir: Path) -> dict[str, Any]:
+    """scripts/bench_multiturn.py once per model (tiny, then SmolLM2), each in its own process."""
+    if quick:  # real MLX workers for minutes: the full make bench only
+        return {"note": "quick run: the multi-turn benchmark runs in the full make bench only."}
+    found: dict[str, Any] = {}
+    for model in MULTITURN_MODELS:
+        out = results_dir / f"multiturn-{model}.json"
+        cmd = [sys.executable, str(MULTITURN_BENCH), "--model", model, "--out", str(out)]
+        subprocess.run(cmd, check=True, timeout=3600)
+        found[model] = json.loads(out.read_text())
+    return found
+
+
 def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
     if not quick:
         return SpeedConfig(), BalanceConfig(), ScaleConfig()
@@ -78,6 +93,8 @@ def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
             rounds=1,
             exo_policies=("least-loaded",),
             router_policies=("round_robin",),
+            shared_prefix_exo_policies=("least-loaded",),
+            shared_prefix_router_policies=(),
             tokens_per_s=200.0,
             max_tokens=4,
             hetero_n=7,
@@ -95,9 +112,10 @@ def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
 def main(
     quick: bool = typer.Option(False, "--quick", help="Tiny counts: a smoke test, not a measurement."),
     out_dir: Path = typer.Option(ROOT, help="Where docs/ and bench/results/ are written."),
-    only: str = typer.Option("", help="Comma-separated subset: speed,balance,hetero,scale,worker."),
+    only: str = typer.Option("", help="Comma-separated subset: speed,balance,hetero,scale,worker,multiturn."),
 ) -> None:
-    chosen = set(only.split(",")) if only else {"speed", "balance", "hetero", "scale", "worker"}
+    everything = {"speed", "balance", "hetero", "scale", "worker", "multiturn"}
+    chosen = set(only.split(",")) if only else everything
     router = router_installed()
     notes = [] if router else ["sglang-router is not installed (pip install '.[bench]'): exo side only."]
     results_dir = out_dir / "bench" / "results"
@@ -121,6 +139,7 @@ def main(
         ("hetero", lambda: run_hetero(balance_cfg, log_dir / "hetero", router)),
         ("scale", lambda: run_scale(scale_cfg, log_dir / "scale")),
         ("worker", lambda: run_worker_bench(quick, results_dir / "worker.json")),
+        ("multiturn", lambda: run_multiturn_bench(quick, results_dir)),
     ]
     for name, step in steps:
         if name not in chosen:
@@ -128,7 +147,7 @@ def main(
         _say(f"{name} ...")
         started = time.monotonic()
         results[name] = step()
-        if name != "worker":
+        if name not in ("worker", "multiturn"):  # those write their own JSON files
             payload = {"meta": {**meta, "load_now": load_average()}, **results[name]}
             (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
         _say(f"{name} done in {time.monotonic() - started:.0f} s")

@@ -1,13 +1,21 @@
 """Multi-turn chat over two MLX workers: does prefix-aware placement send each turn to the
-instance whose prompt cache holds the conversation so far?
+instance whose prompt cache holds the conversation so far, and what does it save?
 
-8 conversations x 4 turns share a system prompt (~100 tokens); the conversations run at once,
-each turn after the previous reply. Three masters, one after another on the same model:
-prefix-aware least-loaded (the default), plain least-loaded (--no-prefix-affinity) and
-round-robin. Reports mean time to first token per turn, the instances' prompt-cache hit rates
-and the master's affinity counters, as JSON (--out) and a markdown table.
+8 conversations x 4 turns share a system prompt (~100 tokens with the chat template). The chats
+take turns in a seeded random interleaving, `--concurrency` turns in flight at once (each from a
+different chat), so requests reach the master in an order no policy can fall into. (With all 8
+chats in lockstep over 2 instances, round-robin sends each chat to the same instance every turn by
+accident, which hides the very effect measured here.) The default concurrency keeps this CPU
+below saturation, so time to first token shows prefill, not queueing.
 
-    python scripts/bench_multiturn.py --model tiny --out bench/results/multiturn.json
+Variants, one after another on the same model, each a fresh cluster (empty caches):
+prefix-aware least-loaded (the default), the same with --affinity-slack 1, plain least-loaded
+(--no-prefix-affinity) and round-robin. Reports mean time to first token per turn, each variant's
+prompt-cache hit rate and token share (prompt tokens served from the workers' caches) and the
+master's affinity counters, as JSON (--out, with a "markdown" table) and on stdout.
+
+    python scripts/bench_multiturn.py --model tiny --out bench/results/multiturn-tiny.json
+    python scripts/bench_multiturn.py --model smollm2 --out bench/results/multiturn-smollm2.json
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +47,10 @@ SYSTEM = (
     "you were not given, and when a question is ambiguous say what you assume before answering. The "
     "team cares about latency, fairness between users, and predictable behaviour under load."
 )
+PREFIX_AWARE = "prefix-aware least-loaded"
 VARIANTS: tuple[tuple[str, str, list[str]], ...] = (
-    ("prefix-aware least-loaded", "least-loaded", []),
+    (PREFIX_AWARE, "least-loaded", []),
+    ("prefix-aware, slack 1", "least-loaded", ["--affinity-slack", "1"]),
     ("least-loaded", "least-loaded", ["--no-prefix-affinity"]),
     ("round-robin", "round-robin", []),
 )
@@ -72,28 +84,51 @@ async def turn(
     return ttft, text
 
 
-async def conversation(
-    client: httpx.AsyncClient, model: str, c: int, turns: int, max_tokens: int
-) -> list[float]:
-    messages = [{"role": "system", "content": SYSTEM}]
-    ttfts = []
-    for t in range(turns):
-        messages.append(
-            {"role": "user", "content": f"Conversation {c}, question {t + 1}: what should we check next?"}
-        )
-        ttft, reply = await turn(client, model, messages, max_tokens)
-        ttfts.append(ttft)
-        messages.append({"role": "assistant", "content": reply})
-    return ttfts
+@dataclass(frozen=True)
+class Workload:
+    chats: int
+    turns: int
+    max_tokens: int
+    concurrency: int  # turns in flight at once, each from a different chat
+    seed: int
 
 
-async def run_variant(
-    cluster: LocalCluster, model: str, chats: int, turns: int, max_tokens: int
-) -> dict[str, Any]:
+async def run_chats(client: httpx.AsyncClient, model: str, load: Workload) -> list[list[float]]:
+    """Every chat's turns, in a seeded random interleaving with at most `concurrency` in flight.
+
+    Whenever a turn ends, a random chat among those idle with turns left speaks next, so the order
+    in which chats reach the master follows no pattern a placement policy could fall into.
+    Returns each chat's time to first token per turn.
+    """
+    rng = random.Random(load.seed)
+    histories = [[{"role": "system", "content": SYSTEM}] for _ in range(load.chats)]
+    ttfts: list[list[float]] = [[] for _ in range(load.chats)]
+    running: dict[asyncio.Task[tuple[float, str]], int] = {}
+    while True:
+        while len(running) < load.concurrency:
+            busy = set(running.values())
+            idle = [c for c in range(load.chats) if c not in busy and len(ttfts[c]) < load.turns]
+            if not idle:
+                break
+            c = rng.choice(idle)
+            question = f"Conversation {c}, question {len(ttfts[c]) + 1}: what should we check next?"
+            histories[c].append({"role": "user", "content": question})
+            ask = turn(client, model, list(histories[c]), load.max_tokens)
+            running[asyncio.create_task(ask)] = c
+        if not running:
+            return ttfts
+        done, _ = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            c = running.pop(task)
+            ttft, reply = task.result()
+            ttfts[c].append(ttft)
+            histories[c].append({"role": "assistant", "content": reply})
+
+
+async def run_variant(cluster: LocalCluster, model: str, load: Workload) -> dict[str, Any]:
+    chats, turns = load.chats, load.turns
     async with httpx.AsyncClient(base_url=cluster.api_url, timeout=600) as client:
-        per_chat = await asyncio.gather(
-            *(conversation(client, model, c, turns, max_tokens) for c in range(chats))
-        )
+        per_chat = await run_chats(client, model, load)
         # Cache counters travel in heartbeats (every second): wait for the ones sent after the run.
         deadline = time.monotonic() + 5
         while True:
@@ -110,15 +145,51 @@ async def run_variant(
         if line.startswith(("exo_affinity_lookups_total", "exo_affinity_hits_total"))
     }
     cache = {
-        i["instance_id"]: {"hits": i["prompt_cache_hits"], "misses": i["prompt_cache_misses"]}
+        i["instance_id"]: {
+            "hits": i["prompt_cache_hits"],
+            "misses": i["prompt_cache_misses"],
+            "reused_tokens": i["prompt_cache_reused_tokens"],
+            "prompt_tokens": i["prompt_tokens"],
+        }
         for i in state["instances"]
     }
+    prompt_tokens = sum(c["prompt_tokens"] for c in cache.values())
     return {
         "ttft_by_turn_s": by_turn,
         "ttft_later_turns_s": statistics.mean(by_turn[1:]),
         "cache": cache,
+        "token_share_reused": sum(c["reused_tokens"] for c in cache.values()) / max(1, prompt_tokens),
         "affinity": counters,
     }
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The per-turn TTFT table of one model, with the cache and affinity columns."""
+    turns = results["turns"]
+    rr = results["variants"]["round-robin"]["ttft_later_turns_s"]
+    head = " | ".join(f"turn {t + 1}" for t in range(turns))
+    lines = [
+        f"{results['chats']} chats x {turns} turns over 2 workers ({results['model']}, max_tokens "
+        f"{results['max_tokens']}, {results['concurrency']} turns in flight, chats interleaved at random "
+        f"with seed {results['seed']}). Mean time to first token in seconds.",
+        "",
+        f"| placement | {head} | turns 2-{turns} | vs round-robin | cache hits | tokens reused "
+        "| affinity hits |",
+        "| --- |" + " --- |" * (turns + 5),
+    ]
+    for name, v in results["variants"].items():
+        hits = sum(c["hits"] for c in v["cache"].values())
+        seen = hits + sum(c["misses"] for c in v["cache"].values())
+        lookups = v["affinity"].get("exo_affinity_lookups_total", 0.0)
+        affinity = (
+            f"{v['affinity'].get('exo_affinity_hits_total', 0.0):.0f}/{lookups:.0f}" if lookups else "-"
+        )
+        cells = " | ".join(f"{x:.2f}" for x in v["ttft_by_turn_s"])
+        lines.append(
+            f"| {name} | {cells} | {v['ttft_later_turns_s']:.2f} | {v['ttft_later_turns_s'] / rr:.2f}x "
+            f"| {hits}/{seen} | {100 * v['token_share_reused']:.0f}% | {affinity} |"
+        )
+    return "\n".join(lines)
 
 
 @contextmanager
@@ -141,12 +212,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="tiny", help="tiny or smollm2")
     parser.add_argument("--chats", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--concurrency", type=int, default=2, help="turns in flight at once")
+    parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     from exo_worker.engine_choice import served_model_id
 
-    results: dict[str, Any] = {"model": args.model, "chats": args.chats, "turns": args.turns, "variants": {}}
+    load = Workload(args.chats, args.turns, args.max_tokens, args.concurrency, args.seed)
+    results: dict[str, Any] = {**asdict(load), "model": args.model, "variants": {}}
     with (
         model_directory(args.model) as path,
         tempfile.TemporaryDirectory(prefix="exo-multiturn-logs-") as logs,
@@ -164,16 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             with LocalCluster(spec) as cluster:
                 cluster.start(ready_timeout=600)
                 model = str(served_model_id(str(path)))
-                results["variants"][name] = asyncio.run(
-                    run_variant(cluster, model, args.chats, args.turns, args.max_tokens)
-                )
+                results["variants"][name] = asyncio.run(run_variant(cluster, model, load))
             print(f"{name}: {results['variants'][name]}", file=sys.stderr, flush=True)
     later = {name: v["ttft_later_turns_s"] for name, v in results["variants"].items()}
-    results["ratio_prefix_aware_over_round_robin"] = later["prefix-aware least-loaded"] / later["round-robin"]
-    results["ratio_prefix_aware_over_least_loaded"] = (
-        later["prefix-aware least-loaded"] / later["least-loaded"]
-    )
-    print(json.dumps(results, indent=2))
+    results["ratio_prefix_aware_over_round_robin"] = later[PREFIX_AWARE] / later["round-robin"]
+    results["ratio_prefix_aware_over_least_loaded"] = later[PREFIX_AWARE] / later["least-loaded"]
+    results["markdown"] = markdown(results)
+    print(results["markdown"])
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2) + "\n")

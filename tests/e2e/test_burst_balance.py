@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from exo_master.devtools.loadgen import burst, spread
+from exo_master.devtools.loadgen import burst, burst_responses, spread
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
@@ -63,3 +63,20 @@ def test_state_only_policy_reproduces_the_pile_up(start_cluster: ClusterFactory)
 def test_least_loaded_stays_balanced_with_the_same_confirmation_delay(start_cluster: ClusterFactory) -> None:
     cluster = start_cluster(workers=2, sim_tokens_per_s=20, worker_args=["--sim-accept-delay", "0.5"])
     assert spread(asyncio.run(burst(cluster.api_url, 16))) == [8, 8]
+
+
+def test_a_burst_sharing_a_held_prefix_still_splits_evenly(start_cluster: ClusterFactory) -> None:
+    # One chat first, so one instance holds the conversation; then 16 follow-ups of that chat at
+    # once. Prefix affinity wants them all on the holder; it may only break ties, so 8/8.
+    cluster = start_cluster(workers=2, sim_tokens_per_s=20)
+    chat = [{"role": "system", "content": "shared context " * 20}, {"role": "user", "content": "hi"}]
+    first = asyncio.run(
+        burst_responses(cluster.api_url, 1, {"model": "sim-model", "messages": chat, "max_tokens": 4})
+    )[0]
+    reply = first.json()["choices"][0]["message"]["content"]
+    follow_up = [*chat, {"role": "assistant", "content": reply}, {"role": "user", "content": "more"}]
+    body = {"model": "sim-model", "messages": follow_up, "max_tokens": 40}
+    responses = asyncio.run(burst_responses(cluster.api_url, 16, body))
+    assert spread([r.headers["x-exo-instance"] for r in responses]) == [8, 8]
+    state = cluster.state()
+    assert state is not None and state["prefix_affinity"] and state["affinity_lookups"] >= 16

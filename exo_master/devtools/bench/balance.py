@@ -8,6 +8,9 @@
    once. Score: makespan (burst sent -> last response) against the optimal schedule's.
 
 Each burst uses distinct prompts (a router's cache affinity sees distinct requests, as in life).
+The "shared prefix" rows send the same bursts behind one common system prompt and exchange, so the
+first instance to get one holds the prefix of every later one: exo's prefix affinity (on by
+default) and sglang-router's cache_aware policy are then tempted to pile the burst onto it.
 The configurations alternate exo / router (A/B/A/B) within each shape.
 """
 
@@ -48,11 +51,28 @@ class BalanceConfig:
     hetero_max_tokens: int = 20
     hetero_exo_policies: tuple[str, ...] = ("least-loaded", "round-robin")
     hetero_router_policies: tuple[str, ...] = ("round_robin", "power_of_two", "cache_aware")
+    # Bursts whose requests share a long prefix (see the module docstring).
+    shared_prefix_exo_policies: tuple[str, ...] = ("least-loaded", "power-of-two")
+    shared_prefix_router_policies: tuple[str, ...] = ("cache_aware",)
     with_router: bool = True
     heartbeat_interval: float = 1.0  # shorter only to make a smoke run start faster
 
 
-async def _burst(url: str, n: int, max_tokens: int, salt: str) -> list[tuple[str, float]]:
+SHARED_PREFIX = (
+    {"role": "system", "content": "You are the cluster's helpful assistant. " * 8},
+    {"role": "user", "content": "Here is our shared context: a long document everyone asks about."},
+    {"role": "assistant", "content": "Understood, I have read it."},
+)
+
+
+def _messages(i: int, salt: str, shared: bool) -> list[dict[str, str]]:
+    ask = {"role": "user", "content": f"{salt} request {i}: say something"}
+    return [*SHARED_PREFIX, ask] if shared else [ask]
+
+
+async def _burst(
+    url: str, n: int, max_tokens: int, salt: str, shared: bool = False
+) -> list[tuple[str, float]]:
     """Fire n requests at once; (who served it, seconds until its response) for each."""
     connector = aiohttp.TCPConnector(limit=n + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
@@ -62,7 +82,7 @@ async def _burst(url: str, n: int, max_tokens: int, salt: str) -> list[tuple[str
             body = {
                 "model": "sim-model",
                 "max_tokens": max_tokens,
-                "messages": [{"role": "user", "content": f"{salt} request {i}: say something"}],
+                "messages": _messages(i, salt, shared),
             }
             async with s.post(
                 url, data=_json.encode(body), headers={"content-type": "application/json"}
@@ -76,10 +96,10 @@ async def _burst(url: str, n: int, max_tokens: int, salt: str) -> list[tuple[str
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def burst(url: str, n: int, max_tokens: int, salt: str) -> list[tuple[str, float]]:
+def burst(url: str, n: int, max_tokens: int, salt: str, shared: bool = False) -> list[tuple[str, float]]:
     loop = new_loop()
     try:
-        return loop.run_until_complete(_burst(url, n, max_tokens, salt))
+        return loop.run_until_complete(_burst(url, n, max_tokens, salt, shared))
     finally:
         loop.close()
 
@@ -110,23 +130,26 @@ def _exo_cluster(
 def run_balance(cfg: BalanceConfig, log_dir: Path, router: bool) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for k in cfg.ks:
-        configs: list[tuple[str, str]] = []
-        exo, peer = list(cfg.exo_policies), list(cfg.router_policies) if router else []
-        while exo or peer:  # A/B/A/B
-            if exo:
-                configs.append(("exo", exo.pop(0)))
-            if peer:
-                configs.append(("router", peer.pop(0)))
+        configs: list[tuple[str, str, bool]] = []
+        for shared in (False, True):
+            exo = list(cfg.shared_prefix_exo_policies if shared else cfg.exo_policies)
+            peer = list(cfg.shared_prefix_router_policies if shared else cfg.router_policies)
+            peer = peer if router else []
+            while exo or peer:  # A/B/A/B
+                if exo:
+                    configs.append(("exo", exo.pop(0), shared))
+                if peer:
+                    configs.append(("router", peer.pop(0), shared))
         with Processes(log_dir / f"mocks-k{k}") as procs:
             mocks = start_mocks(procs, k, cfg.tokens_per_s) if router else []
-            for system, policy in configs:
+            for system, policy, shared in configs:
                 results: dict[int, list[list[int]]] = {n: [] for n in cfg.ns}
                 if system == "exo":
                     # Two worker processes carrying k/2 instances each (placement sees k instances).
                     workers = 2 if k % 2 == 0 else 1
                     cluster = _exo_cluster(
                         cfg,
-                        log_dir / f"exo-{policy}-k{k}",
+                        log_dir / f"exo-{policy}-k{k}{'-shared' if shared else ''}",
                         policy,
                         workers,
                         k // workers,
@@ -138,19 +161,19 @@ def run_balance(cfg: BalanceConfig, log_dir: Path, router: bool) -> dict[str, An
                         url = f"{cluster.api_url}/v1/chat/completions"
                         for n in cfg.ns:
                             for r in range(cfg.rounds):
-                                results[n].append(_counts(burst(url, n, cfg.max_tokens, f"r{r}"), k))
+                                results[n].append(_counts(burst(url, n, cfg.max_tokens, f"r{r}", shared), k))
                 else:
-                    with Processes(log_dir / f"router-{policy}-k{k}") as rprocs:
+                    with Processes(log_dir / f"router-{policy}-k{k}{'-shared' if shared else ''}") as rprocs:
                         url = f"{start_router(rprocs, mocks, policy).url}/v1/chat/completions"
                         for n in cfg.ns:
                             for r in range(cfg.rounds):
-                                results[n].append(_counts(burst(url, n, cfg.max_tokens, f"r{r}"), k))
+                                results[n].append(_counts(burst(url, n, cfg.max_tokens, f"r{r}", shared), k))
                 for n in cfg.ns:
                     maxes = [c[0] for c in results[n]]
                     rows.append(
                         {
                             "system": system,
-                            "policy": policy,
+                            "policy": f"{policy}, shared prefix" if shared else policy,
                             "k": k,
                             "n": n,
                             "ideal": math.ceil(n / k),

@@ -323,6 +323,13 @@ def markdown(results: dict[str, Any], chart_dir: str, pngs: list[str]) -> str:
         lines += ["```json", worker["results_text"], "```", ""]
     else:
         lines += [(worker or {}).get("note", "not run"), ""]
+    lines += ["## Multi-turn chat: prefix-aware placement", ""]
+    multiturn = results.get("multiturn") or {"note": "not run"}
+    if "note" in multiturn:
+        lines += [multiturn["note"], ""]
+    for model, found in multiturn.items():
+        if isinstance(found, dict) and "markdown" in found:
+            lines += [f"### {model}", "", found["markdown"], ""]
     if pngs:
         lines += ["## Charts", ""] + [f"![{p}]({chart_dir}/{p})" for p in pngs] + [""]
     return "\n".join(lines)
