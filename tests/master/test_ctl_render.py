@@ -12,7 +12,7 @@ from rich.table import Table
 
 from exo_master.core.view_rows import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 from exo_master.exoctl import render
-from exo_master.exoctl.cli import error_message
+from exo_master.exoctl.client import error_message
 
 
 def instance(

@@ -84,7 +84,7 @@ def test_without_any_api_the_default_url_is_used(monkeypatch: pytest.MonkeyPatch
         used.append(api)
         raise typer.Exit(0)  # never contact whatever listens on the default port
 
-    monkeypatch.setattr(cli, "_client", record)
+    monkeypatch.setattr(cli, "connected", record)
     for command in (["load"], ["nodes"], ["tasks"], ["cancel", "t1"]):
         result = runner.invoke(exoctl_app, command, env={"EXO_API": None})
         assert result.exit_code == 0, result.output

@@ -232,8 +232,8 @@ def test_an_engine_without_a_prompt_cache_reports_none() -> None:
 @pytest.mark.mlx
 def test_the_worker_heartbeat_carries_each_instance_cache_stats(tiny_model_dir: Path) -> None:
     from exo_worker.bus import parse_master_address
-    from exo_worker.daemon import WorkerConfig, WorkerDaemon
     from exo_worker.engine_choice import EngineName, build_engine_factory
+    from exo_worker.worker import WorkerConfig, WorkerDaemon
 
     factory = build_engine_factory(
         EngineName.MLX, str(tiny_model_dir), 50.0, max_concurrency=2, prompt_cache_bytes=1 << 20

@@ -25,8 +25,8 @@ import zmq
 import zmq.asyncio
 
 from exo_worker.bus import MasterAddress
-from exo_worker.daemon import WorkerConfig, WorkerDaemon
 from exo_worker.sim_engine import SimEngine, sim_prompt, sim_word
+from exo_worker.worker import WorkerConfig, WorkerDaemon
 from protocol import codec
 from protocol.envelope import Envelope, Stamper
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
