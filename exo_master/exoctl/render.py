@@ -1,8 +1,9 @@
 """Pure rendering for `exoctl`: ClusterView rows in, rich Tables and JSON-ready dicts out.
 
-No I/O here (the CLI in `exo_master.exoctl.cli` fetches and prints), so every helper is unit-testable.
+No I/O here (`exoctl.client` fetches, `exoctl.watch` prints), so every helper is unit-testable.
 JSON documents reuse the ClusterView field names unchanged (see `exo_master.core.view_rows`); the only
-additions are `totals` (for `load`) and the wrapper keys documented in `exo_master.exoctl.cli`.
+additions are `totals` and `affinity` (for `load`) and the wrapper keys documented in
+`exo_master.exoctl.cli`.
 """
 
 from __future__ import annotations
