@@ -44,6 +44,11 @@ def run_worker_bench(quick: bool, out: Path) -> dict[str, Any]:
         return {"note": "scripts/bench_worker.py is absent: worker vs mlx_lm.server not measured."}
     cmd = [sys.executable, str(WORKER_BENCH), "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=3600)
+    return worker_result(out)
+
+
+def worker_result(out: Path) -> dict[str, Any]:
+    """What scripts/bench_worker.py wrote at `out`, for the page."""
     found: dict[str, Any] = {"note": f"scripts/bench_worker.py wrote nothing at {out}."}
     if out.exists():
         text = out.read_text()
@@ -71,6 +76,17 @@ def run_multiturn_bench(quick: bool, results_dir: Path) -> dict[str, Any]:
         subprocess.run(cmd, check=True, timeout=3600)
         found[model] = json.loads(out.read_text())
     return found
+
+
+def earlier_result(name: str, results_dir: Path) -> dict[str, Any] | None:
+    """The last results of a step that --only skipped, from bench/results (None: never run)."""
+    if name == "multiturn":
+        paths = {model: results_dir / f"multiturn-{model}.json" for model in MULTITURN_MODELS}
+        return {model: json.loads(p.read_text()) for model, p in paths.items() if p.exists()} or None
+    path = results_dir / f"{name}.json"
+    if not path.exists():
+        return None
+    return worker_result(path) if name == "worker" else json.loads(path.read_text())
 
 
 def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
@@ -112,7 +128,11 @@ def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
 def main(
     quick: bool = typer.Option(False, "--quick", help="Tiny counts: a smoke test, not a measurement."),
     out_dir: Path = typer.Option(ROOT, help="Where docs/ and bench/results/ are written."),
-    only: str = typer.Option("", help="Comma-separated subset: speed,balance,hetero,scale,worker,multiturn."),
+    only: str = typer.Option(
+        "",
+        help="Comma-separated subset: speed,balance,hetero,scale,worker,multiturn. The page keeps "
+        "the other sections from their last results in bench/results.",
+    ),
 ) -> None:
     everything = {"speed", "balance", "hetero", "scale", "worker", "multiturn"}
     chosen = set(only.split(",")) if only else everything
@@ -143,6 +163,10 @@ def main(
     ]
     for name, step in steps:
         if name not in chosen:
+            earlier = None if quick else earlier_result(name, results_dir)
+            if earlier is not None:
+                results[name] = earlier
+                notes.append(f"{name}: not re-measured in this run; its last results from bench/results.")
             continue
         _say(f"{name} ...")
         started = time.monotonic()

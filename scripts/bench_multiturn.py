@@ -184,9 +184,9 @@ def markdown(results: dict[str, Any]) -> str:
         affinity = (
             f"{v['affinity'].get('exo_affinity_hits_total', 0.0):.0f}/{lookups:.0f}" if lookups else "-"
         )
-        cells = " | ".join(f"{x:.2f}" for x in v["ttft_by_turn_s"])
+        cells = " | ".join(f"{x:.3g}" for x in v["ttft_by_turn_s"])
         lines.append(
-            f"| {name} | {cells} | {v['ttft_later_turns_s']:.2f} | {v['ttft_later_turns_s'] / rr:.2f}x "
+            f"| {name} | {cells} | {v['ttft_later_turns_s']:.3g} | {v['ttft_later_turns_s'] / rr:.2f}x "
             f"| {hits}/{seen} | {100 * v['token_share_reused']:.0f}% | {affinity} |"
         )
     return "\n".join(lines)
