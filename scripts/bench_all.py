@@ -2,6 +2,8 @@
 
     python scripts/bench_all.py                 # full run: docs/BENCHMARKS.md, bench/results/*.json
     python scripts/bench_all.py --quick --out-dir /tmp/x   # smoke run with tiny counts (make test)
+    python scripts/bench_all.py --only multiturn   # one part again; the rest of the page as it was
+    python scripts/bench_all.py --report-only      # the page again from bench/results, no measuring
 
 Writes OUT/docs/BENCHMARKS.md, its charts under OUT/docs/bench/, and one JSON file per benchmark
 under OUT/bench/results/ (each with the machine, versions and load average). sglang-router is the
@@ -29,7 +31,9 @@ from exo_master.devtools.bench.speed import SpeedConfig, run_speed
 
 WORKER_BENCH = ROOT / "scripts" / "bench_worker.py"
 MULTITURN_BENCH = ROOT / "scripts" / "bench_multiturn.py"
-MULTITURN_MODELS = ("tiny", "smollm2")
+# (model, turns in flight): one turn at a time every instance is idle when a turn arrives (affinity
+# breaks the tie); with two in flight over two instances the chat's home is often the busy one.
+MULTITURN_RUNS = (("tiny", 2), ("smollm2", 1), ("smollm2", 2))
 
 
 def _say(text: str) -> None:
@@ -66,23 +70,24 @@ def worker_result(out: Path) -> dict[str, Any]:
 
 
 def run_multiturn_bench(quick: bool, results_dir: Path) -> dict[str, Any]:
-    """scripts/bench_multiturn.py once per model (tiny, then SmolLM2), each in its own process."""
+    """scripts/bench_multiturn.py once per MULTITURN_RUNS entry, each in its own process."""
     if quick:  # real MLX workers for minutes: the full make bench only
         return {"note": "quick run: the multi-turn benchmark runs in the full make bench only."}
     found: dict[str, Any] = {}
-    for model in MULTITURN_MODELS:
-        out = results_dir / f"multiturn-{model}.json"
-        cmd = [sys.executable, str(MULTITURN_BENCH), "--model", model, "--out", str(out)]
-        subprocess.run(cmd, check=True, timeout=3600)
-        found[model] = json.loads(out.read_text())
+    for model, concurrency in MULTITURN_RUNS:
+        name = f"{model}, {concurrency} in flight"
+        out = results_dir / f"multiturn-{model}-c{concurrency}.json"
+        cmd = [sys.executable, str(MULTITURN_BENCH), "--model", model, "--concurrency", str(concurrency)]
+        subprocess.run([*cmd, "--out", str(out)], check=True, timeout=3600)
+        found[name] = json.loads(out.read_text())
     return found
 
 
 def earlier_result(name: str, results_dir: Path) -> dict[str, Any] | None:
     """The last results of a step that --only skipped, from bench/results (None: never run)."""
     if name == "multiturn":
-        paths = {model: results_dir / f"multiturn-{model}.json" for model in MULTITURN_MODELS}
-        return {model: json.loads(p.read_text()) for model, p in paths.items() if p.exists()} or None
+        paths = {f"{m}, {c} in flight": results_dir / f"multiturn-{m}-c{c}.json" for m, c in MULTITURN_RUNS}
+        return {name: json.loads(p.read_text()) for name, p in paths.items() if p.exists()} or None
     path = results_dir / f"{name}.json"
     if not path.exists():
         return None
@@ -133,9 +138,12 @@ def main(
         help="Comma-separated subset: speed,balance,hetero,scale,worker,multiturn. The page keeps "
         "the other sections from their last results in bench/results.",
     ),
+    report_only: bool = typer.Option(
+        False, "--report-only", help="Measure nothing: rebuild the page from bench/results."
+    ),
 ) -> None:
     everything = {"speed", "balance", "hetero", "scale", "worker", "multiturn"}
-    chosen = set(only.split(",")) if only else everything
+    chosen = set() if report_only else set(only.split(",")) if only else everything
     router = router_installed()
     notes = [] if router else ["sglang-router is not installed (pip install '.[bench]'): exo side only."]
     results_dir = out_dir / "bench" / "results"
@@ -145,7 +153,7 @@ def main(
     speed_cfg, balance_cfg, scale_cfg = configs(quick)
     speed_cfg.with_router = balance_cfg.with_router = router
     meta = {
-        "command": "make bench" if not quick else "scripts/bench_all.py --quick",
+        "command": "scripts/bench_all.py --quick" if quick else "make bench",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick,
         "machine": machine_info(),
