@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from exo_master.bus_auth import MasterCurve
-from exo_master.bus_identity import DropReason, IdentityGuard
+from exo_master.bus_identity import MAX_NODES, DropReason, IdentityGuard
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from exo_master.incarnations import IncarnationGuard, Verdict
 from protocol import codec
@@ -101,6 +101,9 @@ class MasterBus:
         self.incarnations = IncarnationGuard(incarnation_grace)
         self._told: set[tuple[NodeId, str]] = set()
         self._subscribers: dict[NodeId, int] = {}  # live subscriptions per node topic
+        # Refused subscriptions per node topic, still held by their connections: libzmq answers each
+        # one with a keyless unsubscription when its connection closes (see _admit_subscription).
+        self._refused_held: dict[NodeId, int] = {}
         self._xpub = self._ctx.socket(zmq.XPUB)
         # The same libzmq socket seen through the plain (synchronous) API, for non-blocking sends.
         self._xpub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._xpub.underlying)
@@ -189,13 +192,8 @@ class MasterBus:
                         message = sock.recv(zmq.NOBLOCK, copy=False)
                     except zmq.Again:
                         break
-                    frame = message.bytes
-                    event = subscription_event(frame)
-                    if not self._admit_subscription(frame, event, _user_id(message)):
-                        continue
-                    if event is not None and self._subscription_changed(event):
-                        subscribed = isinstance(event, NodeSubscribed)
-                        log.info("bus.subscription", node_id=event.node_id, subscribed=subscribed)
+                    event = self._on_subscription(message.bytes, _user_id(message))
+                    if event is not None:
                         await deliver(event)
                 else:
                     await asyncio.sleep(0)  # a full batch: let others run, then go on draining
@@ -207,6 +205,16 @@ class MasterBus:
         finally:
             loop.remove_reader(fd)
             self._subscriptions_readable = self._subscriptions_loop = None
+
+    def _on_subscription(self, frame: bytes, key: str | None) -> NodeSubscribed | NodeUnsubscribed | None:
+        """Admit (or not) one (un)subscription just received; the event for the core, if any."""
+        event = subscription_event(frame)
+        if not self._admit_subscription(frame, event, key) or event is None:
+            return None
+        if not self._subscription_changed(event):
+            return None
+        log.info("bus.subscription", node_id=event.node_id, subscribed=isinstance(event, NodeSubscribed))
+        return event
 
     def _subscription_changed(self, event: NodeSubscribed | NodeUnsubscribed) -> bool:
         """Count a node topic's subscribers; only the first subscribe and the last unsubscribe
@@ -233,7 +241,9 @@ class MasterBus:
         to the pipe that sent the last subscription received. An unsubscription is always applied
         to its own pipe (harmless), but reaches the core only from the node's key: otherwise another
         peer could subscribe and unsubscribe node A's topic and make the master stop placing on A.
-        The ones libzmq makes for a closed connection carry no User-Id and pass.
+        The ones libzmq makes for a closed connection carry no User-Id, and for every topic that
+        connection asked for, refused or not: one for a topic refused to it is absorbed here, so a
+        peer refused node A's topic cannot unsubscribe A by hanging up (nor a test's rogue peer).
         """
         if not frame or frame[0] not in (0, 1):
             return False
@@ -247,14 +257,29 @@ class MasterBus:
         elif subscribe and topic != codec.BROADCAST_TOPIC:
             refused = self.guard.refuse(DropReason.FOREIGN_TOPIC)
         if refused is not None:
+            if isinstance(event, NodeSubscribed | NodeUnsubscribed) and refused == DropReason.KEY_MISMATCH:
+                # Unsubscribing a refused topic takes it off the connection's list: no keyless one then.
+                self._hold_refused(event.node_id, 1 if subscribe else -1)
             total = self.guard.drops[refused]
             if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
                 topic_text = topic[:80].decode(errors="replace")
                 log.warning("bus.subscription_refused", reason=refused, topic=topic_text, total=total)
             return False
+        if isinstance(event, NodeUnsubscribed) and key is None and self._refused_held.get(event.node_id):
+            self._hold_refused(event.node_id, -1)  # a refused subscriber's connection closed
+            return False
         if subscribe:
             self._xpub_now.setsockopt(zmq.SUBSCRIBE, topic)
         return True
+
+    def _hold_refused(self, node_id: NodeId, change: int) -> None:
+        if node_id not in self._refused_held and len(self._refused_held) >= MAX_NODES:
+            return  # bounded (only bound node ids get here, so only a flood of churn fills it)
+        held = max(0, self._refused_held.get(node_id, 0) + change)
+        if held:
+            self._refused_held[node_id] = held
+        else:
+            self._refused_held.pop(node_id, None)
 
     async def serve_workers(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
         # The plain socket, drained without blocking whenever its descriptor says something

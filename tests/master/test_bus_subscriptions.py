@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 import zmq
 
 from exo_master.bus import Inbound, MasterBus
-from exo_master.core.events import NodeSubscribed
+from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from exo_master.devtools.launcher import free_port_pair
 from protocol import codec
 from protocol.ids import NodeId
@@ -118,3 +118,25 @@ def test_the_broadcast_topic_is_applied_and_a_foreign_one_is_not() -> None:
             ctx.destroy(linger=0)  # closes the subscriber too when an assertion failed
 
     asyncio.run(scenario())
+
+
+def test_a_refused_subscriber_hanging_up_does_not_unsubscribe_the_node() -> None:
+    """A peer refused node A's topic, then gone: libzmq reports an unsubscription of A's topic for
+    its closed connection, with no key. The node itself must stay subscribed in the core's eyes."""
+    bus = MasterBus("127.0.0.1", free_port_pair(), origin="master")
+    bus.bind()
+    try:
+        a, topic = NodeId("a"), codec.node_topic(NodeId("a"))
+        subscribe, unsubscribe = b"\x01" + topic, b"\x00" + topic
+        assert bus._on_subscription(subscribe, "key-a") == NodeSubscribed(node_id=a)
+        # A rogue asks for A's topic (refused), and hangs up: its keyless unsubscription is absorbed.
+        assert bus._on_subscription(subscribe, "key-rogue") is None
+        assert bus._on_subscription(unsubscribe, None) is None
+        # A forger asks and takes it back itself (both refused): libzmq reports nothing at its close.
+        assert bus._on_subscription(subscribe, "key-forger") is None
+        assert bus._on_subscription(unsubscribe, "key-forger") is None
+        assert bus.guard.drops == {"key_mismatch": 3}
+        # Now A's own connection closes: that one unsubscribes A.
+        assert bus._on_subscription(unsubscribe, None) == NodeUnsubscribed(node_id=a)
+    finally:
+        bus.close()
