@@ -243,7 +243,7 @@ class MasterBus:
         peer could subscribe and unsubscribe node A's topic and make the master stop placing on A.
         The ones libzmq makes for a closed connection carry no User-Id, and for every topic that
         connection asked for, refused or not: one for a topic refused to it is absorbed here, so a
-        peer refused node A's topic cannot unsubscribe A by hanging up (nor a test's rogue peer).
+        peer refused node A's topic cannot unsubscribe A by hanging up.
         """
         if not frame or frame[0] not in (0, 1):
             return False
@@ -380,6 +380,7 @@ class MasterBus:
         )
 
     def close(self) -> None:
+        self._subscriptions_readable = self._subscriptions_loop = None  # no look after sends now
         if self.curve is not None:
             self.curve.stop()
         self._xpub.close(linger=0)
