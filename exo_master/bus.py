@@ -27,7 +27,7 @@ import zmq
 import zmq.asyncio
 
 from exo_master.bus_auth import MasterCurve
-from exo_master.bus_identity import DropReason, IdentityGuard
+from exo_master.bus_identity import MAX_NODES, DropReason, IdentityGuard
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from exo_master.incarnations import IncarnationGuard, Verdict
 from protocol import codec
@@ -101,6 +101,9 @@ class MasterBus:
         self.incarnations = IncarnationGuard(incarnation_grace)
         self._told: set[tuple[NodeId, str]] = set()
         self._subscribers: dict[NodeId, int] = {}  # live subscriptions per node topic
+        # Refused subscriptions per node topic, still held by their connections: libzmq answers each
+        # one with a keyless unsubscription when its connection closes (see _admit_subscription).
+        self._refused_held: dict[NodeId, int] = {}
         self._xpub = self._ctx.socket(zmq.XPUB)
         # The same libzmq socket seen through the plain (synchronous) API, for non-blocking sends.
         self._xpub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._xpub.underlying)
@@ -110,6 +113,10 @@ class MasterBus:
         self.insecure = insecure and curve is None
         self.guard = IdentityGuard()
         self._sub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._sub.underlying)
+        # Set while serve_subscriptions runs: its wake-up, and whether a look after sends is due.
+        self._subscriptions_readable: asyncio.Event | None = None
+        self._subscriptions_loop: asyncio.AbstractEventLoop | None = None
+        self._recheck_due = False
 
     def bind(self) -> None:
         self._xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every (re)subscription, e.g. after reconnects
@@ -140,21 +147,74 @@ class MasterBus:
             stamper = self._stampers[topic] = Stamper(f"{self._origin}/{name}")
         envelope = stamper.stamp(body, time.time())
         self._xpub_now.send_multipart(codec.encode_frames(topic, envelope), zmq.NOBLOCK)
+        self._recheck_subscriptions()
         name = type(body).__name__
         self.counters.sent[name] = self.counters.sent.get(name, 0) + 1
 
+    def _recheck_subscriptions(self) -> None:
+        """After a send, look once more for subscriptions (once per pass of the loop, not per send).
+
+        Any libzmq call on the XPUB first runs the socket's pending commands: a new peer's pipe is
+        taken in, with its subscriptions. That consumes the edge on ZMQ_FD that serve_subscriptions
+        sleeps on, and the descriptor is not signalled again for them: without this look, a peer's
+        subscriptions (a worker's node topic, the broadcast topic) would lie unread and unapplied
+        until some unrelated event woke the socket, and the peer would hear nothing meanwhile.
+        """
+        loop = self._subscriptions_loop
+        if self._recheck_due or loop is None:
+            return
+        self._recheck_due = True
+        loop.call_soon(self._recheck_now)
+
+    def _recheck_now(self) -> None:
+        self._recheck_due = False
+        readable = self._subscriptions_readable
+        if readable is not None and int(self._xpub_now.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            readable.set()
+
     async def serve_subscriptions(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
-        while True:
-            message = await self._xpub.recv(copy=False)
-            frame = message.bytes
-            event = subscription_event(frame)
-            if not self._admit_subscription(frame, event, _user_id(message)):
-                continue
-            if event is not None and self._subscription_changed(event):
-                log.info(
-                    "bus.subscription", node_id=event.node_id, subscribed=isinstance(event, NodeSubscribed)
-                )
-                await deliver(event)
+        # The plain socket, drained like serve_workers' and not through the asyncio wrapper, for two
+        # reasons. libzmq applies a manual (un)subscription to the pipe of the last one received,
+        # and any call on the socket may take in a pipe's termination, which forgets that pipe: so
+        # each one is applied right after its recv, with no other call in between (an awaited recv
+        # returns a pass of the loop later, after sends may have run). And our sends consume the
+        # descriptor's edge (see _recheck_subscriptions), which the wrapper cannot know about.
+        loop = asyncio.get_running_loop()
+        sock = self._xpub_now
+        fd = int(sock.getsockopt(zmq.FD))
+        readable = self._subscriptions_readable = asyncio.Event()
+        self._subscriptions_loop = loop
+        loop.add_reader(fd, readable.set)
+        try:
+            while True:
+                for _ in range(_RECV_BATCH):
+                    try:
+                        message = sock.recv(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    event = self._on_subscription(message.bytes, _user_id(message))
+                    if event is not None:
+                        await deliver(event)
+                else:
+                    await asyncio.sleep(0)  # a full batch: let others run, then go on draining
+                    continue
+                if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                    continue
+                readable.clear()
+                await readable.wait()
+        finally:
+            loop.remove_reader(fd)
+            self._subscriptions_readable = self._subscriptions_loop = None
+
+    def _on_subscription(self, frame: bytes, key: str | None) -> NodeSubscribed | NodeUnsubscribed | None:
+        """Admit (or not) one (un)subscription just received; the event for the core, if any."""
+        event = subscription_event(frame)
+        if not self._admit_subscription(frame, event, key) or event is None:
+            return None
+        if not self._subscription_changed(event):
+            return None
+        log.info("bus.subscription", node_id=event.node_id, subscribed=isinstance(event, NodeSubscribed))
+        return event
 
     def _subscription_changed(self, event: NodeSubscribed | NodeUnsubscribed) -> bool:
         """Count a node topic's subscribers; only the first subscribe and the last unsubscribe
@@ -177,32 +237,49 @@ class MasterBus:
         """Apply (manual XPUB) a subscription to the broadcast topic or to a node the peer speaks for;
         True when the event may go on to the core.
 
-        Called right after the recv, with no await in between: libzmq applies it to the pipe that
-        sent the last subscription. An unsubscription is always applied to its own pipe (harmless),
-        but reaches the core only from the node's key: otherwise another peer could subscribe and
-        unsubscribe node A's topic and make the master stop placing on A. The ones libzmq makes
-        for a closed connection carry no User-Id and pass.
+        Called right after the recv, with no other call on the socket in between: libzmq applies it
+        to the pipe that sent the last subscription received. An unsubscription is always applied
+        to its own pipe (harmless), but reaches the core only from the node's key: otherwise another
+        peer could subscribe and unsubscribe node A's topic and make the master stop placing on A.
+        The ones libzmq makes for a closed connection carry no User-Id, and for every topic that
+        connection asked for, refused or not: one for a topic refused to it is absorbed here, so a
+        peer refused node A's topic cannot unsubscribe A by hanging up.
         """
         if not frame or frame[0] not in (0, 1):
             return False
         topic = frame[1:]
         subscribe = frame[0] == 1
         if not subscribe:
-            self._xpub.setsockopt(zmq.UNSUBSCRIBE, topic)
+            self._xpub_now.setsockopt(zmq.UNSUBSCRIBE, topic)
         refused: str | None = None
         if isinstance(event, NodeSubscribed | NodeUnsubscribed):
             refused = self.guard.check_key(event.node_id, key, time.monotonic())
         elif subscribe and topic != codec.BROADCAST_TOPIC:
             refused = self.guard.refuse(DropReason.FOREIGN_TOPIC)
         if refused is not None:
+            if isinstance(event, NodeSubscribed | NodeUnsubscribed) and refused == DropReason.KEY_MISMATCH:
+                # Unsubscribing a refused topic takes it off the connection's list: no keyless one then.
+                self._hold_refused(event.node_id, 1 if subscribe else -1)
             total = self.guard.drops[refused]
             if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
                 topic_text = topic[:80].decode(errors="replace")
                 log.warning("bus.subscription_refused", reason=refused, topic=topic_text, total=total)
             return False
+        if isinstance(event, NodeUnsubscribed) and key is None and self._refused_held.get(event.node_id):
+            self._hold_refused(event.node_id, -1)  # a refused subscriber's connection closed
+            return False
         if subscribe:
-            self._xpub.setsockopt(zmq.SUBSCRIBE, topic)
+            self._xpub_now.setsockopt(zmq.SUBSCRIBE, topic)
         return True
+
+    def _hold_refused(self, node_id: NodeId, change: int) -> None:
+        if node_id not in self._refused_held and len(self._refused_held) >= MAX_NODES:
+            return  # bounded (only bound node ids get here, so only a flood of churn fills it)
+        held = max(0, self._refused_held.get(node_id, 0) + change)
+        if held:
+            self._refused_held[node_id] = held
+        else:
+            self._refused_held.pop(node_id, None)
 
     async def serve_workers(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
         # The plain socket, drained without blocking whenever its descriptor says something
@@ -303,6 +380,7 @@ class MasterBus:
         )
 
     def close(self) -> None:
+        self._subscriptions_readable = self._subscriptions_loop = None  # no look after sends now
         if self.curve is not None:
             self.curve.stop()
         self._xpub.close(linger=0)
