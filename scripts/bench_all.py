@@ -153,7 +153,7 @@ def main(
     speed_cfg, balance_cfg, scale_cfg = configs(quick)
     speed_cfg.with_router = balance_cfg.with_router = router
     meta = {
-        "command": "scripts/bench_all.py --quick" if quick else "make bench",
+        "command": " ".join(["scripts/bench_all.py", *sys.argv[1:]]) if sys.argv[1:] else "make bench",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick,
         "machine": machine_info(),

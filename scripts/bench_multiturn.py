@@ -14,8 +14,10 @@ prefix-aware least-loaded (the default), the same with --affinity-slack 1, plain
 prompt-cache hit rate and token share (prompt tokens served from the workers' caches) and the
 master's affinity counters, as JSON (--out, with a "markdown" table) and on stdout.
 
-    python scripts/bench_multiturn.py --model tiny --out bench/results/multiturn-tiny.json
-    python scripts/bench_multiturn.py --model smollm2 --out bench/results/multiturn-smollm2.json
+    python scripts/bench_multiturn.py --model tiny --out /tmp/multiturn-tiny.json
+    python scripts/bench_multiturn.py --model smollm2 --concurrency 1 --out /tmp/multiturn-smollm2.json
+
+(`make bench` runs it as scripts/bench_all.py lists in MULTITURN_RUNS, into bench/results.)
 """
 
 from __future__ import annotations

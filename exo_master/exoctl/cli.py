@@ -21,15 +21,20 @@ document per line per refresh, and into a pipe or file one summary line per refr
 JSON output (`--json`). Field names are those of the ClusterView served on GET /v1/cluster/state
 (`exo_master.core.view_rows`) and are a stable contract:
 
-    load    {"policy", "session", "instances": [InstanceRow], "models": [ModelRow], "totals"}
+    load    {"policy", "session", "instances": [InstanceRow], "models": [ModelRow], "totals",
+             "affinity"}
             InstanceRow: instance_id, node_id, model, kinds, status (loading|ready|failed|dead),
                          in_flight (confirmed by the worker), pending (assigned, awaiting the
                          worker's confirmation: the ledger), queued (requests waiting at the master
                          for this instance's model, so shared by the model's instances), capacity,
-                         max_concurrency, completed, failed, error
+                         max_concurrency, completed, failed, error, and the worker's prompt
+                         cache: prompt_cache_hits, prompt_cache_misses, prompt_cache_bytes,
+                         prompt_cache_reused_tokens, prompt_tokens
             ModelRow:    model, instances, ready, queued
             totals:      instances, in_flight, pending, queued (summed per model, not per
                          instance), capacity, max_concurrency, completed, failed
+            affinity:    enabled, lookups, hits (prefix-aware placement: chats with a known
+                         prefix, and how many went to the instance holding it)
     nodes   {"nodes": [NodeRow]}
             NodeRow:     node_id, address, alive, subscribed, last_heartbeat_age (seconds),
                          instances (instance ids), sequence_gaps (bus messages missed from it)
