@@ -6,10 +6,12 @@ when it completes, the chain extended by the assistant's reply is remembered too
 turn of that conversation starts with exactly those messages. A new request then looks for the
 instance holding the longest prefix of its own chain.
 
-Only prefixes that carry at least one assistant reply take part (`conversation_chain`). The
-prefixes before it (a system prompt, a template every chat shares) are in every worker's cache
-after its first request; steering by them would only pull every new chat to the first instance
-that saw one (with --affinity-slack, all of them: measured, the other instance stayed idle).
+Only a conversation's own prefixes take part: those from the first reply on (`conversation_chain`),
+and of those, lookups start at the first reply this master streamed (`conversation_start`). The
+prefixes before it (a system prompt, few-shot examples, a template every chat shares) are in every
+worker's cache after its first request; steering by them would only pull every new chat to the
+first instance that saw one (with --affinity-slack, all of them: measured, the other instance
+stayed idle).
 
 Bounded like the worker's cache: at most `capacity` (hash, instance) pairs, least recently used
 first out. Pure and deterministic (blake2b of the text; no process-seeded hash()).
@@ -65,6 +67,7 @@ class AffinityIndex:
         self.capacity = capacity
         self._holders: OrderedDict[tuple[bytes, InstanceId], None] = OrderedDict()
         self._by_hash: dict[bytes, list[InstanceId]] = {}
+        self._replies: OrderedDict[bytes, None] = OrderedDict()  # hashes that end in a streamed reply
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -83,6 +86,19 @@ class AffinityIndex:
             holders.remove(iid)
             if not holders:
                 del self._by_hash[h]
+
+    def remember_reply(self, digest: bytes, instance_id: InstanceId) -> None:
+        """A reply was streamed from `instance_id`: the conversation up to it is held there."""
+        self.remember((digest,), instance_id)
+        self._replies[digest] = None
+        self._replies.move_to_end(digest)
+        while len(self._replies) > self.capacity:
+            self._replies.popitem(last=False)
+
+    def conversation_start(self, chain: PrefixChain) -> int:
+        """Where lookups start: the first prefix of `chain` ending in a reply this master streamed
+        (len(chain) when none does: a first turn, or a conversation from elsewhere)."""
+        return next((i for i, h in enumerate(chain) if h in self._replies), len(chain))
 
     def holders(self, chain: PrefixChain) -> tuple[int, list[InstanceId]]:
         """The longest prefix of `chain` anyone holds: (its length in messages, its holders)."""

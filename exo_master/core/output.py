@@ -117,7 +117,7 @@ class OutputRelay:
         assert node_id is not None and instance_id is not None
         if self.affinity is not None and task.reply_hash is not None:
             # The next turn of this chat starts with the reply: its prefix is on this instance now.
-            self.affinity.remember((task.reply_hash.digest(),), instance_id)
+            self.affinity.remember_reply(task.reply_hash.digest(), instance_id)
         self.book.finish(task, now, msg.finish_reason, msg.usage)
         self.out.append(TaskAck(task_id=task.task_id, node_id=node_id, instance_id=instance_id))
 

@@ -160,7 +160,8 @@ class Scheduler:
         policy's choice (plus the slack); otherwise the choice. With slack 0 this only breaks ties,
         so a burst over equal instances stays within ceil(N/k) on each."""
         assert self.affinity is not None
-        length, holders = self.affinity.holders(task.prefixes)
+        chain = task.prefixes
+        length, holders = self.affinity.holders(chain[self.affinity.conversation_start(chain) :])
         if not length:
             return chosen
         self.stats.affinity_lookups += 1

@@ -109,6 +109,23 @@ def test_first_turns_sharing_a_system_prompt_are_not_pulled_to_one_instance() ->
     assert core.counters().affinity_lookups == 0
 
 
+def test_few_shot_examples_in_every_chat_are_not_a_conversation_to_follow() -> None:
+    # A template's example exchange is an assistant message too, but no reply this master streamed:
+    # new chats spread; a chat's next turn, after a streamed reply, still goes home.
+    core = core_with(2, affinity_slack=1.0)
+    shots = (ChatMessage(role="user", content="2+2?"), ChatMessage(role="assistant", content="4"))
+    firsts = [ask(core, f"t{i}", *shots, ChatMessage(role="user", content=f"chat {i}")) for i in range(4)]
+    assert sorted(p.instance_id for p in firsts).count(firsts[0].instance_id) == 2
+    assert core.counters().affinity_lookups == 0
+    home = firsts[3].instance_id
+    for placed in firsts:  # home keeps one chat running (load 1), the other instance is idle
+        if placed is firsts[3] or placed.instance_id != home:
+            complete(core, placed, "hello!")
+    follow = ask(core, "f", *shots, ChatMessage(role="user", content="chat 3"), HELLO, MORE)
+    assert follow.instance_id == home  # within the slack of the idle one
+    assert (core.counters().affinity_lookups, core.counters().affinity_hits) == (1, 1)
+
+
 def test_state_only_stays_the_plain_baseline() -> None:
     core = core_with(2, policy="state-only")  # type: ignore[arg-type]
     assert core.scheduler.affinity is None

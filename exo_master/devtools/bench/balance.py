@@ -8,9 +8,10 @@
    once. Score: makespan (burst sent -> last response) against the optimal schedule's.
 
 Each burst uses distinct prompts (a router's cache affinity sees distinct requests, as in life).
-The "shared prefix" rows send the same bursts behind one common system prompt and exchange, so the
-first instance to get one holds the prefix of every later one: exo's prefix affinity (on by
-default) and sglang-router's cache_aware policy are then tempted to pile the burst onto it.
+The "shared prefix" rows first hold one exchange (a request behind a long system prompt, and the
+reply it got), then burst follow-ups of that conversation: the instance that answered holds the
+prefix of every one, so exo's prefix affinity (on by default) and sglang-router's cache_aware
+policy are tempted to pile the burst onto it.
 The configurations alternate exo / router (A/B/A/B) within each shape.
 """
 
@@ -58,16 +59,10 @@ class BalanceConfig:
     heartbeat_interval: float = 1.0  # shorter only to make a smoke run start faster
 
 
-SHARED_PREFIX = (
+SHARED_OPENING = (
     {"role": "system", "content": "You are the cluster's helpful assistant. " * 8},
     {"role": "user", "content": "Here is our shared context: a long document everyone asks about."},
-    {"role": "assistant", "content": "Understood, I have read it."},
 )
-
-
-def _messages(i: int, salt: str, shared: bool) -> list[dict[str, str]]:
-    ask = {"role": "user", "content": f"{salt} request {i}: say something"}
-    return [*SHARED_PREFIX, ask] if shared else [ask]
 
 
 async def _burst(
@@ -76,24 +71,32 @@ async def _burst(
     """Fire n requests at once; (who served it, seconds until its response) for each."""
     connector = aiohttp.TCPConnector(limit=n + 4)
     async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as s:
+        history: list[dict[str, str]] = []
+        if shared:  # the exchange the burst follows up on: its reply is held where it was made
+            opening = [*SHARED_OPENING]
+            _, reply = await _post(s, url, opening, max_tokens)
+            history = [*opening, {"role": "assistant", "content": reply}]
         started = time.perf_counter()
 
         async def one(i: int) -> tuple[str, float]:
-            body = {
-                "model": "sim-model",
-                "max_tokens": max_tokens,
-                "messages": _messages(i, salt, shared),
-            }
-            async with s.post(
-                url, data=_json.encode(body), headers={"content-type": "application/json"}
-            ) as r:
-                payload = await r.json()
-                if r.status != 200:
-                    raise RuntimeError(f"burst request failed: {r.status} {payload}")
-                who = r.headers.get("x-exo-instance") or payload.get("system_fingerprint") or "?"
-                return who, time.perf_counter() - started
+            ask = {"role": "user", "content": f"{salt} request {i}: say something"}
+            who, _ = await _post(s, url, [*history, ask], max_tokens)
+            return who, time.perf_counter() - started
 
         return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def _post(
+    s: aiohttp.ClientSession, url: str, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[str, str]:
+    """One chat completion: who served it, and its text."""
+    body = {"model": "sim-model", "max_tokens": max_tokens, "messages": messages}
+    async with s.post(url, data=_json.encode(body), headers={"content-type": "application/json"}) as r:
+        payload = await r.json()
+        if r.status != 200:
+            raise RuntimeError(f"burst request failed: {r.status} {payload}")
+        who = r.headers.get("x-exo-instance") or payload.get("system_fingerprint") or "?"
+        return who, str(payload["choices"][0]["message"]["content"])
 
 
 def burst(url: str, n: int, max_tokens: int, salt: str, shared: bool = False) -> list[tuple[str, float]]:
