@@ -184,6 +184,7 @@ class MasterBus:
         fd = int(sock.getsockopt(zmq.FD))
         readable = self._subscriptions_readable = asyncio.Event()
         self._subscriptions_loop = loop
+        self._recheck_due = False  # a look queued on a loop that has since stopped never ran
         loop.add_reader(fd, readable.set)
         try:
             while True:
@@ -243,7 +244,8 @@ class MasterBus:
         peer could subscribe and unsubscribe node A's topic and make the master stop placing on A.
         The ones libzmq makes for a closed connection carry no User-Id, and for every topic that
         connection asked for, refused or not: one for a topic refused to it is absorbed here, so a
-        peer refused node A's topic cannot unsubscribe A by hanging up.
+        peer refused node A's topic cannot unsubscribe A by hanging up. Keyless ones cannot be
+        tied to a connection, so the count is per node and best effort (liveness still applies).
         """
         if not frame or frame[0] not in (0, 1):
             return False
@@ -274,7 +276,9 @@ class MasterBus:
 
     def _hold_refused(self, node_id: NodeId, change: int) -> None:
         if node_id not in self._refused_held and len(self._refused_held) >= MAX_NODES:
-            return  # bounded (only bound node ids get here, so only a flood of churn fills it)
+            # Bounded: this refusal goes untracked (its hang-up may then unsubscribe the node).
+            log.warning("bus.refused_subscriptions_untracked", node_id=node_id, tracked=MAX_NODES)
+            return
         held = max(0, self._refused_held.get(node_id, 0) + change)
         if held:
             self._refused_held[node_id] = held
