@@ -156,6 +156,7 @@ def main(
         "command": " ".join(["scripts/bench_all.py", *sys.argv[1:]]) if sys.argv[1:] else "make bench",
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "quick": quick,
+        "partial": chosen != everything,
         "machine": machine_info(),
         "load_before": load_average(),
         "notes": notes,

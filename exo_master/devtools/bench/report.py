@@ -180,7 +180,7 @@ def charts(results: dict[str, Any], out_dir: Path) -> list[str]:
 def markdown(results: dict[str, Any], chart_dir: str, pngs: list[str]) -> str:
     meta = results["meta"]
     machine = meta["machine"]
-    kind = "quick smoke run" if meta["quick"] else "full run"
+    kind = "quick smoke run" if meta["quick"] else "partial run" if meta.get("partial") else "full run"
     lines = [
         "# Benchmarks: exo-master and sglang-router, side by side",
         "",
