@@ -31,9 +31,10 @@ from exo_master.devtools.bench.speed import SpeedConfig, run_speed
 
 WORKER_BENCH = ROOT / "scripts" / "bench_worker.py"
 MULTITURN_BENCH = ROOT / "scripts" / "bench_multiturn.py"
-# (model, turns in flight): one turn at a time every instance is idle when a turn arrives (affinity
-# breaks the tie); with two in flight over two instances the chat's home is often the busy one.
-MULTITURN_RUNS = (("tiny", 2), ("smollm2", 1), ("smollm2", 2))
+# (model, turns in flight, reply tokens): one turn at a time every instance is idle when a turn
+# arrives (affinity breaks the tie); with two in flight over two instances the chat's home is often
+# the busy one; longer replies make a turn placed away from home re-read a longer history.
+MULTITURN_RUNS = (("tiny", 2, 32), ("smollm2", 1, 32), ("smollm2", 2, 32), ("smollm2", 1, 64))
 
 
 def _say(text: str) -> None:
@@ -74,19 +75,24 @@ def run_multiturn_bench(quick: bool, results_dir: Path) -> dict[str, Any]:
     if quick:  # real MLX workers for minutes: the full make bench only
         return {"note": "quick run: the multi-turn benchmark runs in the full make bench only."}
     found: dict[str, Any] = {}
-    for model, concurrency in MULTITURN_RUNS:
-        name = f"{model}, {concurrency} in flight"
-        out = results_dir / f"multiturn-{model}-c{concurrency}.json"
+    for model, concurrency, tokens in MULTITURN_RUNS:
+        name, out = _multiturn_names(results_dir, model, concurrency, tokens)
         cmd = [sys.executable, str(MULTITURN_BENCH), "--model", model, "--concurrency", str(concurrency)]
-        subprocess.run([*cmd, "--out", str(out)], check=True, timeout=3600)
+        subprocess.run([*cmd, "--max-tokens", str(tokens), "--out", str(out)], check=True, timeout=3600)
         found[name] = json.loads(out.read_text())
     return found
+
+
+def _multiturn_names(results_dir: Path, model: str, concurrency: int, tokens: int) -> tuple[str, Path]:
+    """A multi-turn run's heading on the page and its results file."""
+    heading = f"{model}, {concurrency} in flight, replies up to {tokens} tokens"
+    return heading, results_dir / f"multiturn-{model}-c{concurrency}-t{tokens}.json"
 
 
 def earlier_result(name: str, results_dir: Path) -> dict[str, Any] | None:
     """The last results of a step that --only skipped, from bench/results (None: never run)."""
     if name == "multiturn":
-        paths = {f"{m}, {c} in flight": results_dir / f"multiturn-{m}-c{c}.json" for m, c in MULTITURN_RUNS}
+        paths = dict(_multiturn_names(results_dir, *run) for run in MULTITURN_RUNS)
         return {name: json.loads(p.read_text()) for name, p in paths.items() if p.exists()} or None
     path = results_dir / f"{name}.json"
     if not path.exists():
