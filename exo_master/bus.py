@@ -27,6 +27,7 @@ import zmq
 import zmq.asyncio
 
 from exo_master.bus_auth import MasterCurve
+from exo_master.bus_drain import drain
 from exo_master.bus_identity import MAX_NODES, DropReason, IdentityGuard
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from exo_master.incarnations import IncarnationGuard, Verdict
@@ -51,7 +52,6 @@ HIGH_WATER_MARK = 10_000
 MAX_WORKER_FRAME_BYTES = 4 * 1024 * 1024
 _WORKER_TYPES = (WorkerHeartbeat, TaskAccepted, TaskChunk, TaskFinished, TaskFailed)
 _NODE_PREFIX = b"node/"
-_RECV_BATCH = 256  # worker messages handled per wake-up before yielding to the event loop
 
 Inbound = WorkerMessage | NodeSubscribed | NodeUnsubscribed
 
@@ -173,7 +173,7 @@ class MasterBus:
             readable.set()
 
     async def serve_subscriptions(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
-        # The plain socket, drained like serve_workers' and not through the asyncio wrapper, for two
+        # The plain socket, drained like serve_workers' (bus_drain), not through the asyncio wrapper, for two
         # reasons. libzmq applies a manual (un)subscription to the pipe of the last one received,
         # and any call on the socket may take in a pipe's termination, which forgets that pipe: so
         # each one is applied right after its recv, with no other call in between (an awaited recv
@@ -185,24 +185,20 @@ class MasterBus:
         readable = self._subscriptions_readable = asyncio.Event()
         self._subscriptions_loop = loop
         self._recheck_due = False  # a look queued on a loop that has since stopped never ran
+
+        async def take_one() -> bool:
+            try:
+                message = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return False
+            event = self._on_subscription(message.bytes, _user_id(message))
+            if event is not None:
+                await deliver(event)
+            return True
+
         loop.add_reader(fd, readable.set)
         try:
-            while True:
-                for _ in range(_RECV_BATCH):
-                    try:
-                        message = sock.recv(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    event = self._on_subscription(message.bytes, _user_id(message))
-                    if event is not None:
-                        await deliver(event)
-                else:
-                    await asyncio.sleep(0)  # a full batch: let others run, then go on draining
-                    continue
-                if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    continue
-                readable.clear()
-                await readable.wait()
+            await drain(sock, readable, take_one)
         finally:
             loop.remove_reader(fd)
             self._subscriptions_readable = self._subscriptions_loop = None
@@ -286,39 +282,32 @@ class MasterBus:
             self._refused_held.pop(node_id, None)
 
     async def serve_workers(self, deliver: Callable[[Inbound], Awaitable[None]]) -> None:
-        # The plain socket, drained without blocking whenever its descriptor says something
-        # changed: the asyncio receive path (a future and its poller bookkeeping per message) was
-        # a sixth of the master's CPU at saturation. ZMQ_FD is edge-like, so the loop only sleeps
-        # after ZMQ_EVENTS confirms nothing is left; batches are bounded so a flood of chunks
-        # cannot starve the HTTP side of the loop. With CURVE, frames are read without copying to
+        # The plain socket, drained whenever its descriptor fires (bus_drain: the asyncio receive
+        # path cost a sixth of the master's CPU). With CURVE, frames are read without copying to
         # learn the connection's authenticated key (User-Id).
         with_key = self.curve is not None
         loop = asyncio.get_running_loop()
         sock = self._sub_now
         fd = int(sock.getsockopt(zmq.FD))
         readable = asyncio.Event()
+
+        async def take_one() -> bool:
+            key: str | None = None
+            try:
+                if with_key:
+                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    key = _user_id(parts[-1])
+                    frames = [p.bytes for p in parts]
+                else:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+            await self._handle_worker_frames(frames, key, deliver)
+            return True
+
         loop.add_reader(fd, readable.set)
         try:
-            while True:
-                for _ in range(_RECV_BATCH):
-                    key: str | None = None
-                    try:
-                        if with_key:
-                            parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                            key = _user_id(parts[-1])
-                            frames = [p.bytes for p in parts]
-                        else:
-                            frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    await self._handle_worker_frames(frames, key, deliver)
-                else:
-                    await asyncio.sleep(0)  # a full batch: let others run, then go on draining
-                    continue
-                if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-                    continue
-                readable.clear()
-                await readable.wait()
+            await drain(sock, readable, take_one)
         finally:
             loop.remove_reader(fd)
 

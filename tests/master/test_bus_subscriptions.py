@@ -34,7 +34,7 @@ async def serving_bus() -> AsyncIterator[tuple[MasterBus, asyncio.Queue[Inbound]
     events: asyncio.Queue[Inbound] = asyncio.Queue()
     task = asyncio.create_task(bus.serve_subscriptions(events.put))
     try:
-        await asyncio.sleep(0)  # let the reader start and go to sleep on the descriptor
+        await asyncio.sleep(0)  # wait-ok: one loop pass, so the reader starts and sleeps on the descriptor
         yield bus, events
     finally:
         task.cancel()
@@ -72,7 +72,7 @@ async def heard(sock: zmq.Socket[bytes], resend: Callable[[], None]) -> bytes:
         resend()
         if sock.poll(0):
             return sock.recv_multipart()[0]
-        await asyncio.sleep(0.01)  # a polling step inside the deadline
+        await asyncio.sleep(0.01)  # wait-ok: a polling step inside the deadline
     raise TimeoutError("the subscriber heard nothing")
 
 
