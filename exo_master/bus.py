@@ -181,7 +181,6 @@ class MasterBus:
         # descriptor's edge (see _recheck_subscriptions), which the wrapper cannot know about.
         loop = asyncio.get_running_loop()
         sock = self._xpub_now
-        fd = int(sock.getsockopt(zmq.FD))
         readable = self._subscriptions_readable = asyncio.Event()
         self._subscriptions_loop = loop
         self._recheck_due = False  # a look queued on a loop that has since stopped never ran
@@ -196,11 +195,9 @@ class MasterBus:
                 await deliver(event)
             return True
 
-        loop.add_reader(fd, readable.set)
         try:
             await drain(sock, readable, take_one)
         finally:
-            loop.remove_reader(fd)
             self._subscriptions_readable = self._subscriptions_loop = None
 
     def _on_subscription(self, frame: bytes, key: str | None) -> NodeSubscribed | NodeUnsubscribed | None:
@@ -286,9 +283,7 @@ class MasterBus:
         # path cost a sixth of the master's CPU). With CURVE, frames are read without copying to
         # learn the connection's authenticated key (User-Id).
         with_key = self.curve is not None
-        loop = asyncio.get_running_loop()
         sock = self._sub_now
-        fd = int(sock.getsockopt(zmq.FD))
         readable = asyncio.Event()
 
         async def take_one() -> bool:
@@ -305,11 +300,7 @@ class MasterBus:
             await self._handle_worker_frames(frames, key, deliver)
             return True
 
-        loop.add_reader(fd, readable.set)
-        try:
-            await drain(sock, readable, take_one)
-        finally:
-            loop.remove_reader(fd)
+        await drain(sock, readable, take_one)
 
     async def _handle_worker_frames(
         self, frames: list[bytes], key: str | None, deliver: Callable[[Inbound], Awaitable[None]]

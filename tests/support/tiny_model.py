@@ -13,6 +13,9 @@ it reaching `max_tokens`. Sampled decoding may still pick EOS now and then.
 from __future__ import annotations
 
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -109,3 +112,17 @@ def build_tiny_model(directory: Path) -> Path:
     }
     (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
     return directory
+
+
+@contextmanager
+def model_directory(model: str) -> Iterator[Path]:
+    """A local model directory for the benchmark scripts: "tiny" built into a temporary directory
+    (removed afterwards), any other name resolved by exo_worker.models (smollm2 prepared from its
+    package if needed; ModelLoadError when it cannot be)."""
+    if model == "tiny":
+        with tempfile.TemporaryDirectory(prefix="exo-bench-") as tmp:
+            yield build_tiny_model(Path(tmp) / "tiny-model")
+        return
+    from exo_worker.models import resolve_model
+
+    yield Path(resolve_model(model))
