@@ -17,15 +17,15 @@ import typer
 import uvicorn
 import zmq
 
-from exo_master.api import Api, build_app
-from exo_master.bus import MasterBus
-from exo_master.bus_auth import SETUP_HINT, MasterCurve, is_loopback, load_master_curve
+from exo_master.bus.curve import SETUP_HINT, MasterCurve, is_loopback, load_master_curve
+from exo_master.bus.sockets import MasterBus
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.placement import POLICY_NAMES
-from exo_master.fastpath import coalescing_http_protocol
-from exo_master.http_auth import ApiKeyError, read_keys, secure_app
-from exo_master.http_bounds import ApiLimits
-from exo_master.inference_metrics import InferenceMetrics
+from exo_master.http.api import Api, build_app
+from exo_master.http.auth import ApiKeyError, read_keys, secure_app
+from exo_master.http.bounds import ApiLimits
+from exo_master.http.fastpath import coalescing_http_protocol
+from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
@@ -130,7 +130,7 @@ async def serve(
         bus.close()
         return 2
     runtime = MasterRuntime(MasterCore(config), bus)
-    from exo_master.metrics import metrics_route
+    from exo_master.http.metrics import metrics_route
 
     limits = limits or ApiLimits()
     inference = InferenceMetrics()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import msgspec
 import structlog
 
-from exo_master.bus import Inbound, MasterBus
+from exo_master.bus.sockets import Inbound, MasterBus
 from exo_master.core import MasterCore
 from exo_master.core.events import (
     CancelRequest,

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import typer
-
-from exo_master.devtools.bench.balance import BalanceConfig, run_balance, run_hetero
-from exo_master.devtools.bench.procs import ROOT, load_average, machine_info, router_installed
-from exo_master.devtools.bench.report import charts, markdown
-from exo_master.devtools.bench.scale import ScaleConfig, run_scale
-from exo_master.devtools.bench.speed import SpeedConfig, run_speed
+from benchkit.balance import BalanceConfig, run_balance, run_hetero
+from benchkit.procs import ROOT, load_average, machine_info, router_installed
+from benchkit.report import charts, markdown
+from benchkit.scale import ScaleConfig, run_scale
+from benchkit.speed import SpeedConfig, run_speed
 
 WORKER_BENCH = ROOT / "scripts" / "bench_worker.py"
 MULTITURN_BENCH = ROOT / "scripts" / "bench_multiturn.py"

@@ -13,15 +13,18 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import typer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/support, from a checkout
+
 from exo_master.core.placement import POLICY_NAMES
 from exo_master.devtools.launcher import ClusterSpec, LocalCluster
-from exo_master.devtools.loadgen import burst, spread
+from tests.support.loadgen import burst, spread
 
 SHAPES = ((16, 2), (64, 4))
 

@@ -38,11 +38,13 @@ from typing import Any
 
 import httpx
 import typer
+from benchkit.inference_report import BURST, Burst, Sample, Side, build_report, render
 from rich.console import Console
 
-from exo_master.devtools.bench.inference_report import BURST, Burst, Sample, Side, build_report, render
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support, from a checkout
+
 from exo_master.devtools.launcher import ClusterSpec, ClusterStartError, LocalCluster
-from exo_master.devtools.loadgen import BurstFailed, burst_responses
+from tests.support.loadgen import BurstFailed, burst_responses
 
 console = Console(stderr=True, soft_wrap=True)
 REQUEST_TIMEOUT_S = 600.0  # per request (httpx); the clusters' ready wait has its own bound
@@ -60,8 +62,6 @@ class BenchError(RuntimeError):
 @contextmanager
 def model_directory(model: str) -> Iterator[Path]:
     """smollm2 / tiny / a path -> a local MLX model directory (tiny: built into a temp dir)."""
-    # tests/ is not an installed package: import it from the repository this script lives in.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from exo_worker.engine import ModelLoadError
     from tests.support.tiny_model import model_directory as prepared
 

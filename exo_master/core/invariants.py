@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.pool import score
+from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, TaskId
 
 if TYPE_CHECKING:

@@ -17,24 +17,9 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import FinishReason, TaskFinished, TaskKind, TaskParams, Usage
-
-
-class TaskStatus(enum.StrEnum):
-    QUEUED = "queued"  # admitted, waiting at the master for a free slot (or re-placement)
-    PENDING = "pending"  # assigned; counted by the ledger until the worker confirms
-    RUNNING = "running"  # confirmed by the worker; counted by the instance's confirmed set
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def is_final(self) -> bool:
-        return self in FINAL
-
-
-FINAL = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
 class Trigger(enum.StrEnum):

@@ -42,7 +42,7 @@ from exo_master.core.records import ClusterState, InstanceRecord
 from exo_master.core.scheduling import Scheduler, assign_message
 from exo_master.core.tasks import TaskBook
 from exo_master.core.view import CoreCounters, build_view
-from exo_master.core.view_rows import ClusterView
+from protocol.cluster_view import ClusterView
 from protocol.ids import InstanceId, ModelId, TaskId
 from protocol.messages import (
     CancelTask,

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from exo_master.core.config import CoreConfig
 from exo_master.core.events import Effect
-from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.liveness import Liveness
 from exo_master.core.output import OutputRelay
 from exo_master.core.records import ClusterState, InstanceRecord, NodeRecord
 from exo_master.core.scheduling import Scheduler
 from exo_master.core.tasks import TaskBook
+from protocol.cluster_view import TaskStatus
 from protocol.messages import CancelTask, InstanceReport, InstanceStatus, TaskAck, WorkerHeartbeat
 
 

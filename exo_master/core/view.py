@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
-from exo_master.core.view_rows import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
+from protocol.cluster_view import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 from protocol.messages import InstanceStatus
 
 if TYPE_CHECKING:

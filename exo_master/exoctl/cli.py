@@ -19,7 +19,7 @@ master is down, unreachable or does not answer in time (one line on stderr, neve
 document per line per refresh, and into a pipe or file one summary line per refresh.
 
 JSON output (`--json`). Field names are those of the ClusterView served on GET /v1/cluster/state
-(`exo_master.core.view_rows`) and are a stable contract:
+(`protocol.cluster_view`) and are a stable contract:
 
     load    {"policy", "session", "instances": [InstanceRow], "models": [ModelRow], "totals",
              "affinity"}
@@ -54,10 +54,10 @@ from typing import Annotated
 
 import typer
 
-from exo_master.core.lifecycle import TaskStatus
 from exo_master.exoctl import keys, render
 from exo_master.exoctl.client import connected
 from exo_master.exoctl.watch import console, print_json, show
+from protocol.cluster_view import TaskStatus
 from protocol.version import version_line
 
 DEFAULT_API = "http://127.0.0.1:52415"

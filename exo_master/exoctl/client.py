@@ -16,7 +16,7 @@ import httpx
 import msgspec
 import typer
 
-from exo_master.core.view_rows import ClusterView
+from protocol.cluster_view import ClusterView
 
 
 class Unreachable(Exception):

@@ -1,7 +1,7 @@
 """Pure rendering for `exoctl`: ClusterView rows in, rich Tables and JSON-ready dicts out.
 
 No I/O here (`exoctl.client` fetches, `exoctl.watch` prints), so every helper is unit-testable.
-JSON documents reuse the ClusterView field names unchanged (see `exo_master.core.view_rows`); the only
+JSON documents reuse the ClusterView field names unchanged (see `protocol.cluster_view`); the only
 additions are `totals` and `affinity` (for `load`) and the wrapper keys documented in
 `exo_master.exoctl.cli`.
 """
@@ -14,7 +14,7 @@ import msgspec
 from rich.table import Table
 from rich.text import Text
 
-from exo_master.core.view_rows import ClusterView, InstanceRow, NodeRow, TaskRow
+from protocol.cluster_view import ClusterView, InstanceRow, NodeRow, TaskRow
 
 _INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
 _TASK_STYLE = {

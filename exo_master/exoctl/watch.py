@@ -19,8 +19,8 @@ from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from exo_master.core.view_rows import ClusterView
 from exo_master.exoctl.client import ApiFailure, Unreachable
+from protocol.cluster_view import ClusterView
 
 
 def console() -> Console:

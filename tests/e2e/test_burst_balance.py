@@ -10,8 +10,8 @@ from collections import Counter
 
 import pytest
 
-from exo_master.devtools.loadgen import burst, burst_responses, spread
 from tests.e2e.conftest import ClusterFactory
+from tests.support.loadgen import burst, burst_responses, spread
 
 pytestmark = pytest.mark.e2e
 
@@ -33,7 +33,7 @@ def test_bursts_from_two_client_processes_at_once_stay_balanced(start_cluster: C
     cluster = start_cluster(workers=2, sim_tokens_per_s=20)
     clients = [
         subprocess.Popen(
-            [sys.executable, "-m", "exo_master.devtools.loadgen", cluster.api_url, "8"],
+            [sys.executable, "-m", "tests.support.loadgen", cluster.api_url, "8"],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair, wait_for
-from exo_master.devtools.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
+from tests.support.loadgen import burst, spread
 
 pytestmark = pytest.mark.e2e
 Stream = tuple[str, AsyncIterator[str]]

@@ -9,8 +9,8 @@ import openai
 import pytest
 
 from exo_master.devtools.launcher import LocalCluster
-from exo_master.devtools.loadgen import burst, spread
 from tests.e2e.conftest import ClusterFactory
+from tests.support.loadgen import burst, spread
 
 pytestmark = [pytest.mark.e2e, pytest.mark.mlx]
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from starlette.testclient import TestClient
 from starlette.types import ASGIApp
 
-from exo_master.api import Api, build_app
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.events import Effect, NodeSubscribed
-from exo_master.http_bounds import ApiLimits
-from exo_master.inference_metrics import InferenceMetrics
-from exo_master.metrics import metrics_route
+from exo_master.http.api import Api, build_app
+from exo_master.http.bounds import ApiLimits
+from exo_master.http.inference_metrics import InferenceMetrics
+from exo_master.http.metrics import metrics_route
 from exo_master.runtime import MasterRuntime
 from protocol.messages import (
     AssignTask,

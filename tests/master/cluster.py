@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.events import Effect, NodeSubscribed, SubmitTask, TaskPlaced
-from exo_master.core.lifecycle import TaskStatus
+from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     ChatMessage,

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exo_master.http_bounds import ApiLimits
-from exo_master.openai_schema import MAX_SEED, MAX_TOKENS_LIMIT
+from exo_master.http.bounds import ApiLimits
+from exo_master.http.openai_schema import MAX_SEED, MAX_TOKENS_LIMIT
 from tests.master.api_harness import InProcess, in_process
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_master.bus_auth import AuthCounters, AuthorizedKeys, load_master_curve
+from exo_master.bus.curve import AuthCounters, AuthorizedKeys, load_master_curve
 from protocol import keys
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exo_master.bus_identity import DropReason, IdentityGuard
+from exo_master.bus.identity import DropReason, IdentityGuard
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import InstanceReport, TaskChunk, WorkerHeartbeat
 

@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager
 
 import zmq
 
-from exo_master.bus import Inbound, MasterBus
+from exo_master.bus.sockets import Inbound, MasterBus
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from exo_master.devtools.launcher import free_port_pair
 from protocol import codec

@@ -10,9 +10,9 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from exo_master.core.view_rows import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 from exo_master.exoctl import render
 from exo_master.exoctl.client import error_message
+from protocol.cluster_view import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 
 
 def instance(

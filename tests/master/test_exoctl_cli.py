@@ -16,12 +16,12 @@ from rich.console import Console
 from rich.table import Table
 from typer.testing import CliRunner
 
-from exo_master.core.view_rows import ClusterView, InstanceRow, ModelRow, NodeRow
 from exo_master.daemon import app as master_app
 from exo_master.devtools.launcher import free_port
 from exo_master.exoctl import cli, render
 from exo_master.exoctl.cli import app as exoctl_app
 from exo_worker.daemon import app as worker_app
+from protocol.cluster_view import ClusterView, InstanceRow, ModelRow, NodeRow
 from protocol.version import package_version
 
 runner = CliRunner()

@@ -9,11 +9,11 @@ import pytest
 from starlette.testclient import TestClient
 
 from exo_master import daemon
-from exo_master.api import build_app
-from exo_master.bus import MasterBus
-from exo_master.bus_auth import is_loopback
+from exo_master.bus.curve import is_loopback
+from exo_master.bus.sockets import MasterBus
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.http_auth import ApiKeyError, read_keys, secure_app
+from exo_master.http.api import build_app
+from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.runtime import MasterRuntime
 
 KEY = "sk-unit-1"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from exo_master.incarnations import IncarnationGuard, Verdict
+from exo_master.bus.incarnations import IncarnationGuard, Verdict
 
 
 def test_the_first_process_of_a_node_is_admitted_and_stays_admitted() -> None:

@@ -18,7 +18,7 @@ from exo_master.core.events import (
     TaskPlaced,
     TaskQueued,
 )
-from exo_master.core.lifecycle import TaskStatus
+from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,

@@ -7,7 +7,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exo_master.core import CoreConfig, MasterCore
 from exo_master.core.events import NodeSubscribed
-from exo_master.metrics import MasterMetrics
+from exo_master.http.metrics import MasterMetrics
 from exo_master.runtime import MasterRuntime
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import PromptCacheStats, TaskAccepted

@@ -17,8 +17,8 @@ from exo_master.core.events import (
     TaskQueued,
     TaskRejected,
 )
-from exo_master.core.lifecycle import TaskStatus
 from exo_master.core.queue import WaitQueues
+from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, ModelId, TaskId
 from protocol.messages import AssignTask, CancelTask, InstanceReport, InstanceStatus, TaskKind
 from tests.master.cluster import (

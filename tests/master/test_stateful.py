@@ -32,7 +32,7 @@ from exo_master.core.events import (
     TaskRejected,
 )
 from exo_master.core.invariants import check_pools
-from exo_master.core.lifecycle import TaskStatus
+from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from exo_master.devtools.bench.load import LoadResult, chat_body, load, percentile
-from exo_master.devtools.bench.procs import (
+from benchkit.load import LoadResult, chat_body, load, percentile
+from benchkit.procs import (
     Processes,
     cpu_seconds,
     load_average,

@@ -17,8 +17,8 @@ from typing import Any
 
 import httpx
 
-from exo_master.devtools.bench.load import chat_body, load
-from exo_master.devtools.bench.procs import Processes, cpu_seconds, load_average
+from benchkit.load import chat_body, load
+from benchkit.procs import Processes, cpu_seconds, load_average
 from exo_master.devtools.launcher import ClusterSpec, LocalCluster
 
 PER_PROCESS = 250
@@ -66,7 +66,7 @@ def run_scale(cfg: ScaleConfig, log_dir: Path) -> dict[str, Any]:
                     [
                         sys.executable,
                         "-m",
-                        "exo_master.devtools.bench.fakeworkers",
+                        "benchkit.fakeworkers",
                         "--master",
                         f"127.0.0.1:{cluster.bus_port}",
                         "--first",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import msgspec
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exo_master.http_errors import error_body
+from exo_master.http.errors import error_body
 
 _json = msgspec.json.Encoder()
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})

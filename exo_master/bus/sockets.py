@@ -26,11 +26,11 @@ import structlog
 import zmq
 import zmq.asyncio
 
-from exo_master.bus_auth import MasterCurve
-from exo_master.bus_drain import drain
-from exo_master.bus_identity import MAX_NODES, DropReason, IdentityGuard
+from exo_master.bus.curve import MasterCurve
+from exo_master.bus.drain import drain
+from exo_master.bus.identity import MAX_NODES, DropReason, IdentityGuard
+from exo_master.bus.incarnations import IncarnationGuard, Verdict
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
-from exo_master.incarnations import IncarnationGuard, Verdict
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
 from protocol.ids import NodeId
@@ -46,7 +46,7 @@ from protocol.messages import (
     WorkerMessage,
 )
 
-log = structlog.get_logger("exo_master.bus")
+log = structlog.get_logger("exo_master.bus.sockets")
 
 HIGH_WATER_MARK = 10_000
 MAX_WORKER_FRAME_BYTES = 4 * 1024 * 1024

@@ -24,27 +24,27 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exo_master.core.events import TaskCompleted, TaskOutput
-from exo_master.core.lifecycle import TaskStatus
-from exo_master.fastpath import FastPath
-from exo_master.http_bounds import ApiLimits, BodyReads, BoundedBody
-from exo_master.http_errors import ApiError, decode_json, error_body, invalid
-from exo_master.image_edits import read_image_edits
-from exo_master.inference_metrics import InferenceMetrics
-from exo_master.openai_compat import (
+from exo_master.http.bounds import ApiLimits, BodyReads, BoundedBody
+from exo_master.http.errors import ApiError, decode_json, error_body, invalid
+from exo_master.http.fastpath import FastPath
+from exo_master.http.image_edits import read_image_edits
+from exo_master.http.inference_metrics import InferenceMetrics
+from exo_master.http.openai_compat import (
     check_prompt_size,
     refuse_empty_prompt,
     refuse_unsupported_chat,
     refuse_unsupported_completion,
 )
-from exo_master.openai_format import DONE, ReplyShape, error_event
-from exo_master.openai_schema import (
+from exo_master.http.openai_format import DONE, ReplyShape, error_event
+from exo_master.http.openai_schema import (
     ChatCompletionRequest,
     CompletionRequest,
     ImageGenerationRequest,
     SamplingFields,
 )
-from exo_master.relay import Relay
+from exo_master.http.relay import Relay
 from exo_master.runtime import ClientGone, MasterRuntime
+from protocol.cluster_view import TaskStatus
 from protocol.ids import TaskId
 from protocol.messages import InstanceStatus, TaskParams
 

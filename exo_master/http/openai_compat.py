@@ -8,8 +8,8 @@ that changes nothing (penalties of 0, `tool_choice: "none"`, `response_format: {
 
 from __future__ import annotations
 
-from exo_master.http_errors import ApiError, invalid, unsupported
-from exo_master.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
+from exo_master.http.errors import ApiError, invalid, unsupported
+from exo_master.http.openai_schema import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
 def _refuse_sampling(body: SamplingFields) -> None:

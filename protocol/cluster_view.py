@@ -1,11 +1,32 @@
 """Read-only views of the master's state, as served on GET /v1/cluster/state and read by exoctl.
 
+They live in `protocol/` because both sides read them: the master's core builds them, and exoctl
+(the operator's client) decodes them without importing the scheduler.
+
 Field names here are a public, documented contract (`exoctl ... --json` prints them).
 """
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
+
+
+class TaskStatus(enum.StrEnum):
+    QUEUED = "queued"  # admitted, waiting at the master for a free slot (or re-placement)
+    PENDING = "pending"  # assigned; counted by the ledger until the worker confirms
+    RUNNING = "running"  # confirmed by the worker; counted by the instance's confirmed set
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.CANCELLED})
 
 
 class InstanceRow(msgspec.Struct, frozen=True, kw_only=True):

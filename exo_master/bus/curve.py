@@ -34,7 +34,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol.keys import PUBLIC_SUFFIX, KeyFileError, Keypair, fingerprint, load_keypair
 
-log = structlog.get_logger("exo_master.bus_auth")
+log = structlog.get_logger("exo_master.bus.curve")
 
 RELOAD_POLL_S = 1.0
 # One log line per refused key per this many seconds: a refused peer retries for ever.

@@ -40,7 +40,7 @@ def spread(instances: list[str]) -> list[int]:
     return sorted(Counter(instances).values(), reverse=True)
 
 
-# python -m exo_master.devtools.loadgen API_URL N [MODEL]: prints the instances as JSON
+# python -m tests.support.loadgen API_URL N [MODEL]: prints the instances as JSON
 if __name__ == "__main__":
     import json
     import sys

@@ -28,9 +28,9 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from benchkit.load import new_loop
+from benchkit.procs import Processes, load_average, start_mocks, start_router
 from exo_master.core.placement import POLICY_NAMES
-from exo_master.devtools.bench.load import new_loop
-from exo_master.devtools.bench.procs import Processes, load_average, start_mocks, start_router
 from exo_master.devtools.launcher import ClusterSpec, LocalCluster
 
 ROUTER_POLICIES = ("round_robin", "random", "power_of_two", "cache_aware")

@@ -57,10 +57,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from exo_master.core.events import Effect, RejectReason, TaskPlaced
-from exo_master.core.lifecycle import TaskStatus
-from exo_master.core.view_rows import ClusterView
-from exo_master.inference_metrics import InferenceMetrics
+from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
+from protocol.cluster_view import ClusterView, TaskStatus
 from protocol.messages import InstanceStatus
 
 # A decision is microseconds of pure Python; milliseconds mean something is wrong.

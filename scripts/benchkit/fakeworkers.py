@@ -1,6 +1,6 @@
 """Many simulated workers in one process, speaking the real bus protocol (benchmark 5).
 
-    python -m exo_master.devtools.bench.fakeworkers --master 127.0.0.1:52416 --first 0 --count 250
+    python -m benchkit.fakeworkers --master 127.0.0.1:52416 --first 0 --count 250
 
 Each fake node publishes a full WorkerHeartbeat (one ready instance of the model) every interval,
 spread evenly over the interval as independent workers would be, and subscribes to its node topic.

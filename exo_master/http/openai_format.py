@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from exo_master.http_errors import ApiError, error_body
+from exo_master.http.errors import ApiError, error_body
 from protocol.messages import FinishReason, Usage
 
 _json = msgspec.json.Encoder()

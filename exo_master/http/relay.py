@@ -25,8 +25,8 @@ from exo_master.core.events import (
     TaskQueued,
     TaskRejected,
 )
-from exo_master.http_errors import ApiError
-from exo_master.inference_metrics import InferenceMetrics
+from exo_master.http.errors import ApiError
+from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime, TaskWaiter
 
 T = TypeVar("T")

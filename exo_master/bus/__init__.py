@@ -1,0 +1,1 @@
+"""The master's bus side: ZeroMQ sockets, their drain loop, CURVE, node identity, incarnations."""
