@@ -20,7 +20,7 @@ import httpx
 
 from exo_master.devtools.launcher import free_port, wait_for
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 MOCK = ROOT / "scripts" / "mock_openai.py"
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
