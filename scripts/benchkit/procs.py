@@ -22,6 +22,13 @@ from exo_master.devtools.launcher import free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 MOCK = ROOT / "scripts" / "mock_openai.py"
+# benchkit lives in scripts/, outside the installed packages: `python -m benchkit.X` children find it
+# (and tests/support) through PYTHONPATH.
+BENCHKIT_PATH = {
+    "PYTHONPATH": os.pathsep.join(
+        [str(ROOT / "scripts"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+}
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -97,7 +104,9 @@ class Processes:
     def spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_dir / f"{name}.log", "ab") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=out, env={**os.environ, **(env or {})})
+            proc = subprocess.Popen(
+                args, stdout=out, stderr=out, env={**os.environ, **BENCHKIT_PATH, **(env or {})}
+            )
         self.procs.append(proc)
         return proc
 
