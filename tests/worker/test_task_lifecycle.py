@@ -51,9 +51,7 @@ async def test_a_task_runs_keeps_its_output_until_acknowledged() -> None:
     assert runner.state_of(TaskId("a")) is S.OUTPUT_KEPT and TaskId("a") in runner.report().finished_tasks
     await engine.until_started(2)
     assert runner.state_of(TaskId("b")) is S.RUNNING  # the freed slot went to the queued task
-    runner.acknowledged(
-        TaskAck(task_id=TaskId("a"), node_id=runner.node_id, instance_id=runner.instance_id).task_id
-    )
+    runner.acknowledged(TaskId("a"))
     assert runner.state_of(TaskId("a")) is S.ACKNOWLEDGED and not runner.report().finished_tasks
     await close(runner, engine)
 
