@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 
+from exo_worker.sim_engine import SimEngine
 from exo_worker.task_lifecycle import (
     TRANSITIONS,
     IllegalTaskMove,
@@ -16,6 +17,7 @@ from exo_worker.task_lifecycle import (
     advance,
 )
 from protocol.ids import TaskId
+from protocol.messages import FinishReason, TaskChunk, TaskFinished
 from tests.worker.runner_harness import GateEngine, Recorder, arun, assign, close, ready_runner
 
 S = TaskState
@@ -73,3 +75,16 @@ async def test_cancelled_while_queued_or_running_and_refused_tasks_keep_no_outpu
     runner.submit(assign("late"))  # shutting down: refused
     assert runner.state_of(TaskId("late")) is S.REFUSED
     assert runner.report().finished_tasks == (TaskId("run"),)
+
+
+@arun
+async def test_a_running_task_stopped_by_its_signal_ends_cancelled() -> None:
+    engine, rec = SimEngine(tokens_per_s=50.0), Recorder()
+    runner = await ready_runner(engine, rec)
+    runner.submit(assign("a", max_tokens=10_000))
+    await rec.until(lambda: bool(rec.of("a", TaskChunk)))
+    runner.cancel(TaskId("a"))
+    final = await rec.final_of("a")
+    assert isinstance(final, TaskFinished) and final.finish_reason is FinishReason.CANCELLED
+    assert runner.state_of(TaskId("a")) is S.CANCELLED and not runner.report().finished_tasks
+    await close(runner)
