@@ -73,7 +73,8 @@ class MasterCore:
         self.state = ClusterState()
         self.policy = make_policy(self.config.policy, self.config.seed)
         affinity = make_affinity(self.config)
-        self.candidates = Candidates(self.state, PendingLedger(self.config.ledger_ttl))
+        ledger = PendingLedger(self.config.ledger_ttl)  # read by the pools (load), written by moves
+        self.candidates = Candidates(self.state, ledger)
         self.book = TaskBook(self.config, self.state, self.stats, self.candidates, affinity)
         self.scheduler = Scheduler(self.config, self.book, self.candidates, self.policy, affinity)
         self.liveness = Liveness(self.config, self.book, self.candidates)
