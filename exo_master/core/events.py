@@ -10,7 +10,6 @@ whatever may emit, and returned whole.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 
 import msgspec
 
@@ -116,14 +115,16 @@ WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck
 Effect = ClientEffect | WorkerEffect
 
 
-@dataclass(slots=True)
 class Step:
     """One application of an event (or a tick) to the core: the time it happens at, and the effects
     it emits, in order. `MasterCore` makes one per call and returns its effects; every part of the
     core that may emit takes the step as an argument, so a reader sees where each message comes from."""
 
-    now: float
-    effects: list[Effect] = field(default_factory=list)
+    __slots__ = ("effects", "now")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.effects: list[Effect] = []
 
     def emit(self, effect: Effect) -> None:
         self.effects.append(effect)

@@ -59,7 +59,7 @@ class OutputRelay:
             self._deliver(task, task.next_chunk, task.held.pop(task.next_chunk), step)
         if task.final is not None and task.next_chunk >= (task.final.chunks or 0):
             self._complete(task, task.final, step)
-        elif not task.held and task.final is None:
+        elif self.due and not task.held and task.final is None:
             self.due.pop(_attempt(task), None)  # the gap filled by itself: it was only reordering
 
     def finished(self, task: TaskRecord, msg: TaskFinished, step: Step) -> None:
@@ -109,7 +109,8 @@ class OutputRelay:
         step.emit(TaskOutput(task_id=task.task_id, index=index, text=text))
 
     def _complete(self, task: TaskRecord, msg: TaskFinished, step: Step) -> None:
-        self.due.pop(_attempt(task), None)
+        if self.due:
+            self.due.pop(_attempt(task), None)
         node_id, instance_id = task.node_id, task.instance_id
         assert node_id is not None and instance_id is not None
         if self.affinity is not None and task.reply_hash is not None:
