@@ -215,8 +215,9 @@ class BatchScheduler:
                 ended.append((seq, FinishReason.STOP))
                 self._remove(seq, keep_cache=True)
             elif response.finish_reason is not None:
-                text += seq.stops.flush()
-                reason = FinishReason.STOP if response.finish_reason == "stop" else FinishReason.LENGTH
+                tail, hit = seq.stops.flush()  # a stop string may still be held, undecided
+                text += tail
+                reason = FinishReason.STOP if hit or response.finish_reason == "stop" else FinishReason.LENGTH
                 ended.append((seq, reason))
                 del self._active[seq.uid]  # the generator has dropped it already
                 self.prompt_cache.insert(response.all_tokens, response.prompt_cache)

@@ -28,11 +28,8 @@ from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutc
 from exo_worker.mlx_thread import MlxThread
 from exo_worker.models import looks_like_hub_id
 from exo_worker.prompt_cache import PromptCache, default_budget_bytes
-from exo_worker.stop_strings import StopStringFilter
 from exo_worker.text_delivery import Delivery
 from protocol.messages import PromptCacheStats, TaskKind, TaskParams, TextGenerationParams
-
-__all__ = ["MlxEngine", "StopStringFilter"]
 
 
 def _validate(params: TextGenerationParams) -> None:
@@ -201,21 +198,23 @@ class MlxEngine:
         _validate(params)
         if self._model is None or self._thread is None:
             raise EngineError(f"model {self._source} is not loaded")
-        abandoned = threading.Event()  # the awaiting task went away: the sequence must stop
-
-        def stopped() -> bool:
-            return cancel.is_set() or abandoned.is_set()
-
+        # `cancel` is the request's one stop signal: the runner sets it to cancel, and so does this
+        # coroutine when its awaiting task goes away. The future only carries the outcome back (it is
+        # shielded, so the MLX thread never finds it cancelled).
+        delivery = Delivery(asyncio.get_running_loop(), on_text, cancel)
         request = GenRequest(
-            params=params,
-            delivery=Delivery(asyncio.get_running_loop(), on_text, abandoned),
-            stopped=stopped,
-            future=concurrent.futures.Future(),
+            params=params, delivery=delivery, stopped=cancel.is_set, future=concurrent.futures.Future()
         )
         self._thread.enqueue(request)
+        outcome = asyncio.wrap_future(request.future)
         try:
-            outcome: RunOutcome = await asyncio.wrap_future(request.future)
+            return await asyncio.shield(outcome)
         except asyncio.CancelledError:
-            abandoned.set()
+            delivery.abandon()
+            outcome.add_done_callback(_discard)  # settled later by the MLX thread; nobody reads it
             raise
-        return outcome
+
+
+def _discard(outcome: asyncio.Future[RunOutcome]) -> None:
+    if not outcome.cancelled():
+        outcome.exception()  # retrieved, so asyncio does not log it as never retrieved

@@ -3,27 +3,28 @@
 A Runner owns one Engine and its `max_concurrency` slots: every task holding a slot is running in
 the engine at the same time (a batching engine such as MlxEngine decodes them together, its batch
 as wide as the slots). Tasks beyond the slots wait in a local FIFO (the master should not send
-them, but baseline placement policies overfill on purpose). It
-reports what happens through callbacks that take protocol messages, so the bus shell only has to
-publish them and this module can be tested without sockets.
+them, but baseline placement policies overfill on purpose). Each task moves along the table of
+`task_lifecycle` (queued, running, output kept, acknowledged, cancelled, refused). Everything a
+runner reports is a protocol message handed to one sink (`send`, the bus shell's), so this module
+can be tested without sockets.
 
 Idempotency: the master re-sends AssignTask until it sees TaskAccepted, so a task id may arrive
-many times. Active tasks answer with TaskAccepted again; recently ended tasks answer with their
-final message again (from a bounded LRU); only an id never seen (or long forgotten) runs.
+many times. Live tasks answer with TaskAccepted again; recently ended tasks answer with their
+final message again (from a bounded LRU); only an id never seen (or long forgotten, or cancelled)
+runs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import structlog
 
 from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache
 from exo_worker.output_log import OutputLog
+from exo_worker.task_lifecycle import FinalMessage, TaskState, Trigger, WorkerTask, advance, ending
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
@@ -42,37 +43,13 @@ from protocol.messages import (
 
 log = structlog.get_logger("exo_worker.runner")
 
-FinalMessage = TaskFinished | TaskFailed
-
-
-@dataclass(frozen=True, slots=True)
-class RunnerCallbacks:
-    """Where a runner's events go. Called on the event loop thread; must not block."""
-
-    accepted: Callable[[TaskAccepted], None]
-    chunk: Callable[[TaskChunk], None]
-    finished: Callable[[TaskFinished], None]
-    failed: Callable[[TaskFailed], None]
-
-    @classmethod
-    def to(
-        cls, send: Callable[[TaskAccepted | TaskChunk | TaskFinished | TaskFailed], None]
-    ) -> RunnerCallbacks:
-        """All four events to one sink (the bus shell's `send`)."""
-        return cls(accepted=send, chunk=send, finished=send, failed=send)
-
-
-@dataclass(slots=True)
-class _Task:
-    assign: AssignTask
-    cancel: threading.Event = field(default_factory=threading.Event)
-    next_index: int = 0
-    handle: asyncio.Task[None] | None = None
-    done: bool = False
+RunnerMessage = TaskAccepted | TaskChunk | TaskFinished | TaskFailed
+# Where a runner's messages go (the bus shell's `send`). Called on the event loop; must not block.
+Send = Callable[[RunnerMessage], None]
 
 
 class Runner:
-    """One model instance: its engine, its slots, its queue, and its recent final results."""
+    """One model instance: its engine, its slots, its queue, and its recently ended tasks."""
 
     def __init__(
         self,
@@ -81,7 +58,7 @@ class Runner:
         instance_id: InstanceId,
         model: ModelId,
         engine: Engine,
-        callbacks: RunnerCallbacks,
+        send: Send,
         max_concurrency: int = 4,
         capacity: float = 1.0,
         max_queue: int = 1024,
@@ -95,21 +72,21 @@ class Runner:
         self.engine = engine
         self.max_concurrency = max_concurrency
         self.capacity = capacity
-        self._callbacks = callbacks
+        self._send = send
         self._max_queue = max_queue
         self._final_lru_size = final_lru_size
         self.status = InstanceStatus.LOADING
         self.error: str | None = None
-        # Every accepted, unfinished task (running or queued), in acceptance order.
-        self._active: dict[TaskId, _Task] = {}
-        self._running: set[TaskId] = set()
+        # Indexes by status: live tasks (queued or running) in acceptance order; the queued ones in
+        # FIFO order; the ended ones, least recently used first (bounded). Chunks live in `_outputs`.
+        self._live: dict[TaskId, WorkerTask] = {}
         self._queue: deque[TaskId] = deque()
-        self._finals: OrderedDict[TaskId, FinalMessage] = OrderedDict()
+        self._ended: OrderedDict[TaskId, WorkerTask] = OrderedDict()
         self._outputs = OutputLog()
         self._closing = False
         self._log = log.bind(instance_id=instance_id)
 
-    # ---- lifecycle ---------------------------------------------------------------------------
+    # ---- the instance ------------------------------------------------------------------------
 
     async def load(self) -> None:
         """Load the engine: status loading -> ready, or failed (and ModelLoadError re-raised)."""
@@ -128,17 +105,16 @@ class Runner:
         """Refuse new work, cancel everything, give running tasks `grace` seconds to end cleanly."""
         self._closing = True
         while self._queue:
-            self._end_queued(self._queue.popleft())
+            self._cancel_queued(self._live[self._queue[0]])
         handles: list[asyncio.Task[None]] = []
-        for task_id in list(self._running):
-            task = self._active[task_id]
-            task.cancel.set()
+        for task in self._live.values():
+            task.stop.set()
             if task.handle is not None:
                 handles.append(task.handle)
         if not handles:
             return
         _, pending = await asyncio.wait(handles, timeout=grace)
-        for handle in pending:  # an engine that ignores its cancel event: stop it the hard way
+        for handle in pending:  # an engine that ignores its stop signal: stop it the hard way
             handle.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
 
@@ -146,67 +122,76 @@ class Runner:
 
     def submit(self, assign: AssignTask) -> None:
         task_id = assign.task_id
-        final = self._finals.get(task_id)
-        if final is not None and not _was_cancelled(final):
-            self._finals.move_to_end(task_id)
-            self._emit_final(final)
+        ended = self._ended.get(task_id)
+        if ended is not None and ended.replayable:
+            assert ended.final is not None
+            self._ended.move_to_end(task_id)
+            self._send(ended.final)
             return
-        if final is not None:
+        if ended is not None:
             # The bus is FIFO per publisher, so an assignment that arrives after its cancel was sent
             # after it: the master wants the task again (re-placed here). Replaying the cancelled
             # result would end the client's request with output it never asked to stop.
-            del self._finals[task_id]
-        if task_id in self._active:
-            self._callbacks.accepted(self._accepted(task_id))
+            del self._ended[task_id]
+        if task_id in self._live:
+            self._send(self._accepted(task_id))
             return
+        task = WorkerTask(assign)
         reason = self._refusal(assign)
         if reason is not None:
             self._log.warning("task.refused", task_id=task_id, reason=reason)
-            self._finish(task_id, self._failed(task_id, reason, refused=True))
+            task.state = TaskState.REFUSED  # never accepted: it enters the table ended
+            self._end(task, self._failed(task_id, reason, refused=True))
             return
-        self._active[task_id] = _Task(assign)
+        self._live[task_id] = task
+        self._queue.append(task_id)
         self._outputs.started(task_id)
-        self._callbacks.accepted(self._accepted(task_id))
-        if len(self._running) < self.max_concurrency:
-            self._start(task_id)
-        else:
-            self._queue.append(task_id)
+        self._send(self._accepted(task_id))
+        self._fill_slots()
 
     def cancel(self, task_id: TaskId) -> None:
-        task = self._active.get(task_id)
+        task = self._live.get(task_id)
         if task is None:
             return  # unknown or already ended: nothing to do
-        if task_id in self._running:
-            task.cancel.set()  # the engine notices within one token and returns CANCELLED
+        if task.state is TaskState.RUNNING:
+            task.stop.set()  # the engine notices within one token and returns CANCELLED
             return
-        self._queue.remove(task_id)
-        self._end_queued(task_id)
+        self._cancel_queued(task)
 
     def fetch(self, request: FetchOutput) -> None:
         """Send again what the master is missing of a task's output (chunks, and the final)."""
         held = self._outputs.replay(request.task_id, request.from_index, request.final)
         if held is None:
             reason = f"the output of task {request.task_id} is no longer held by {self.node_id}"
-            self._callbacks.failed(self._failed(request.task_id, reason))
+            self._send(self._failed(request.task_id, reason))
             return
         chunks, final = held
         for offset, text in enumerate(chunks):
             self._send_chunk(request.task_id, request.from_index + offset, text)
         if final is not None:
-            self._emit_final(final)
+            self._send(final)
 
     def acknowledged(self, task_id: TaskId) -> None:
-        self._outputs.forget(task_id)
+        if task_id in self._live:
+            return  # the master acknowledges ended tasks only: this one is an older attempt's
+        task = self._ended.get(task_id)
+        if task is not None and task.state is TaskState.OUTPUT_KEPT:
+            advance(task, Trigger.ACK)
+        self._outputs.forget(task_id)  # also when its record has left the LRU already
 
     # ---- views -------------------------------------------------------------------------------
 
     @property
     def running(self) -> tuple[TaskId, ...]:
-        return tuple(t for t in self._active if t in self._running)
+        return tuple(t for t, task in self._live.items() if task.state is TaskState.RUNNING)
 
     @property
     def queued(self) -> tuple[TaskId, ...]:
         return tuple(self._queue)
+
+    def state_of(self, task_id: TaskId) -> TaskState | None:
+        task = self._live.get(task_id) or self._ended.get(task_id)
+        return task.state if task is not None else None
 
     def report(self) -> InstanceReport:
         return InstanceReport(
@@ -216,7 +201,7 @@ class Runner:
             status=self.status,
             max_concurrency=self.max_concurrency,
             capacity=self.capacity,
-            active_tasks=tuple(self._active),
+            active_tasks=tuple(self._live),
             finished_tasks=self._outputs.unacknowledged(),
             error=self.error,
             prompt_cache=(
@@ -224,7 +209,7 @@ class Runner:
             ),
         )
 
-    # ---- internals ---------------------------------------------------------------------------
+    # ---- the moves ---------------------------------------------------------------------------
 
     def _refusal(self, assign: AssignTask) -> str | None:
         if self._closing:
@@ -235,21 +220,32 @@ class Runner:
         if assign.kind not in self.engine.kinds:
             supported = ", ".join(k.value for k in self.engine.kinds)
             return f"instance {self.instance_id} does not support {assign.kind.value} (supports: {supported})"
-        if len(self._running) >= self.max_concurrency and len(self._queue) >= self._max_queue:
+        running = len(self._live) - len(self._queue)
+        if running >= self.max_concurrency and len(self._queue) >= self._max_queue:
             return f"instance {self.instance_id} queue is full ({self._max_queue} waiting)"
         return None
 
-    def _start(self, task_id: TaskId) -> None:
-        self._running.add(task_id)
-        task = self._active[task_id]
-        task.handle = asyncio.get_running_loop().create_task(self._run(task), name=f"task:{task_id}")
+    def _fill_slots(self) -> None:
+        """Free slots take the oldest queued tasks (queued -> running)."""
+        while self._queue and len(self._live) - len(self._queue) < self.max_concurrency:
+            task = self._live[self._queue.popleft()]
+            advance(task, Trigger.START)
+            name = f"task:{task.assign.task_id}"
+            task.handle = asyncio.get_running_loop().create_task(self._run(task), name=name)
 
-    async def _run(self, task: _Task) -> None:
+    def _cancel_queued(self, task: WorkerTask) -> None:
+        task_id = task.assign.task_id
+        self._queue.remove(task_id)
+        del self._live[task_id]
+        advance(task, Trigger.CANCEL)
+        self._end(task, self._finished(task_id, FinishReason.CANCELLED, Usage()))
+
+    async def _run(self, task: WorkerTask) -> None:
         task_id = task.assign.task_id
         final: FinalMessage
         try:
             outcome = await self.engine.run(
-                task.assign.params, lambda text: self._on_text(task, text), task.cancel
+                task.assign.params, lambda text: self._on_text(task, text), task.stop
             )
             final = self._finished(task_id, outcome.finish_reason, outcome.usage)
         except EngineError as exc:
@@ -263,50 +259,41 @@ class Runner:
             final = self._failed(task_id, f"engine error: {type(exc).__name__}: {exc}")
         self._end_running(task, final)
 
-    def _on_text(self, task: _Task, text: str) -> None:
-        if task.done or not text:  # nothing after the final message; empty pieces carry nothing
+    def _on_text(self, task: WorkerTask, text: str) -> None:
+        if (
+            task.state is not TaskState.RUNNING or not text
+        ):  # nothing after the end; empty pieces carry nothing
             return
         task_id = task.assign.task_id
         self._send_chunk(task_id, self._outputs.chunk(task_id, text), text)
 
-    def _send_chunk(self, task_id: TaskId, index: int, text: str) -> None:
-        self._callbacks.chunk(
-            TaskChunk(
-                node_id=self.node_id, task_id=task_id, instance_id=self.instance_id, index=index, text=text
-            )
-        )
+    def _end_running(self, task: WorkerTask, final: FinalMessage) -> None:
+        del self._live[task.assign.task_id]
+        advance(task, ending(final))
+        self._end(task, final)
+        self._fill_slots()  # a slot is free: the oldest queued task takes it
 
-    def _end_running(self, task: _Task, final: FinalMessage) -> None:
+    def _end(self, task: WorkerTask, final: FinalMessage) -> None:
+        """The task has ended (its status says how): keep what the master may still ask for."""
         task_id = task.assign.task_id
-        task.done = True
-        self._running.discard(task_id)
-        self._active.pop(task_id, None)
-        self._finish(task_id, final)
-        # A slot is free: the oldest queued task takes it.
-        while self._queue and len(self._running) < self.max_concurrency:
-            self._start(self._queue.popleft())
-
-    def _end_queued(self, task_id: TaskId) -> None:
-        task = self._active.pop(task_id)
-        task.done = True
-        self._finish(task_id, self._finished(task_id, FinishReason.CANCELLED, Usage()))
-
-    def _finish(self, task_id: TaskId, final: FinalMessage) -> None:
-        if _was_cancelled(final) or (isinstance(final, TaskFailed) and final.refused):
-            self._outputs.forget(task_id)  # nobody will fetch it: the master moved on
-        else:
+        task.final = final
+        if task.state is TaskState.OUTPUT_KEPT:
             self._outputs.ended(task_id, final)
-        self._finals[task_id] = final
-        self._finals.move_to_end(task_id)
-        while len(self._finals) > self._final_lru_size:
-            self._finals.popitem(last=False)
-        self._emit_final(final)
-
-    def _emit_final(self, final: FinalMessage) -> None:
-        if isinstance(final, TaskFinished):
-            self._callbacks.finished(final)
         else:
-            self._callbacks.failed(final)
+            self._outputs.forget(task_id)  # cancelled or refused: nobody will fetch it
+        self._ended[task_id] = task
+        self._ended.move_to_end(task_id)
+        while len(self._ended) > self._final_lru_size:
+            self._ended.popitem(last=False)
+        self._send(final)
+
+    # ---- messages ----------------------------------------------------------------------------
+
+    def _send_chunk(self, task_id: TaskId, index: int, text: str) -> None:
+        chunk = TaskChunk(
+            node_id=self.node_id, task_id=task_id, instance_id=self.instance_id, index=index, text=text
+        )
+        self._send(chunk)
 
     def _accepted(self, task_id: TaskId) -> TaskAccepted:
         return TaskAccepted(node_id=self.node_id, task_id=task_id, instance_id=self.instance_id)
@@ -334,10 +321,10 @@ class Runner:
 class RunnerGroup:
     """All instances of one worker: routes AssignTask/CancelTask by instance id, builds snapshots."""
 
-    def __init__(self, node_id: NodeId, runners: Sequence[Runner], callbacks: RunnerCallbacks) -> None:
+    def __init__(self, node_id: NodeId, runners: Sequence[Runner], send: Send) -> None:
         self.node_id = node_id
         self.runners: dict[InstanceId, Runner] = {r.instance_id: r for r in runners}
-        self._callbacks = callbacks
+        self._send = send
 
     def handle_assign(self, assign: AssignTask) -> None:
         runner = self.runners.get(assign.instance_id)
@@ -348,7 +335,7 @@ class RunnerGroup:
         log.warning("task.unknown_instance", task_id=assign.task_id, instance_id=assign.instance_id)
         known = ", ".join(self.runners) or "none"
         reason = f"unknown instance {assign.instance_id} on node {self.node_id} (instances: {known})"
-        self._callbacks.failed(
+        self._send(
             TaskFailed(
                 node_id=self.node_id,
                 task_id=assign.task_id,
@@ -387,7 +374,3 @@ class RunnerGroup:
 
     async def shutdown(self, grace: float = 2.0) -> None:
         await asyncio.gather(*(r.shutdown(grace) for r in self.runners.values()))
-
-
-def _was_cancelled(final: FinalMessage) -> bool:
-    return isinstance(final, TaskFinished) and final.finish_reason is FinishReason.CANCELLED

@@ -15,6 +15,7 @@ import math
 import threading
 
 from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from exo_worker.stop_strings import StopStringFilter
 from protocol.messages import (
     FinishReason,
     ImageEditsParams,
@@ -121,7 +122,7 @@ class SimEngine:
             if params.prompt is not None
             else sum(word_count(m.content) for m in params.messages)
         )
-        emitted = ""
+        stops = StopStringFilter(params.stop)
         deadline = asyncio.get_running_loop().time() + self._interval
         for index in range(params.max_tokens):
             if cancel.is_set():
@@ -134,21 +135,17 @@ class SimEngine:
                     FinishReason.CANCELLED, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
                 )
             word = sim_word(self._salt, prompt, params.seed, index)
-            piece = word if index == 0 else " " + word
-            candidate = emitted + piece
-            hit = _first_stop(candidate, params.stop)
-            if hit is not None:
-                # Simple stop handling: emit up to the stop string, never the stop string itself.
-                tail = candidate[len(emitted) : max(len(emitted), hit)]
-                if tail:
-                    on_text(tail)
+            text, hit = stops.feed(word if index == 0 else " " + word)
+            if text:
+                on_text(text)
+            if hit:  # the text ends before the stop string (stop_strings.py: the rule every engine uses)
                 usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=index + 1)
                 return RunOutcome(FinishReason.STOP, usage)
-            on_text(piece)
-            emitted = candidate
-        return RunOutcome(
-            FinishReason.LENGTH, Usage(prompt_tokens=prompt_tokens, completion_tokens=params.max_tokens)
-        )
+        tail, hit = stops.flush()
+        if tail:
+            on_text(tail)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=params.max_tokens)
+        return RunOutcome(FinishReason.STOP if hit else FinishReason.LENGTH, usage)
 
     async def _generate_image(
         self, params: ImageGenerationParams | ImageEditsParams, on_text: TextSink, cancel: threading.Event
@@ -168,8 +165,3 @@ def sim_image_b64(salt: str, params: ImageGenerationParams | ImageEditsParams) -
     source = _digest(params.image_b64, size=16).hex() if isinstance(params, ImageEditsParams) else ""
     raw = _digest(salt, params.KIND, params.prompt, params.seed, params.size, params.n, source, size=24)
     return base64.b64encode(raw).decode("ascii")
-
-
-def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    positions = [pos for stop in stops if stop and (pos := text.find(stop)) >= 0]
-    return min(positions) if positions else None

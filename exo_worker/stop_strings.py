@@ -1,4 +1,9 @@
-"""StopStringFilter: cuts a streamed text at the first stop string, however the text is cut into pieces."""
+"""StopStringFilter: the one stop-string rule of every engine, applied to a stream of text pieces.
+
+The rule (OpenAI's `stop`): the answer ends where the earliest occurrence of any stop string in the
+generated text begins, and the stop string itself is never returned. The result depends only on the
+text, never on how it was cut into pieces, nor on which stop string happened to complete first.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +11,15 @@ from collections.abc import Iterable
 
 
 class StopStringFilter:
-    """Cuts a text stream at the first stop string, even when a stop string spans several pieces.
+    """Cuts a text stream at the earliest stop string in it, even across pieces.
 
-    `feed` returns the text that is safe to emit now, and whether a stop string was found. It holds
-    back the longest tail that could still grow into a stop string: a tail that is a proper prefix
-    of one (so at most `len(longest stop) - 1` characters, usually none). On a hit, the text from
-    the stop string on is dropped. "First" means the stop string completed first (the one ending
-    earliest, the longest one on a tie): that is where a streaming generator has to stop, and it
-    makes the result independent of how the text was cut into pieces. `flush` returns the held-back
-    tail once the stream has ended without a hit.
+    `feed` returns the text that is safe to emit now, and whether the stream ends here. It holds back
+    text from the earliest position where a stop string could still begin (the text from there is a
+    proper prefix of one), so at most `len(longest stop) - 1` characters, usually none. When one stop
+    string has completed but a longer one that would begin earlier is still possible, the decision
+    waits for the next piece (the text cannot end before the earliest stop, wherever it turns out to
+    be). `flush`, at the end of the stream, returns what is held (cut at a stop string if one is
+    complete in it) and whether it was cut.
     """
 
     def __init__(self, stops: Iterable[str]) -> None:
@@ -23,26 +28,28 @@ class StopStringFilter:
 
     def feed(self, piece: str) -> tuple[str, bool]:
         self._buffer += piece
-        best: tuple[int, int] | None = None  # (end, start) of the first completed stop string
-        for stop in self._stops:
-            start = self._buffer.find(stop)
-            if start >= 0 and (best is None or (start + len(stop), start) < best):
-                best = (start + len(stop), start)
-        if best is not None:
-            out, self._buffer = self._buffer[: best[1]], ""
-            return out, True
-        hold = max((self._partial_match(stop) for stop in self._stops), default=0)
-        cut = len(self._buffer) - hold
-        out, self._buffer = self._buffer[:cut], self._buffer[cut:]
+        return self._decide(ended=False)
+
+    def flush(self) -> tuple[str, bool]:
+        return self._decide(ended=True)
+
+    def _decide(self, ended: bool) -> tuple[str, bool]:
+        buffer = self._buffer
+        cut = min((at for stop in self._stops if (at := buffer.find(stop)) >= 0), default=None)
+        undecided = None if ended else self._earliest_open(len(buffer) if cut is None else cut)
+        if cut is not None and undecided is None:
+            self._buffer = ""
+            return buffer[:cut], True
+        keep = len(buffer) if undecided is None else undecided
+        out, self._buffer = buffer[:keep], buffer[keep:]
         return out, False
 
-    def _partial_match(self, stop: str) -> int:
-        """Length of the longest end of the buffer that is a proper prefix of `stop`."""
-        for length in range(min(len(stop) - 1, len(self._buffer)), 0, -1):
-            if self._buffer.endswith(stop[:length]):
-                return length
-        return 0
-
-    def flush(self) -> str:
-        out, self._buffer = self._buffer, ""
-        return out
+    def _earliest_open(self, before: int) -> int | None:
+        """The first position before `before` where a stop string has begun but not completed yet."""
+        buffer = self._buffer
+        longest = max((len(stop) for stop in self._stops), default=0)
+        for at in range(max(0, len(buffer) - longest + 1), min(before, len(buffer))):
+            tail = buffer[at:]
+            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in self._stops):
+                return at
+        return None

@@ -4,7 +4,8 @@ A batch step produces one piece per request. Every piece of a step is posted to 
 `loop.call_soon_threadsafe` first, and only then does the MLX thread wait for all of them: one loop
 wake-up per step, however many requests share it. Waiting before the next step gives back-pressure
 and keeps "cancel within one token" true as the consumer sees it: a cancel set from `on_text` is
-visible to the check that follows the step.
+visible to the check that follows the step. The MLX thread sleeps on the piece's event; it wakes
+when the loop has run `on_text`, or when the request is abandoned (`Delivery.abandon`).
 """
 
 from __future__ import annotations
@@ -15,25 +16,34 @@ from collections.abc import Iterable
 
 from exo_worker.engine import EngineError, TextSink
 
-# How often the MLX thread, waiting for a loop to take its pieces, checks that the loop is still
-# there. The wait is normally far shorter.
-_POLL_S = 0.05
+# A deadline, not a poll: the wait normally ends when the loop has run `on_text`, or at once when the
+# request is abandoned. Only a loop closed without cancelling its tasks (then nobody can set either)
+# is noticed this late.
+_LOOP_GONE_S = 5.0
 
 
 class Delivery:
-    """One request's text channel: the loop it lives on, its `on_text`, and whether it was abandoned."""
+    """One request's text channel: the loop it lives on, its `on_text`, and its stop signal.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_text: TextSink, abandoned: threading.Event):
+    `stop` is the request's one stop signal (the engine's `cancel` event): once set, no more text is
+    posted, and `abandon` (the awaiting task went away) also wakes a wait in progress.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_text: TextSink, stop: threading.Event):
         self._loop = loop
         self._on_text = on_text
-        self.abandoned = abandoned
+        self.stop = stop
         self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._waiting: set[threading.Event] = set()  # posted pieces not yet taken
 
     def post(self, piece: str) -> threading.Event | None:
         """Schedule `on_text(piece)` on the loop; the returned event is set once it has run."""
-        if not piece or self.abandoned.is_set():
-            return None
         done = threading.Event()
+        with self._lock:
+            if not piece or self.stop.is_set():
+                return None
+            self._waiting.add(done)
 
         def deliver() -> None:
             try:
@@ -46,18 +56,25 @@ class Delivery:
         try:
             self._loop.call_soon_threadsafe(deliver)
         except RuntimeError:  # the loop is closed: nobody is listening any more
-            self.abandoned.set()
+            self.abandon()
             return None
         return done
 
     def wait(self, done: threading.Event) -> None:
-        """Wait until a posted piece was taken (or the listener went away)."""
-        while not done.wait(_POLL_S):
-            if self.abandoned.is_set():
-                return
+        """Wait until a posted piece was taken, or the request was abandoned."""
+        while not done.wait(_LOOP_GONE_S):
             if self._loop.is_closed():
-                self.abandoned.set()
-                return
+                self.abandon()
+        with self._lock:
+            self._waiting.discard(done)
+
+    def abandon(self) -> None:
+        """The awaiting task went away: stop the request and wake whoever waits for its text."""
+        with self._lock:
+            self.stop.set()
+            waiting, self._waiting = self._waiting, set()
+        for done in waiting:
+            done.set()
 
     def failure(self) -> EngineError | None:
         """The error `on_text` raised, as the EngineError that fails this request."""

@@ -18,7 +18,7 @@ from exo_worker.bus import MasterAddress, WorkerBus
 from exo_worker.bus_auth import ClientCurve
 from exo_worker.engine import ModelLoadError
 from exo_worker.engine_choice import EngineFactory
-from exo_worker.runner import Runner, RunnerCallbacks, RunnerGroup
+from exo_worker.runner import Runner, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import (
     AssignTask,
@@ -79,20 +79,19 @@ class WorkerDaemon:
             backoff_max=config.backoff_max,
             curve=config.curve,
         )
-        callbacks = RunnerCallbacks.to(self.bus.send)
         runners = [
             Runner(
                 node_id=config.node_id,
                 instance_id=(instance_id := config.instance_id(i)),
                 model=config.model,
                 engine=engine_factory(instance_id),
-                callbacks=callbacks,
+                send=self.bus.send,
                 max_concurrency=config.max_concurrency,
                 capacity=config.capacity,
             )
             for i in range(config.instances)
         ]
-        self.runners = RunnerGroup(config.node_id, runners, callbacks)
+        self.runners = RunnerGroup(config.node_id, runners, self.bus.send)
         self.ready = asyncio.Event()
         self._address = socket.gethostname()
         self._last_session_snapshot = ""

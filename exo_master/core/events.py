@@ -3,7 +3,8 @@
 Inputs from the master's own shells (API, bus) are plain frozen Structs, like the wire messages, so
 the core has one `handle(event, now)` entry point. Outputs are either wire messages for a worker
 (AssignTask, CancelTask, MasterHeartbeat) or client-facing results the API shell routes to the
-waiting HTTP request.
+waiting HTTP request. A `Step` carries them: one per event (or tick), passed down explicitly to
+whatever may emit, and returned whole.
 """
 
 from __future__ import annotations
@@ -112,3 +113,18 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
 WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck
 Effect = ClientEffect | WorkerEffect
+
+
+class Step:
+    """One application of an event (or a tick) to the core: the time it happens at, and the effects
+    it emits, in order. `MasterCore` makes one per call and returns its effects; every part of the
+    core that may emit takes the step as an argument, so a reader sees where each message comes from."""
+
+    __slots__ = ("effects", "now")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.effects: list[Effect] = []
+
+    def emit(self, effect: Effect) -> None:
+        self.effects.append(effect)

@@ -52,11 +52,11 @@ def check_invariants(core: MasterCore) -> None:
 def check_pools(core: MasterCore) -> None:
     """Each candidate pool holds exactly the eligible instances of its (model, kind), and offers each
     member with a free slot at its current score (and no member that is full)."""
-    for (model, kind), pool in core.scheduler.pools.items():
+    for (model, kind), pool in core.candidates.pools.items():
         eligible = {
             iid
             for iid, inst in core.state.by_model.get(model, {}).items()
-            if kind in inst.kinds and core.scheduler.eligible(inst)
+            if kind in inst.kinds and core.candidates.eligible(inst)
         }
         assert set(pool.members) == eligible, f"pool {model}/{kind} drift"
         offered = pool.offered()

@@ -7,49 +7,42 @@ place anything. `Scheduler.settle`, called once the whole event has been applied
 
 from __future__ import annotations
 
+from exo_master.core.candidates import Candidates
 from exo_master.core.config import CoreConfig
-from exo_master.core.events import Effect
-from exo_master.core.lifecycle import TaskRecord, TaskStatus
+from exo_master.core.events import Step
+from exo_master.core.instance_state import PhaseTrigger, move
+from exo_master.core.lifecycle import Fail, TaskRecord, TaskStatus, Unbind, permits
 from exo_master.core.records import ClusterState, InstanceRecord, NodeRecord
-from exo_master.core.scheduling import Scheduler
 from exo_master.core.tasks import TaskBook
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import CancelTask
 
 
 class Liveness:
-    def __init__(
-        self,
-        config: CoreConfig,
-        state: ClusterState,
-        book: TaskBook,
-        scheduler: Scheduler,
-        out: list[Effect],
-    ) -> None:
+    def __init__(self, config: CoreConfig, book: TaskBook, candidates: Candidates) -> None:
         self.config = config
-        self.state = state
+        self.state: ClusterState = book.state
         self.book = book
-        self.scheduler = scheduler
-        self.out = out
+        self.candidates = candidates
         self.subscribed: set[NodeId] = set()  # XPUB subscriptions seen, also for nodes not yet known
 
-    # ---- nodes ----------------------------------------------------------------------------------
+    # ---- nodes (their link: instance_state.Link) ------------------------------------------------
 
-    def check_nodes(self, now: float) -> None:
+    def check_nodes(self, step: Step) -> None:
+        now = step.now
         deadline = now - self.config.node_timeout
         forget_before = now - self.config.forget_dead_after
         dying = [n for n in self.state.nodes.values() if n.alive and n.last_seen < deadline]
         for node in dying:  # every dying node ineligible before any task moves
             node.alive = False
-            for iid in sorted(node.instances):
-                self.scheduler.reindex(self.state.instances[iid])
+            self._reindex(node)
         for node in dying:
             why = f"node {node.node_id} stopped responding (no heartbeat for {now - node.last_seen:.1f} s)"
             for iid in sorted(node.instances):
-                self.evacuate(self.state.instances[iid], why, now)
+                self.evacuate(self.state.instances[iid], why, step)
         for node in [n for n in self.state.nodes.values() if not n.alive and n.last_seen < forget_before]:
             why = f"node {node.node_id} has been dead too long"
-            self.retire(dict.fromkeys(sorted(node.instances), why), now)
+            self.retire(dict.fromkeys(sorted(node.instances), why), step)
             del self.state.nodes[node.node_id]
 
     def seen(self, node_id: NodeId, now: float) -> None:
@@ -63,8 +56,7 @@ class Liveness:
         node.last_seen = now
         if not node.alive:
             node.alive = True
-            for iid in sorted(node.instances):
-                self.scheduler.reindex(self.state.instances[iid])
+            self._reindex(node)
 
     def set_subscribed(self, node_id: NodeId, subscribed: bool) -> None:
         if subscribed:
@@ -75,54 +67,59 @@ class Liveness:
         if node is None:
             return
         node.subscribed = subscribed
+        self._reindex(node)
+
+    def _reindex(self, node: NodeRecord) -> None:
+        """The node's link changed: so did the availability of each of its instances."""
         for iid in sorted(node.instances):
-            self.scheduler.reindex(self.state.instances[iid])
+            self.candidates.reindex(self.state.instances[iid])
 
     # ---- instances ------------------------------------------------------------------------------
 
-    def retire(self, leaving: dict[InstanceId, str], now: float) -> None:
+    def retire(self, leaving: dict[InstanceId, str], step: Step) -> None:
         """Instances are going away (id -> why): all of them ineligible first, then their tasks move."""
         insts = [self.state.instances[iid] for iid in leaving]
         for inst in insts:
-            inst.retired = True
-            self.scheduler.reindex(inst)
+            move(inst, PhaseTrigger.RETIRE)
+            self.candidates.reindex(inst)
         for inst in insts:
-            self.evacuate(inst, leaving[inst.instance_id], now)
+            self.evacuate(inst, leaving[inst.instance_id], step)
             self.state.remove_instance(inst.instance_id)
 
-    def evacuate(self, inst: InstanceRecord, why: str, now: float) -> None:
+    def evacuate(self, inst: InstanceRecord, why: str, step: Step) -> None:
         """The instance is lost: what it had not started is displaced, what it ran is lost too."""
-        self.evacuate_pending(inst, why)
+        self.evacuate_pending(inst, why, step)
         for task_id in sorted(inst.confirmed):
-            self.lose_attempt(self.book.live[task_id], why, now)
+            self.lose_attempt(self.book.live[task_id], why, step)
 
-    def evacuate_pending(self, inst: InstanceRecord, why: str) -> None:
+    def evacuate_pending(self, inst: InstanceRecord, why: str, step: Step) -> None:
         for task_id in self.book.ledger.tasks_on(inst.instance_id):
-            self.book.unbind(self.book.live[task_id], why)
-            self.cancel_copy(task_id, inst.instance_id)
+            self.book.advance(self.book.live[task_id], Unbind(why), step)
+            self.cancel_copy(task_id, inst.instance_id, step)
 
     # ---- tasks ----------------------------------------------------------------------------------
 
-    def lose_attempt(self, task: TaskRecord, why: str, now: float) -> None:
-        """The task's instance lost it. Run it again elsewhere unless its client already has output:
-        a second run would not continue the same text."""
-        if task.status is TaskStatus.RUNNING and task.next_chunk > 0:
-            self.book.fail(task, now, why, unavailable=True)
-            return
-        self.book.unbind(task, why)
+    def lose_attempt(self, task: TaskRecord, why: str, step: Step) -> None:
+        """The task's instance lost it: run it again elsewhere if the table allows (no output reached
+        the client yet: `lifecycle.nothing_delivered`), otherwise the task fails."""
+        assert task.status in (TaskStatus.PENDING, TaskStatus.RUNNING), f"{task.task_id} has no attempt"
+        if permits(task, Unbind):
+            self.book.advance(task, Unbind(why), step)
+        else:
+            self.book.advance(task, Fail(why, unavailable=True), step)
 
-    def expire_unconfirmed(self, now: float) -> list[tuple[TaskId, InstanceId]]:
+    def expire_unconfirmed(self, step: Step) -> list[tuple[TaskId, InstanceId]]:
         """Assignments no worker confirmed within the ledger TTL are displaced; returns where each
         was, so the old copy can be cancelled once it is known whether the task moved."""
         expired = []
-        for entry in self.book.ledger.expire(now):
+        for entry in self.book.ledger.expire(step.now):
             task = self.book.live[entry.task_id]
             assert task.status is TaskStatus.PENDING and task.instance_id == entry.instance_id
-            self.book.unbind(task, "not confirmed in time")
+            self.book.advance(task, Unbind("not confirmed in time"), step)
             expired.append((entry.task_id, entry.instance_id))
         return expired
 
-    def cancel_copy(self, task_id: TaskId, instance_id: InstanceId) -> None:
+    def cancel_copy(self, task_id: TaskId, instance_id: InstanceId, step: Step) -> None:
         inst = self.state.instances.get(instance_id)
         if inst is not None:
-            self.out.append(CancelTask(task_id=task_id, node_id=inst.node_id, instance_id=instance_id))
+            step.emit(CancelTask(task_id=task_id, node_id=inst.node_id, instance_id=instance_id))

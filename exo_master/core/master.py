@@ -5,12 +5,19 @@ returns; they read it only through its public queries (`view`, `counters`, `load
 Each event is applied in two phases: the event's own changes first (which may make instances
 ineligible and displace tasks), then one `Scheduler.settle` that re-places and drains by age.
 
-    lifecycle   the task statuses and the one transition table
-    tasks       TaskBook: every count that depends on a task's status, changed in one place
-    scheduling  eligibility, candidate pools, placement, settling (re-place, drain, strand)
-    reconcile   heartbeats: the worker's snapshot made true in the projection
-    liveness    silent nodes, instances that go away, unconfirmed assignments
-    view        the read-only rows served on /v1/cluster/state
+    lifecycle       the task statuses and the one transition table, with each move's guard and effects
+    tasks           TaskBook: the live tasks and every count that depends on their status
+    instance_state  instance phases, node links, and what they make an instance eligible for
+    candidates      the candidate pools: eligible instances of each (model, kind) and their loads
+    scheduling      placement and settling (re-place, drain, fail what is stranded)
+    output          a task's text to its client whole and in order (reorder, fetch again)
+    reconcile       heartbeats: the worker's snapshot made true in the projection
+    liveness        silent nodes, instances that go away, unconfirmed assignments
+    view            the read-only rows served on /v1/cluster/state
+
+The parts are built in dependency order, each given what it uses, nothing patched in afterwards.
+Every call makes one `Step` (the time and the effects emitted so far); the parts that may emit take
+it as an argument, and the call returns its effects.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from itertools import islice
 
+from exo_master.core.candidates import Candidates
 from exo_master.core.config import CoreConfig, CoreStats
 from exo_master.core.events import (
     CancelRequest,
@@ -26,12 +34,14 @@ from exo_master.core.events import (
     NodeSubscribed,
     NodeUnsubscribed,
     RejectReason,
+    Step,
     SubmitTask,
     TaskQueued,
     TaskRejected,
 )
 from exo_master.core.invariants import check_invariants
-from exo_master.core.lifecycle import TaskRecord, TaskStatus
+from exo_master.core.ledger import PendingLedger
+from exo_master.core.lifecycle import CONFIRM, Cancel, Fail, TaskRecord, TaskStatus
 from exo_master.core.liveness import Liveness
 from exo_master.core.output import OutputRelay
 from exo_master.core.placement import make_policy
@@ -39,7 +49,7 @@ from exo_master.core.pool import InstancePool
 from exo_master.core.queue import QueueKey
 from exo_master.core.reconcile import Reconciler
 from exo_master.core.records import ClusterState, InstanceRecord
-from exo_master.core.scheduling import Scheduler, assign_message
+from exo_master.core.scheduling import Scheduler, assign_message, make_affinity
 from exo_master.core.tasks import TaskBook
 from exo_master.core.view import CoreCounters, build_view
 from protocol.cluster_view import ClusterView
@@ -61,64 +71,63 @@ class MasterCore:
         self.config = config or CoreConfig()
         self.stats = CoreStats()
         self.state = ClusterState()
-        self._out: list[Effect] = []
-        self.book = TaskBook(self.config, self.state, self.stats, self._out)
         self.policy = make_policy(self.config.policy, self.config.seed)
-        self.scheduler = Scheduler(self.config, self.state, self.book, self.policy, self.stats, self._out)
-        self.liveness = Liveness(self.config, self.state, self.book, self.scheduler, self._out)
-        self.output = OutputRelay(self.config, self.book, self.stats, self._out, self.scheduler.affinity)
-        self.book.on_bind = self.output.reset
-        self.reconciler = Reconciler(
-            self.config, self.state, self.book, self.scheduler, self.liveness, self.output, self._out
-        )
+        affinity = make_affinity(self.config)
+        ledger = PendingLedger(self.config.ledger_ttl)  # read by the pools (load), written by moves
+        self.candidates = Candidates(self.state, ledger)
+        self.book = TaskBook(self.config, self.state, self.stats, self.candidates, affinity)
+        self.scheduler = Scheduler(self.config, self.book, self.candidates, self.policy, affinity)
+        self.liveness = Liveness(self.config, self.book, self.candidates)
+        self.output = OutputRelay(self.config, self.book, affinity)
+        self.reconciler = Reconciler(self.config, self.book, self.candidates, self.liveness, self.output)
         self._next_heartbeat = float("-inf")
 
     # ---- entry points ---------------------------------------------------------------------------
 
     def handle(self, event: CoreInput, now: float) -> list[Effect]:
+        step = Step(now)
         match event:
             case SubmitTask():
-                self._submit(event, now)
+                self._submit(event, step)
             case CancelRequest():
-                self._cancel(event, now)
+                self._cancel(event, step)
             case NodeSubscribed():
                 self.liveness.set_subscribed(event.node_id, True)
             case NodeUnsubscribed():
                 self.liveness.set_subscribed(event.node_id, False)
             case WorkerHeartbeat():
-                self.reconciler.heartbeat(event, now)
+                self.reconciler.heartbeat(event, step)
             case TaskAccepted():
                 self.liveness.seen(event.node_id, now)
-                self._accepted(event)
+                self._accepted(event, step)
             case TaskChunk():
                 self.liveness.seen(event.node_id, now)
-                self._chunk(event, now)
+                self._chunk(event, step)
             case TaskFinished() | TaskFailed():
                 self.liveness.seen(event.node_id, now)
-                self._worker_ended(event, now)
+                self._worker_ended(event, step)
             case _:
                 raise AssertionError(f"the core cannot handle {type(event).__name__}")
-        self.scheduler.settle(now)
-        return self._flush()
+        self.scheduler.settle(step)
+        return step.effects
 
     def tick(self, now: float) -> list[Effect]:
         """Time-driven work: master heartbeat, node liveness, ledger TTL, assignment re-sends."""
+        step = Step(now)
         if now >= self._next_heartbeat:
             self._next_heartbeat = now + self.config.heartbeat_interval
-            self._out.append(
-                MasterHeartbeat(session=self.config.session, interval=self.config.heartbeat_interval)
-            )
-        self.liveness.check_nodes(now)
-        expired = self.liveness.expire_unconfirmed(now)
-        self.output.tick(now)
-        self.scheduler.expire_waiting(now)
-        self.scheduler.settle(now)
+            step.emit(MasterHeartbeat(session=self.config.session, interval=self.config.heartbeat_interval))
+        self.liveness.check_nodes(step)
+        expired = self.liveness.expire_unconfirmed(step)
+        self.output.tick(step)
+        self.scheduler.expire_waiting(step)
+        self.scheduler.settle(step)
         for task_id, old in expired:
             # Cancel the old copy only if the task moved: a CancelTask followed by an AssignTask to
             # the same instance could cancel the new assignment (workers replay a recent final).
             task = self.book.get(task_id)
             if task is None or task.status is TaskStatus.QUEUED or task.instance_id != old:
-                self.liveness.cancel_copy(task_id, old)
+                self.liveness.cancel_copy(task_id, old, step)
         resend = self.book.resend
         while resend:
             task_id, due = next(iter(resend.items()))
@@ -127,9 +136,9 @@ class MasterCore:
             del resend[task_id]
             task = self.book.live[task_id]
             assert task.status is TaskStatus.PENDING
-            self._out.append(assign_message(task))
+            step.emit(assign_message(task))
             resend[task_id] = now + self.config.assign_resend
-        return self._flush()
+        return step.effects
 
     # ---- public queries (what the shells and tests may read) ------------------------------------
 
@@ -148,13 +157,13 @@ class MasterCore:
         return {iid: self.book.load(inst) for iid, inst in islice(members.items(), limit)}
 
     def pool(self, model: ModelId, kind: object) -> InstancePool | None:
-        return self.scheduler.pools.get((model, kind))  # type: ignore[arg-type]
+        return self.candidates.pools.get((model, kind))  # type: ignore[arg-type]
 
     def has_live_candidate(self, key: QueueKey) -> bool:
-        return self.scheduler.has_live_candidate(key)
+        return self.candidates.has_live_candidate(key)
 
     def eligible(self, inst: InstanceRecord) -> bool:
-        return self.scheduler.eligible(inst)
+        return self.candidates.eligible(inst)
 
     def counters(self) -> CoreCounters:
         book = self.book
@@ -181,52 +190,52 @@ class MasterCore:
 
     # ---- client requests ------------------------------------------------------------------------
 
-    def _submit(self, event: SubmitTask, now: float) -> None:
+    def _submit(self, event: SubmitTask, step: Step) -> None:
         task_id, params = event.task_id, event.params
         if self.book.get(task_id) is not None:
-            self._reject(task_id, RejectReason.DUPLICATE_TASK, f"task id {task_id} is already in use")
+            self._reject(task_id, RejectReason.DUPLICATE_TASK, f"task id {task_id} is already in use", step)
             return
         instances = self.state.by_model.get(params.model)
         if not instances:
-            self._reject(task_id, RejectReason.UNKNOWN_MODEL, f"model {params.model!r} is not served")
+            self._reject(task_id, RejectReason.UNKNOWN_MODEL, f"model {params.model!r} is not served", step)
             return
         key = (params.model, params.KIND)
         # A non-empty candidate pool proves the kind is served without scanning every instance.
-        if not self.scheduler.pools.get(key) and not any(params.KIND in i.kinds for i in instances.values()):
+        if not self.candidates.pools.get(key) and not any(params.KIND in i.kinds for i in instances.values()):
             message = f"model {params.model!r} does not serve {params.KIND} requests"
-            self._reject(task_id, RejectReason.UNSUPPORTED_KIND, message)
+            self._reject(task_id, RejectReason.UNSUPPORTED_KIND, message, step)
             return
-        task = self.book.admit(task_id, params, now)
+        task = self.book.admit(task_id, params, step.now)
         # Requests already waiting go first: a newcomer may not overtake the queue.
-        if self.book.queues.depth(key) == 0 and self.scheduler.place(task, now):
+        if self.book.queues.depth(key) == 0 and self.scheduler.place(task, step):
             return
-        if not self.scheduler.has_live_candidate(key):
+        if not self.candidates.has_live_candidate(key):
             self.book.withdraw(task)
             message = f"no live instance of model {params.model!r} can take {params.KIND} requests"
-            self._reject(task_id, RejectReason.NO_LIVE_INSTANCE, message)
+            self._reject(task_id, RejectReason.NO_LIVE_INSTANCE, message, step)
             return
-        position = self.book.enqueue(task, now)
+        position = self.book.enqueue(task, step.now)
         if position is None:
             self.book.withdraw(task)
             message = (
                 f"all instances of {params.model!r} are busy and {self.book.queues.limit} requests are "
                 "already waiting; retry later"
             )
-            self._reject(task_id, RejectReason.QUEUE_FULL, message)
+            self._reject(task_id, RejectReason.QUEUE_FULL, message, step)
             return
-        self._out.append(TaskQueued(task_id=task_id, position=position))
+        step.emit(TaskQueued(task_id=task_id, position=position))
 
-    def _cancel(self, event: CancelRequest, now: float) -> None:
+    def _cancel(self, event: CancelRequest, step: Step) -> None:
         task = self.book.live.get(event.task_id)
         if task is None:
             return  # unknown or already over: cancelling is idempotent
         if task.instance_id is not None:
-            self.liveness.cancel_copy(task.task_id, task.instance_id)
-        self.book.cancel(task, now, event.reason)
+            self.liveness.cancel_copy(task.task_id, task.instance_id, step)
+        self.book.advance(task, Cancel(event.reason), step)
 
-    def _reject(self, task_id: TaskId, reason: RejectReason, message: str) -> None:
+    def _reject(self, task_id: TaskId, reason: RejectReason, message: str, step: Step) -> None:
         self.stats.rejections[reason] = self.stats.rejections.get(reason, 0) + 1
-        self._out.append(TaskRejected(task_id=task_id, reason=reason, message=message))
+        step.emit(TaskRejected(task_id=task_id, reason=reason, message=message))
 
     # ---- worker results -------------------------------------------------------------------------
 
@@ -239,26 +248,26 @@ class MasterCore:
             return None
         return task
 
-    def _accepted(self, msg: TaskAccepted) -> None:
+    def _accepted(self, msg: TaskAccepted, step: Step) -> None:
         task = self._bound(msg.task_id, msg)
         if task is not None:
             if task.status is TaskStatus.PENDING:
-                self.book.confirm(task)
+                self.book.advance(task, CONFIRM, step)
             return
         # Unknown, over, queued, or bound elsewhere since (re-placed): nobody wants this copy.
         self.stats.orphan_cancels += 1
-        self._out.append(CancelTask(task_id=msg.task_id, node_id=msg.node_id, instance_id=msg.instance_id))
+        step.emit(CancelTask(task_id=msg.task_id, node_id=msg.node_id, instance_id=msg.instance_id))
 
-    def _chunk(self, msg: TaskChunk, now: float) -> None:
+    def _chunk(self, msg: TaskChunk, step: Step) -> None:
         task = self._bound(msg.task_id, msg)
         if task is None:
             self.stats.late_events += 1
             return
         if task.status is TaskStatus.PENDING:
-            self.book.confirm(task)  # the TaskAccepted was lost; output proves the worker has it
-        self.output.chunk(task, msg.index, msg.text, now)
+            self.book.advance(task, CONFIRM, step)  # the TaskAccepted was lost; output proves it
+        self.output.chunk(task, msg.index, msg.text, step)
 
-    def _worker_ended(self, msg: TaskFinished | TaskFailed, now: float) -> None:
+    def _worker_ended(self, msg: TaskFinished | TaskFailed, step: Step) -> None:
         task = self._bound(msg.task_id, msg)
         if task is None:
             self.stats.late_events += 1
@@ -267,19 +276,14 @@ class MasterCore:
             if msg.refused:
                 # Refused before it started ("shutting down", "not ready", unknown instance): the
                 # attempt is lost, the request is not; it goes to another instance.
-                self.liveness.lose_attempt(task, f"{msg.instance_id} refused the task: {msg.reason}", now)
+                self.liveness.lose_attempt(task, f"{msg.instance_id} refused the task: {msg.reason}", step)
             else:
-                self.book.fail(task, now, msg.reason or "the worker failed the task")
+                self.book.advance(task, Fail(msg.reason or "the worker failed the task"), step)
         elif msg.finish_reason is FinishReason.CANCELLED:
             # The master did not cancel this live task (it would be over or moved): the worker
             # gave it up (shutting down, or a stale cancel). That is a lost attempt, not a result.
-            self.liveness.lose_attempt(task, f"instance {msg.instance_id} gave the task up", now)
+            self.liveness.lose_attempt(task, f"instance {msg.instance_id} gave the task up", step)
         else:
             if task.status is TaskStatus.PENDING:
-                self.book.confirm(task)
-            self.output.finished(task, msg, now)
-
-    def _flush(self) -> list[Effect]:
-        out = self._out[:]
-        self._out.clear()  # the parts share this list: it must stay the same object
-        return out
+                self.book.advance(task, CONFIRM, step)
+            self.output.finished(task, msg, step)

@@ -1,16 +1,18 @@
 """The master's projection of the cluster's machines: nodes and their model instances.
 
 Mutable records, written only by the core, with the per-instance counters kept incrementally: the
-set of RUNNING tasks bound to an instance is its confirmed load, so a load lookup is O(1). Tasks
-live in `tasks.TaskBook`; the read-only rows served to clients are in `view_rows`.
+set of RUNNING tasks bound to an instance is its confirmed load, so a load lookup is O(1). An
+instance's phase changes only along `instance_state.PHASE_MOVES`. Tasks live in `tasks.TaskBook`;
+the read-only rows served to clients are built by `view`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from exo_master.core.instance_state import Phase
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
-from protocol.messages import InstanceStatus, PromptCacheStats, TaskKind
+from protocol.messages import PromptCacheStats, TaskKind
 
 
 @dataclass(slots=True)
@@ -19,7 +21,7 @@ class InstanceRecord:
     node_id: NodeId
     model: ModelId
     kinds: tuple[TaskKind, ...]
-    status: InstanceStatus
+    phase: Phase  # changed only by instance_state.move
     max_concurrency: int
     capacity: float
     error: str | None = None
@@ -27,7 +29,6 @@ class InstanceRecord:
     confirmed: set[TaskId] = field(default_factory=set)
     completed: int = 0
     failed: int = 0
-    retired: bool = False  # being removed: never eligible again
 
 
 @dataclass(slots=True)
@@ -35,8 +36,8 @@ class NodeRecord:
     node_id: NodeId
     last_seen: float
     address: str = ""
-    alive: bool = True
-    subscribed: bool = False
+    alive: bool = True  # heard from within the liveness window (instance_state.Link)
+    subscribed: bool = False  # the master's XPUB saw its subscription
     instances: set[InstanceId] = field(default_factory=set)
     master_session: str = ""
 

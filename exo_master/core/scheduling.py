@@ -1,5 +1,5 @@
-"""Scheduling: who may take work (the eligibility rule), the candidate pools, placement, and the
-settling step that puts displaced and waiting tasks on free slots, oldest first.
+"""Scheduling: placement (a policy's choice among the candidates, refined by prefix affinity), and
+the settling step that puts displaced and waiting tasks on free slots, oldest first.
 
 Every entry point of the core first applies its event (which may make instances ineligible and
 displace tasks, but never places anything), then calls `settle` once: that is the second phase of
@@ -10,16 +10,17 @@ in the same event, and one loss costs a task exactly one attempt.
 from __future__ import annotations
 
 from exo_master.core.affinity import AffinityIndex
-from exo_master.core.config import CoreConfig, CoreStats
-from exo_master.core.events import Effect, TaskPlaced
-from exo_master.core.lifecycle import TaskRecord
+from exo_master.core.candidates import Candidates
+from exo_master.core.config import CoreConfig
+from exo_master.core.events import Step, TaskPlaced
+from exo_master.core.lifecycle import Fail, Place, TaskRecord
 from exo_master.core.placement import Policy
 from exo_master.core.pool import InstancePool, score
 from exo_master.core.queue import QueueKey
-from exo_master.core.records import ClusterState, InstanceRecord
+from exo_master.core.records import InstanceRecord
 from exo_master.core.tasks import TaskBook
 from protocol.ids import InstanceId, ModelId
-from protocol.messages import AssignTask, InstanceStatus, TaskKind
+from protocol.messages import AssignTask
 
 _NOWHERE: frozenset[InstanceId] = frozenset()
 
@@ -31,115 +32,51 @@ def assign_message(task: TaskRecord) -> AssignTask:
     )
 
 
+def make_affinity(config: CoreConfig) -> AffinityIndex | None:
+    """The prefix-affinity index, when the policy can use one. Only the score-ranking policies can
+    prefer a prefix holder without giving up their rule; state-only stays the plain baseline."""
+    if config.prefix_affinity and config.policy in ("least-loaded", "power-of-two"):
+        return AffinityIndex(config.affinity_entries)
+    return None
+
+
 class Scheduler:
     def __init__(
         self,
         config: CoreConfig,
-        state: ClusterState,
         book: TaskBook,
+        candidates: Candidates,
         policy: Policy,
-        stats: CoreStats,
-        out: list[Effect],
+        affinity: AffinityIndex | None,
     ) -> None:
         self.config = config
-        self.state = state
         self.book = book
+        self.candidates = candidates
         self.policy = policy
-        self.stats = stats
-        self.out = out
-        self.pools: dict[QueueKey, InstancePool] = {}
-        # Only the score-ranking policies can prefer a prefix holder without giving up their rule;
-        # state-only stays the plain baseline.
-        self.affinity = (
-            AffinityIndex(config.affinity_entries)
-            if config.prefix_affinity and policy.name in ("least-loaded", "power-of-two")
-            else None
-        )
-        self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
-        self._touched: set[ModelId] = set()  # models whose instances changed eligibility or left
-        book.on_load_change = self.reindex
-
-    # ---- the rules, each stated once ------------------------------------------------------------
-
-    def eligible(self, inst: InstanceRecord) -> bool:
-        """May receive an AssignTask now: its node is alive and subscribed, it is ready and staying."""
-        node = self.state.nodes.get(inst.node_id)
-        return (
-            node is not None
-            and node.alive
-            and node.subscribed
-            and inst.status is InstanceStatus.READY
-            and not inst.retired
-        )
-
-    def may_serve(self, inst: InstanceRecord, kind: TaskKind) -> bool:
-        """Will take `kind` requests now or once it has loaded: worth waiting for."""
-        return (
-            kind in inst.kinds
-            and inst.status is not InstanceStatus.FAILED
-            and not inst.retired
-            and self.state.node_alive(inst)
-        )
-
-    def has_live_candidate(self, key: QueueKey) -> bool:
-        model, kind = key
-        return any(self.may_serve(inst, kind) for inst in self.state.by_model.get(model, {}).values())
-
-    def load(self, inst: InstanceRecord) -> int:
-        return self.book.load(inst)
-
-    def confirmed(self, inst: InstanceRecord) -> int:
-        return len(inst.confirmed)
-
-    # ---- the candidate index --------------------------------------------------------------------
-
-    def reindex(self, inst: InstanceRecord) -> None:
-        """An instance's load or eligibility changed: bring every pool it belongs to up to date."""
-        eligible = self.eligible(inst)
-        load = self.book.load(inst)
-        model, pools = inst.model, self.pools
-        for kind in inst.kinds:
-            pool = pools.get((model, kind))
-            if pool is None:
-                pool = self.pool((model, kind))
-            pool.update(inst, eligible, load)
-        if eligible and load < inst.max_concurrency:
-            self._woken.add(inst.model)
-        elif not eligible:
-            self._touched.add(inst.model)
-
-    def drop_kind(self, inst: InstanceRecord, kind: TaskKind) -> None:
-        """The instance stopped serving `kind`: it leaves that pool (its queue may be stranded)."""
-        self.pool((inst.model, kind)).update(inst, False, 0)
-        self._touched.add(inst.model)
-
-    def pool(self, key: QueueKey) -> InstancePool:
-        pool = self.pools.get(key)
-        if pool is None:
-            pool = self.pools[key] = InstancePool()
-        return pool
+        self.stats = book.stats
+        self.affinity = affinity
 
     # ---- placement ------------------------------------------------------------------------------
 
-    def place(self, task: TaskRecord, now: float) -> bool:
+    def place(self, task: TaskRecord, step: Step) -> bool:
         """Bind a queued task to the instance the policy chooses; False when every one is full."""
-        pool = self.pools.get((task.model, task.kind))
+        pool = self.candidates.pools.get((task.model, task.kind))
         if pool is None or not pool.members:
             return False
         avoid = frozenset({task.lost_on}) if task.lost_on is not None else _NOWHERE
-        inst = self.policy.choose(pool, self, avoid)
+        inst = self.policy.choose(pool, self.candidates, avoid)
         if inst is None and avoid:
-            inst = self.policy.choose(pool, self, _NOWHERE)  # better the same instance than none
+            inst = self.policy.choose(pool, self.candidates, _NOWHERE)  # better the same instance than none
         if inst is None:
             return False
         if self.affinity is not None and task.prefixes:
             inst = self._prefer_prefix_holder(task, pool, inst, avoid)
-        load_before = self.book.load(inst)
-        self.book.bind(task, inst, now)
+        load_before = self.candidates.load(inst)
+        self.book.advance(task, Place(inst), step)
         if self.affinity is not None and task.prefixes:
             self.affinity.remember(task.prefixes, inst.instance_id)
         self.stats.placements += 1
-        self.out.append(
+        step.emit(
             TaskPlaced(
                 task_id=task.task_id,
                 instance_id=inst.instance_id,
@@ -147,10 +84,10 @@ class Scheduler:
                 policy=self.policy.name,
                 attempt=task.attempts,
                 load_before=load_before,
-                waited=now - task.submitted_at,
+                waited=step.now - task.submitted_at,
             )
         )
-        self.out.append(assign_message(task))
+        step.emit(assign_message(task))
         return True
 
     def _prefer_prefix_holder(
@@ -166,12 +103,12 @@ class Scheduler:
             return chosen
         self.stats.affinity_lookups += 1
         best: InstanceRecord | None = None
-        best_score = score(self.book.load(chosen), chosen.capacity) + self.config.affinity_slack
+        best_score = score(self.candidates.load(chosen), chosen.capacity) + self.config.affinity_slack
         for iid in holders:
             inst = pool.members.get(iid)
             if inst is None or iid in avoid or inst is chosen:
                 continue
-            load = self.book.load(inst)
+            load = self.candidates.load(inst)
             if load < inst.max_concurrency and (s := score(load, inst.capacity)) <= best_score:
                 best, best_score = inst, s
         if best is None:
@@ -180,40 +117,41 @@ class Scheduler:
             return chosen
         self.stats.affinity_hits += 1
         # The policy may have taken `chosen` off its heap: put it back, unchanged.
-        self.reindex(chosen)
+        self.candidates.reindex(chosen)
         return best
 
-    def settle(self, now: float) -> None:
+    def settle(self, step: Step) -> None:
         """Second phase of every event: displaced tasks go back in line by age (or fail when their
         tries are spent), free slots serve the oldest waiting task of the kinds they take, and
         queues nobody can serve any more fail. Nearly free when nothing waits (the common case)."""
+        candidates = self.candidates
         if self.book.displaced:
             for task in self.book.take_displaced():
                 if task.attempts >= self.config.max_attempts:
                     message = f"task not accepted after {task.attempts} attempts (last: {task.lost_reason})"
-                    self.book.fail(task, now, message, unavailable=True)
+                    self.book.advance(task, Fail(message, unavailable=True), step)
                     continue
-                self.book.requeue(task, now)
-                self._woken.add(task.model)
-                self._touched.add(task.model)
-        if self._woken:
+                self.book.requeue(task, step.now)
+                candidates.woken.add(task.model)
+                candidates.touched.add(task.model)
+        if candidates.woken:
             if self.book.queues.waiting:
                 # Placing only changes its own model's instances: nothing woken here is missed.
-                for model in sorted(self._woken):
-                    self._drain(model, now)
-            self._woken.clear()
-        if self._touched:
+                for model in sorted(candidates.woken):
+                    self._drain(model, step)
+            candidates.woken.clear()
+        if candidates.touched:
             if self.book.queues.waiting:
-                for model in sorted(self._touched):
-                    self._fail_stranded(model, now)
-            self._touched.clear()
+                for model in sorted(candidates.touched):
+                    self._fail_stranded(model, step)
+            candidates.touched.clear()
 
-    def expire_waiting(self, now: float) -> None:
+    def expire_waiting(self, step: Step) -> None:
         """Fail requests that waited `queue_timeout` for a slot: never wait forever."""
         waiting = self.book.queues.waiting
         if not waiting:
             return
-        limit = self.config.queue_timeout
+        now, limit = step.now, self.config.queue_timeout
         for task_id in [t for t in waiting if now - self.book.live[t].queued_at >= limit]:
             task = self.book.live[task_id]
             self.stats.queue_timeouts += 1
@@ -221,9 +159,9 @@ class Scheduler:
                 f"waited {now - task.queued_at:.0f} s for a free slot on model {task.model!r} "
                 f"(the master's --queue-timeout is {limit:g} s); retry later or add instances"
             )
-            self.book.fail(task, now, message, unavailable=True)
+            self.book.advance(task, Fail(message, unavailable=True), step)
 
-    def _drain(self, model: ModelId, now: float) -> None:
+    def _drain(self, model: ModelId, step: Step) -> None:
         """Place waiting tasks of `model` while any can be placed, oldest first across kinds."""
         queues = self.book.queues
         blocked: set[QueueKey] = set()
@@ -236,17 +174,17 @@ class Scheduler:
             if not heads:
                 return
             _, key, task_id = min(heads)
-            if not self.place(self.book.live[task_id], now):
+            if not self.place(self.book.live[task_id], step):
                 blocked.add(key)
 
-    def _fail_stranded(self, model: ModelId, now: float) -> None:
+    def _fail_stranded(self, model: ModelId, step: Step) -> None:
         queues = self.book.queues
         for key in queues.keys_of(model):
-            if self.has_live_candidate(key):
+            if self.candidates.has_live_candidate(key):
                 continue
             for task_id in queues.tasks(key):
                 task = self.book.live[task_id]
                 message = f"no live instance of model {model!r} is left"
                 if task.lost_reason is not None:
                     message = f"{task.lost_reason}; {message}"
-                self.book.fail(task, now, message, unavailable=True)
+                self.book.advance(task, Fail(message, unavailable=True), step)

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from exo_master.core.instance_state import Phase
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
 from protocol.cluster_view import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
-from protocol.messages import InstanceStatus
 
 if TYPE_CHECKING:
     from exo_master.core.master import MasterCore
@@ -62,7 +62,7 @@ def build_view(
             node_id=inst.node_id,
             model=inst.model,
             kinds=[str(k) for k in inst.kinds],
-            status=str(inst.status) if state.node_alive(inst) else "dead",
+            status=str(inst.phase) if state.node_alive(inst) else "dead",
             in_flight=len(inst.confirmed),
             pending=book.ledger.pending(inst.instance_id),
             queued=book.queues.depth_for_model(inst.model),
@@ -83,9 +83,7 @@ def build_view(
         ModelRow(
             model=model,
             instances=len(members),
-            ready=sum(
-                1 for i in members.values() if i.status is InstanceStatus.READY and state.node_alive(i)
-            ),
+            ready=sum(1 for i in members.values() if i.phase is Phase.READY and state.node_alive(i)),
             queued=book.queues.depth_for_model(model),
         )
         for model, members in sorted(state.by_model.items())

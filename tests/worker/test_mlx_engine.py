@@ -14,63 +14,12 @@ from typing import Any
 
 import msgspec
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 
 from exo_worker.engine import EngineError, ModelLoadError, RunOutcome
-from exo_worker.mlx_engine import MlxEngine, StopStringFilter
+from exo_worker.mlx_engine import MlxEngine
 from exo_worker.models import resolve_model
 from protocol.ids import ModelId
 from protocol.messages import ChatMessage, FinishReason, TextGenerationParams
-
-# ---- the stop-string filter (pure) -------------------------------------------------------------
-
-
-def _cut_at_first_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Reference: the prefix before the stop string that is completed first (longest on a tie)."""
-    for end in range(1, len(text) + 1):
-        for stop in sorted(stops, key=len, reverse=True):
-            if stop and text[:end].endswith(stop):
-                return text[: end - len(stop)], True
-    return text, False
-
-
-def _stream(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
-    stop_filter, out = StopStringFilter(stops), []
-    for piece in pieces:
-        text, hit = stop_filter.feed(piece)
-        out.append(text)
-        if hit:
-            return "".join(out), True
-    return "".join(out) + stop_filter.flush(), False
-
-
-_chunks = st.lists(st.text(alphabet="abc\n", max_size=5), max_size=12)
-_stops = st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), max_size=3)
-
-
-@given(_chunks, _stops)
-def test_stop_filter_matches_reference_however_the_text_is_cut(pieces: list[str], stops: list[str]) -> None:
-    out, hit = _stream(pieces, stops)
-    assert (out, hit) == _cut_at_first_stop("".join(pieces), stops)
-    assert not any(stop in out for stop in stops)
-
-
-def test_stop_filter_holds_back_a_possible_stop_prefix() -> None:
-    stop_filter = StopStringFilter(["</s>"])
-    assert stop_filter.feed("Hello <") == ("Hello ", False)  # "<" might start "</s>"
-    assert stop_filter.feed("/") == ("", False)
-    assert stop_filter.feed("s> world") == ("", True)
-    stop_filter = StopStringFilter(["</s>"])
-    assert stop_filter.feed("a <") == ("a ", False)
-    assert stop_filter.feed("b") == ("<b", False)  # no longer a prefix of "</s>": released
-
-
-def test_stop_filter_without_stops_passes_text_through() -> None:
-    stop_filter = StopStringFilter(["", ""])
-    assert stop_filter.feed("abc") == ("abc", False)
-    assert stop_filter.flush() == ""
-
 
 # ---- the engine on the tiny model --------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from exo_worker.engine import RunOutcome
 from exo_worker.mlx_engine import MlxEngine
 from exo_worker.prompt_cache import PromptCache, default_budget_bytes
-from exo_worker.runner import Runner, RunnerCallbacks
+from exo_worker.runner import Runner
 from exo_worker.sim_engine import SimEngine
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import ChatMessage, InstanceReport, PromptCacheStats, TextGenerationParams
@@ -210,7 +210,7 @@ def _report(engine: Any) -> InstanceReport:
         instance_id=InstanceId("n/0"),
         model=ModelId("tiny"),
         engine=engine,
-        callbacks=RunnerCallbacks.to(lambda _: None),
+        send=lambda _: None,
     )
     return runner.report()
 

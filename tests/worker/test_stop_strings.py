@@ -1,0 +1,91 @@
+"""The one stop-string rule (stop_strings.py) and both engines applying it: the text ends where the
+earliest stop string in it begins, however the text is cut into pieces."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from exo_worker.sim_engine import SimEngine
+from exo_worker.stop_strings import StopStringFilter
+from protocol.messages import FinishReason
+from tests.worker.test_sim_engine import run, text_params
+
+
+def _cut_at_earliest_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    """Reference: the text before the earliest occurrence of any stop string."""
+    found = [text.index(stop) for stop in stops if stop and stop in text]
+    return (text[: min(found)], True) if found else (text, False)
+
+
+def _stream(pieces: list[str], stops: list[str]) -> tuple[str, bool]:
+    stop_filter, out = StopStringFilter(stops), []
+    for piece in pieces:
+        text, hit = stop_filter.feed(piece)
+        out.append(text)
+        if hit:
+            return "".join(out), True
+    tail, hit = stop_filter.flush()
+    return "".join(out) + tail, hit
+
+
+_chunks = st.lists(st.text(alphabet="abc\n", max_size=5), max_size=12)
+_stops = st.lists(st.text(alphabet="abc\n", min_size=1, max_size=4), max_size=3)
+
+
+@given(_chunks, _stops)
+def test_stop_filter_matches_reference_however_the_text_is_cut(pieces: list[str], stops: list[str]) -> None:
+    out, hit = _stream(pieces, stops)
+    assert (out, hit) == _cut_at_earliest_stop("".join(pieces), stops)
+    assert not any(stop in out for stop in stops)
+
+
+def test_stop_filter_holds_back_a_possible_stop_prefix() -> None:
+    stop_filter = StopStringFilter(["</s>"])
+    assert stop_filter.feed("Hello <") == ("Hello ", False)  # "<" might start "</s>"
+    assert stop_filter.feed("/") == ("", False)
+    assert stop_filter.feed("s> world") == ("", True)
+    stop_filter = StopStringFilter(["</s>"])
+    assert stop_filter.feed("a <") == ("a ", False)
+    assert stop_filter.feed("b") == ("<b", False)  # no longer a prefix of "</s>": released
+
+
+def test_stop_filter_without_stops_passes_text_through() -> None:
+    stop_filter = StopStringFilter(["", ""])
+    assert stop_filter.feed("abc") == ("abc", False)
+    assert stop_filter.flush() == ("", False)
+
+
+def test_the_earliest_stop_wins_even_when_a_later_one_completes_first() -> None:
+    stop_filter = StopStringFilter(["bc", "abcd"])
+    assert stop_filter.feed("xabc") == ("x", False)  # "bc" is complete, but "abcd" would begin earlier
+    assert stop_filter.feed("d and more") == ("", True)
+    stop_filter = StopStringFilter(["bc", "abcd"])
+    assert stop_filter.feed("xabc") == ("x", False)
+    assert stop_filter.feed("e") == ("a", True)  # "abcd" cannot happen any more: cut at "bc"
+
+
+def test_a_stop_decided_only_at_the_end_of_the_stream_still_stops() -> None:
+    stop_filter = StopStringFilter(["bc", "abcd"])
+    assert stop_filter.feed("xabc") == ("x", False)
+    assert stop_filter.flush() == ("a", True)
+
+
+def test_the_sim_engine_applies_the_same_rule() -> None:
+    full, _ = run(SimEngine(math.inf), text_params(max_tokens=30, seed=3))
+    text = "".join(full)
+    # Two stops: the end of word i (completes first) and words i..i+1 (begins earlier, ends later).
+    starts = [len("".join(full[:i])) for i in range(len(full))]
+    i = next(
+        i
+        for i in range(1, len(full) - 1)
+        if len(full[i]) > 3
+        and text.find(full[i][2:]) == starts[i] + 2
+        and text.find(full[i] + full[i + 1]) == starts[i]
+    )
+    stops = (full[i][2:], full[i] + full[i + 1])
+    pieces, outcome = run(SimEngine(math.inf), text_params(max_tokens=30, seed=3, stop=stops))
+    assert outcome.finish_reason is FinishReason.STOP
+    assert "".join(pieces) == text[: starts[i]] == _cut_at_earliest_stop(text, list(stops))[0]
