@@ -3,16 +3,24 @@
 PUB/SUB may lose, duplicate or (across reconnects) reorder chunks, and may lose a TaskFinished.
 Chunks carry their index and TaskFinished the chunk count, so the relay can tell:
 - duplicates (index already delivered or held) are dropped;
-- early chunks are held in a bounded reorder window and released once the gap fills;
+- early chunks are held in a bounded reorder window and released once the gap fills (past the
+  window a chunk is dropped and fetched again later, so a long stream never fails for its length);
 - a gap that does not fill within `fetch_after`, or a final that arrives before all its chunks,
-  makes the master ask the worker (FetchOutput) for everything from the first missing index; the
-  worker keeps a task's output until the master acknowledges it (TaskAck);
+  makes the master ask the worker (FetchOutput) for exactly the missing ranges: every gap below
+  the highest chunk held, plus the tail when the stream is known to have ended; the worker keeps a
+  task's output until the master acknowledges it (TaskAck);
 - a worker snapshot listing a task as finished whose final never arrived also triggers a fetch.
-Only when the worker cannot supply the output after `max_fetches` tries does the client get an
-error. So a normal finish always means exactly the engine's text.
+
+The fetch budget is per gap, not per task: a round is asked every `fetch_every` while anything is
+missing, and the task fails only when its lowest gap has seen `max_fetches` rounds without
+progress (no missing chunk filled there, no final arrived). Later gaps ride along in the same
+requests, so a 1,000-chunk stream at heavy loss costs rounds in proportion to the loss, not to
+the stream, and a normal finish still always means exactly the engine's text.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from exo_master.core.affinity import AffinityIndex, reply_hasher
 from exo_master.core.config import CoreConfig, CoreStats
@@ -20,7 +28,17 @@ from exo_master.core.events import Effect, TaskOutput
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
 from exo_master.core.tasks import TaskBook
 from protocol.ids import TaskId
-from protocol.messages import FetchOutput, TaskAck, TaskFinished
+from protocol.messages import MAX_COUNT, MAX_GAPS_PER_FETCH, FetchOutput, TaskAck, TaskFinished
+
+
+@dataclass(slots=True)
+class _Recovery:
+    """What the relay knows about one task that is missing output."""
+
+    due: float  # when to ask the worker next
+    rounds: int = 0  # requests since the lowest gap last made progress
+    mark: tuple[int, bool] = (-1, False)  # (next_chunk, final known) at that progress
+    tail: bool = False  # the stream ended on the worker (or overflowed the window): ask past `held`
 
 
 class OutputRelay:
@@ -37,7 +55,7 @@ class OutputRelay:
         self.book = book
         self.stats = stats
         self.out = out
-        self.due: dict[TaskId, float] = {}  # tasks missing output -> when to ask the worker next
+        self.missing: dict[TaskId, _Recovery] = {}  # tasks missing output
 
     def chunk(self, task: TaskRecord, index: int, text: str, now: float) -> None:
         if index < task.next_chunk or index in task.held:
@@ -45,31 +63,37 @@ class OutputRelay:
             return
         if index > task.next_chunk:
             if len(task.held) >= self.config.reorder_window:
-                self._lost(task, now, f"more than {self.config.reorder_window} chunks arrived out of order")
+                # Past the window: drop it, and ask for everything past what is held later on.
+                self.stats.chunks_beyond_window += 1
+                self._expect(task.task_id, now + self.config.fetch_after).tail = True
                 return
             task.held[index] = text
             self.stats.chunks_out_of_order += 1
-            self.due.setdefault(task.task_id, now + self.config.fetch_after)
+            self._expect(task.task_id, now + self.config.fetch_after)
             return
         self._deliver(task, index, text)
         while task.next_chunk in task.held:
             self._deliver(task, task.next_chunk, task.held.pop(task.next_chunk))
         if task.final is not None and task.next_chunk >= (task.final.chunks or 0):
             self._complete(task, task.final, now)
-        elif not task.held and task.final is None:
-            self.due.pop(task.task_id, None)  # the gap filled by itself: it was only reordering
+            return
+        rec = self.missing.get(task.task_id)
+        if rec is not None and not task.held and task.final is None and not rec.tail:
+            del self.missing[task.task_id]  # the gap filled by itself: it was only reordering
 
     def finished(self, task: TaskRecord, msg: TaskFinished, now: float) -> None:
         if msg.chunks is None or task.next_chunk >= msg.chunks:
             self._complete(task, msg, now)
             return
         task.final = msg  # chunks are still missing: hold the end until they are in
-        self.due.setdefault(task.task_id, now + self.config.fetch_after)
+        self._expect(task.task_id, now + self.config.fetch_after)
 
     def ended_on_worker(self, task: TaskRecord, now: float) -> None:
         """The worker's snapshot says the task ended there, but no final reached the master."""
         if task.final is None:
-            self.due.setdefault(task.task_id, now)
+            rec = self._expect(task.task_id, now)
+            rec.tail = True
+            rec.due = min(rec.due, now)
 
     def reset(self, task: TaskRecord) -> None:
         """A new attempt starts from nothing (called when the task is bound again)."""
@@ -78,32 +102,44 @@ class OutputRelay:
         task.fetches = 0
         hashing = self.affinity is not None and task.chat_hash  # (an empty index is falsy: say "not None")
         task.reply_hash = reply_hasher(task.chat_hash) if hashing else None
-        self.due.pop(task.task_id, None)
+        self.missing.pop(task.task_id, None)
 
     def tick(self, now: float) -> None:
-        for task_id, due in list(self.due.items()):
+        for task_id, rec in list(self.missing.items()):
             task = self.book.live.get(task_id)
             if task is None or task.status not in (TaskStatus.RUNNING, TaskStatus.PENDING):
-                del self.due[task_id]
+                del self.missing[task_id]
                 continue
-            if due > now:
+            if rec.due > now:
                 continue
-            if task.fetches >= self.config.max_fetches:
-                self._lost(task, now, f"its output could not be recovered after {task.fetches} requests")
+            progress = (task.next_chunk, task.final is not None)
+            if progress != rec.mark:
+                rec.mark, rec.rounds = progress, 0
+            if rec.rounds >= self.config.max_fetches:
+                why = f"chunk {task.next_chunk} did not arrive after {rec.rounds} requests"
+                self._lost(task, now, f"its output could not be recovered: {why}")
                 continue
             assert task.instance_id is not None and task.node_id is not None
+            rec.rounds += 1
             task.fetches += 1
             self.stats.output_fetches += 1
-            self.due[task_id] = now + self.config.fetch_every
+            rec.due = now + self.config.fetch_every
             self.out.append(
                 FetchOutput(
                     task_id=task_id,
                     node_id=task.node_id,
                     instance_id=task.instance_id,
-                    from_index=task.next_chunk,
+                    from_index=task.next_chunk,  # an older worker sends everything from here on
                     final=task.final is None,
+                    gaps=missing_ranges(task, tail=rec.tail),
                 )
             )
+
+    def _expect(self, task_id: TaskId, due: float) -> _Recovery:
+        rec = self.missing.get(task_id)
+        if rec is None:
+            rec = self.missing[task_id] = _Recovery(due=due)
+        return rec
 
     def _deliver(self, task: TaskRecord, index: int, text: str) -> None:
         task.next_chunk = index + 1
@@ -112,7 +148,7 @@ class OutputRelay:
         self.out.append(TaskOutput(task_id=task.task_id, index=index, text=text))
 
     def _complete(self, task: TaskRecord, msg: TaskFinished, now: float) -> None:
-        self.due.pop(task.task_id, None)
+        self.missing.pop(task.task_id, None)
         node_id, instance_id = task.node_id, task.instance_id
         assert node_id is not None and instance_id is not None
         if self.affinity is not None and task.reply_hash is not None:
@@ -122,7 +158,26 @@ class OutputRelay:
         self.out.append(TaskAck(task_id=task.task_id, node_id=node_id, instance_id=instance_id))
 
     def _lost(self, task: TaskRecord, now: float, why: str) -> None:
-        self.due.pop(task.task_id, None)
+        self.missing.pop(task.task_id, None)
         self.stats.outputs_lost += 1
         where = f" from {task.instance_id}" if task.instance_id else ""
         self.book.fail(task, now, f"output of task {task.task_id}{where} was lost: {why}", unavailable=True)
+
+
+def missing_ranges(task: TaskRecord, *, tail: bool) -> tuple[tuple[int, int], ...]:
+    """The [start, end) index ranges the master lacks, lowest first, at most MAX_GAPS_PER_FETCH.
+
+    Below the highest held chunk every hole is a gap. Past it, what is missing is known only when
+    the final is in (up to its chunk count) or the stream ended on the worker (up to the end)."""
+    ranges: list[tuple[int, int]] = []
+    start = task.next_chunk
+    for index in sorted(task.held):
+        if index > start:
+            ranges.append((start, index))
+        start = index + 1
+    if task.final is not None and task.final.chunks is not None:
+        if task.final.chunks > start:
+            ranges.append((start, task.final.chunks))
+    elif tail:
+        ranges.append((start, MAX_COUNT))
+    return tuple(ranges[:MAX_GAPS_PER_FETCH])

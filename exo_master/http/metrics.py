@@ -21,7 +21,7 @@ Metrics (all prefixed exo_):
     placements_total / replacements_total                counter   placement decisions that bound
                                                                    a task / re-placements after loss
     rejections_total{reason}                             counter   unknown_model, queue_full, ...
-    orphan_cancels_total, late_events_total, chunks_out_of_order_total,
+    orphan_cancels_total, late_events_total, chunks_out_of_order_total, chunks_beyond_window_total,
     duplicate_chunks_total, output_fetches_total, outputs_lost_total, queue_timeouts_total,
     refused_nodes_total   counter
     ledger_entries                                       gauge     current reservations
@@ -76,6 +76,7 @@ _PLAIN_COUNTERS = (
     ("orphan_cancels", "Cancels sent for tasks a worker ran that nobody wanted."),
     ("late_events", "Worker events about tasks already ended or moved."),
     ("chunks_out_of_order", "Output chunks that arrived early and were held in order."),
+    ("chunks_beyond_window", "Early output chunks dropped (reorder window full), fetched again later."),
     ("duplicate_chunks", "Output chunks received twice (dropped)."),
     ("output_fetches", "Requests to a worker to send missing output again."),
     ("outputs_lost", "Tasks failed because their output could not be recovered."),
