@@ -31,7 +31,15 @@ from exo_master.core.events import (
 )
 from protocol import codec
 from protocol.ids import TaskId
-from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbeat, TaskAck, TaskParams
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    MasterHeartbeat,
+    NodeRefused,
+    TaskAck,
+    TaskParams,
+)
 
 log = structlog.get_logger("exo_master")
 # What msgspec raises for a value msgpack cannot hold (an int beyond 64 bits, an unsupported type).
@@ -142,7 +150,7 @@ class MasterRuntime:
             for observe in self.effect_observers:
                 observe(effect)
             match effect:
-                case AssignTask() | CancelTask() | FetchOutput() | TaskAck():
+                case AssignTask() | CancelTask() | FetchOutput() | TaskAck() | NodeRefused():
                     self._outbox.put_nowait((codec.node_topic(effect.node_id), effect))
                 case MasterHeartbeat():
                     self._outbox.put_nowait((codec.BROADCAST_TOPIC, effect))

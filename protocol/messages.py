@@ -245,7 +245,8 @@ class TaskAck(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAck", tag_fiel
 
 
 class NodeRefused(msgspec.Struct, frozen=True, kw_only=True, tag="NodeRefused", tag_field="type"):
-    """Another live process already serves this node id: the named incarnation must stop."""
+    """The master will not serve this node: the named incarnation ("" for any) must stop and say
+    why (another live process has the id, the key may not use it, the node table is full)."""
 
     node_id: NodeId
     incarnation: str

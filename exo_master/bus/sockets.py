@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -95,11 +96,13 @@ class MasterBus:
         self._origin = origin
         # One sequence per topic: a worker only receives its own topic and the broadcast one, so a
         # single master-wide sequence would look like constant gaps to every worker.
-        self._stampers: dict[bytes, Stamper] = {}
+        self._stampers: OrderedDict[bytes, Stamper] = OrderedDict()  # least recently used first
         self.sequences = SequenceTracker()
         self.counters = BusCounters()
         self.incarnations = IncarnationGuard(incarnation_grace)
-        self._told: set[tuple[NodeId, str]] = set()
+        # When each node id was last sent a NodeRefused (a flood of refused messages is answered at
+        # most once a second per node id; least recent first, bounded).
+        self._refusals_sent: OrderedDict[NodeId, float] = OrderedDict()
         self._subscribers: dict[NodeId, int] = {}  # live subscriptions per node topic
         # Refused subscriptions per node topic, still held by their connections: libzmq answers each
         # one with a keyless unsubscription when its connection closes (see _admit_subscription).
@@ -145,6 +148,10 @@ class MasterBus:
         if stamper is None:
             name = topic.rstrip(b"\x00").decode(errors="replace")
             stamper = self._stampers[topic] = Stamper(f"{self._origin}/{name}")
+            if len(self._stampers) > MAX_NODES:  # a forgotten topic restarts at 1: a restart to its reader
+                self._stampers.popitem(last=False)
+        else:
+            self._stampers.move_to_end(topic)
         envelope = stamper.stamp(body, time.time())
         self._xpub_now.send_multipart(codec.encode_frames(topic, envelope), zmq.NOBLOCK)
         self._recheck_subscriptions()
@@ -217,6 +224,9 @@ class MasterBus:
         closes, and a refused duplicate's connection closing must not unsubscribe the live one."""
         count = self._subscribers.get(event.node_id, 0)
         if isinstance(event, NodeSubscribed):
+            if not count and len(self._subscribers) >= MAX_NODES:
+                log.warning("bus.subscriptions_full", node_id=event.node_id[:80], tracked=MAX_NODES)
+                return False
             self._subscribers[event.node_id] = count + 1
             return count == 0
         if count <= 1:
@@ -337,8 +347,15 @@ class MasterBus:
             self.counters.held += 1
             return
         self.counters.refused += 1
-        if self.counters.refused == 1 or (node_id, incarnation) not in self._told:
-            self._told.add((node_id, incarnation))
+        now = time.monotonic()
+        last = self._refusals_sent.get(node_id)
+        if last is not None and now - last < 1.0:
+            return  # told within the last second: a flood of refused messages is not echoed
+        self._refusals_sent[node_id] = now
+        self._refusals_sent.move_to_end(node_id)
+        if len(self._refusals_sent) > MAX_NODES:
+            self._refusals_sent.popitem(last=False)
+        if last is None:
             log.error("bus.duplicate_node", node_id=node_id, incarnation=incarnation)
         reason = (
             f"node id {node_id!r} is already served by another running worker; stop that one, or give "
