@@ -64,6 +64,7 @@ class BusCounters:
     malformed: int = 0
     held: int = 0  # messages from a newcomer process while its predecessor may still be alive
     refused: int = 0  # messages from a second live process with an existing node id
+    ignored_unsubscriptions: int = 0  # keyless unsubscriptions sent by a peer (plaintext)
 
 
 def subscription_event(frame: bytes) -> NodeSubscribed | NodeUnsubscribed | None:
@@ -197,7 +198,7 @@ class MasterBus:
                 message = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
-            event = self._on_subscription(message.bytes, _user_id(message))
+            event = self._on_subscription(message.bytes, _user_id(message), _from_a_peer(message))
             if event is not None:
                 await deliver(event)
             return True
@@ -207,10 +208,21 @@ class MasterBus:
         finally:
             self._subscriptions_readable = self._subscriptions_loop = None
 
-    def _on_subscription(self, frame: bytes, key: str | None) -> NodeSubscribed | NodeUnsubscribed | None:
-        """Admit (or not) one (un)subscription just received; the event for the core, if any."""
+    def _on_subscription(
+        self, frame: bytes, key: str | None, from_a_peer: bool = False
+    ) -> NodeSubscribed | NodeUnsubscribed | None:
+        """Admit (or not) one (un)subscription just received; the event for the core, if any.
+
+        `from_a_peer`: the frame came from a connection (it carries the connection's metadata);
+        libzmq's own unsubscriptions for a closed connection carry none."""
         event = subscription_event(frame)
         if not self._admit_subscription(frame, event, key) or event is None:
+            return None
+        if isinstance(event, NodeUnsubscribed) and key is None and from_a_peer:
+            # Plaintext: nothing ties this connection to the one that subscribed, so a peer's own
+            # unsubscription never counts (workers never send one: they hang up). The close of the
+            # subscribing connection does, and liveness is the authority on whether a node is there.
+            self.counters.ignored_unsubscriptions += 1
             return None
         if not self._subscription_changed(event):
             return None
@@ -396,6 +408,15 @@ def _user_id(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:  # no such property: a plaintext connection
         return None
     return value if isinstance(value, str) and value else None
+
+
+def _from_a_peer(frame: zmq.Frame) -> bool:
+    """Whether a subscription frame was sent by a connection (it has the connection's metadata) rather
+    than made by libzmq for a connection that closed (no metadata)."""
+    try:
+        return bool(frame.get("Socket-Type"))
+    except zmq.ZMQError:
+        return False
 
 
 def _short(key: str | None) -> str | None:

@@ -34,6 +34,8 @@ Metrics (all prefixed exo_):
     bus_messages_sent_total{type}                        counter   master messages, by type
     bus_sequence_gaps_total                              counter   messages missed, all publishers
     bus_sequence_gaps_by_origin_total{origin}            counter   messages missed, per publisher
+    bus_unsubscriptions_ignored_total                    counter   keyless unsubscriptions sent by a
+                                                                   peer (plaintext: not counted)
     bus_malformed_frames_total                           counter   frames that failed to decode
     bus_refusals_total{reason}                           counter   peers refused at the handshake
                                                                    (unknown_key, no_curve, ...)
@@ -257,7 +259,15 @@ class MasterCollector(Collector):
             sum(gaps.values()),
         )
         yield _labelled_counter(
-            "exo_bus_sequence_gaps_by_origin", "Bus messages missed, per publisher.", "origin", gaps.items()
+            "exo_bus_sequence_gaps_by_origin",
+            'Bus messages missed, per publisher (past 64 publishers, under origin="other").',
+            "origin",
+            gaps.items(),
+        )
+        yield _counter(
+            "exo_bus_unsubscriptions_ignored",
+            "Keyless unsubscriptions a peer sent on a plaintext bus (only a closing connection counts).",
+            counters.ignored_unsubscriptions if counters is not None else 0,
         )
         yield _counter(
             "exo_bus_malformed_frames",
