@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from exo_master.bus.incarnations import IncarnationGuard, Verdict
 from exo_master.core import CoreConfig, MasterCore
-from exo_master.core.events import NodeSubscribed, TaskPlaced
+from exo_master.core.events import Effect, NodeSubscribed, TaskPlaced
 from protocol.envelope import OTHER_ORIGINS, SequenceTracker
 from protocol.ids import NodeId
 from protocol.messages import NodeRefused, WorkerHeartbeat
@@ -17,7 +17,7 @@ def fake(core: MasterCore, i: int, now: float) -> list[object]:
     return list(core.handle(WorkerHeartbeat(node_id=NodeId(f"fake{i}"), instances=()), now))
 
 
-def join(core: MasterCore, i: int, now: float) -> list[object]:
+def join(core: MasterCore, i: int, now: float) -> list[Effect]:
     effects = list(core.handle(NodeSubscribed(node_id=node_of(i)), now))
     return effects + list(core.handle(heartbeat(i, report(i)), now))
 
