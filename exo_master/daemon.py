@@ -183,6 +183,11 @@ async def serve(
         curve=curve is not None,
         master_key=curve.fingerprint if curve is not None else None,
         api_keys=len(api_keys),
+        node_ids=(
+            "owned by keys: authorized/NAME.key admits node id NAME only"
+            if curve is not None
+            else "first come, first served: on a plaintext bus any local process may claim any node id"
+        ),
     )
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

@@ -115,7 +115,7 @@ class MasterBus:
         self.curve = curve
         # True only for a plaintext bus the operator asked for with --insecure (shown in the state).
         self.insecure = insecure and curve is None
-        self.guard = IdentityGuard()
+        self.guard = IdentityGuard(owners=curve.authorized.names_of if curve is not None else None)
         self._sub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._sub.underlying)
         # Set while serve_subscriptions runs: its wake-up, and whether a look after sends is due.
         self._subscriptions_readable: asyncio.Event | None = None
@@ -274,7 +274,10 @@ class MasterBus:
         elif subscribe and topic != codec.BROADCAST_TOPIC:
             refused = self.guard.refuse(DropReason.FOREIGN_TOPIC)
         if refused is not None:
-            if isinstance(event, NodeSubscribed | NodeUnsubscribed) and refused == DropReason.KEY_MISMATCH:
+            if isinstance(event, NodeSubscribed | NodeUnsubscribed) and refused in (
+                DropReason.KEY_MISMATCH,
+                DropReason.NOT_OWNER,
+            ):
                 # Unsubscribing a refused topic takes it off the connection's list: no keyless one then.
                 self._hold_refused(event.node_id, 1 if subscribe else -1)
             total = self.guard.drops[refused]
@@ -341,6 +344,13 @@ class MasterBus:
             total = self.guard.drops[refused]
             if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
                 self._log_refusal(refused, total, envelope.origin, envelope.body, key)
+            if (
+                refused == DropReason.NOT_OWNER
+                and envelope.origin == envelope.body.node_id
+                and envelope.incarnation
+            ):
+                # (Never with an empty incarnation: on the broadcast topic that would name everyone.)
+                self._refuse_key(envelope.body.node_id, envelope.incarnation, key)
             return
         body = envelope.body
         verdict = self.incarnations.observe(body.node_id, envelope.incarnation, now)
@@ -354,20 +364,41 @@ class MasterBus:
         self.counters.received[name] = self.counters.received.get(name, 0) + 1
         await deliver(body)
 
+    def _refuse_key(self, node_id: NodeId, incarnation: str, key: str | None) -> None:
+        """Tell a process that its key may not use this node id. On the broadcast topic: its own
+        topic is closed to it (the same check refuses that subscription); the incarnation names it."""
+        if not self._may_tell(node_id):
+            return
+        owner = f"{self.curve.authorized.directory}/{node_id}.key" if self.curve is not None else "?"
+        reason = (
+            f"this worker's key {_short(key)} is not authorized for node id {node_id!r}: under CURVE a "
+            f"node id belongs to the key in {owner}; use the node id your key is authorized as, or "
+            "authorize this key under that name"
+        )
+        body = NodeRefused(node_id=node_id, incarnation=incarnation, reason=reason)
+        self.send_now(codec.BROADCAST_TOPIC, body)
+
+    def _may_tell(self, node_id: NodeId) -> bool:
+        """At most one NodeRefused a second per node id (bounded: least recently told first out)."""
+        now = time.monotonic()
+        last = self._refusals_sent.get(node_id)
+        if last is not None and now - last < 1.0:
+            return False
+        self._refusals_sent[node_id] = now
+        self._refusals_sent.move_to_end(node_id)
+        if len(self._refusals_sent) > MAX_NODES:
+            self._refusals_sent.popitem(last=False)
+        return True
+
     def _turn_away(self, node_id: NodeId, incarnation: str, verdict: Verdict) -> None:
         if verdict is Verdict.HOLD:
             self.counters.held += 1
             return
         self.counters.refused += 1
-        now = time.monotonic()
-        last = self._refusals_sent.get(node_id)
-        if last is not None and now - last < 1.0:
+        first = node_id not in self._refusals_sent
+        if not self._may_tell(node_id):
             return  # told within the last second: a flood of refused messages is not echoed
-        self._refusals_sent[node_id] = now
-        self._refusals_sent.move_to_end(node_id)
-        if len(self._refusals_sent) > MAX_NODES:
-            self._refusals_sent.popitem(last=False)
-        if last is None:
+        if first:
             log.error("bus.duplicate_node", node_id=node_id, incarnation=incarnation)
         reason = (
             f"node id {node_id!r} is already served by another running worker; stop that one, or give "
