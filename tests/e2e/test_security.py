@@ -109,6 +109,9 @@ def test_unknown_missing_and_wrong_master_keys_are_refused(
     )
     cluster.start_worker("plaintext", with_keys=False)
     cluster.start_worker(
+        "httpport", extra_args=["--master", f"127.0.0.1:{cluster.api_port}"], with_keys=False
+    )
+    cluster.start_worker(
         "wrongmaster",
         extra_args=["--secret-key", str(wrong_master_secret), "--master-key", str(impostor_public)],
         with_keys=False,
@@ -126,10 +129,16 @@ def test_unknown_missing_and_wrong_master_keys_are_refused(
     wait_for(lambda: _logged(logs / "unknown.log", "bus.key_not_authorized"), 30, "the unknown key's line")
     wait_for(lambda: _logged(logs / "wrongmaster.log", "bus.wrong_master_key"), 30, "the wrong key's line")
     wait_for(lambda: _logged(logs / "plaintext.log", "bus.master_requires_curve"), 30, "the plaintext line")
+    wait_for(lambda: _logged(logs / "httpport.log", "bus.not_a_bus_port"), 30, "the HTTP port's line")
+    # Reachable but refused: said as such every liveness window, never "master.unreachable".
+    wait_for(lambda: _logged(logs / "unknown.log", "master.refusing"), 30, "the refused worker's reminder")
+    assert not _logged(logs / "unknown.log", "master.unreachable")
+    assert not _logged(logs / "httpport.log", "bus.master_requires_curve")
     said = (
         ("unknown", "bus.key_not_authorized"),
         ("wrongmaster", "bus.wrong_master_key"),
         ("plaintext", "bus.master_requires_curve"),
+        ("httpport", "bus.not_a_bus_port"),
     )
     for name, event in said:
         lines = [e for e in _log_events(logs / f"{name}.log") if e.get("event") == event]
