@@ -79,7 +79,7 @@ class BusPeer:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if monitor.poll(int(left * 1000) + 1):
-                event: dict[str, Any] = recv_monitor_message(monitor)
+                event: dict[str, Any] = dict(recv_monitor_message(monitor))
                 outcome = _OUTCOMES.get(event["event"])
                 if outcome is not None:
                     return outcome
