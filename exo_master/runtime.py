@@ -29,6 +29,7 @@ from exo_master.core.events import (
     TaskRejected,
     WorkerEffect,
 )
+from exo_master.http.connection_cap import ConnectionCap
 from protocol import codec
 from protocol.ids import TaskId
 from protocol.messages import (
@@ -110,6 +111,7 @@ class MasterRuntime:
         self._outbox: asyncio.Queue[tuple[bytes, WorkerEffect]] = asyncio.Queue()
         self.decision_observers: list[DecisionObserver] = []
         self.effect_observers: list[Callable[[Effect], None]] = []
+        self.connection_cap: ConnectionCap | None = None  # the API's (set by the daemon), for /metrics
 
     # ---- inputs ---------------------------------------------------------------------------------
 

@@ -41,6 +41,9 @@ Metrics (all prefixed exo_):
                                                                    (unknown_key, no_curve, ...)
     bus_identity_drops_total{reason}                     counter   messages dropped by the identity
                                                                    checks (origin_mismatch, ...)
+    http_connections_open, http_max_connections          gauge     API connections, and their cap
+    http_connections_evicted_total                       counter   closed at the cap for a newcomer
+    http_connections_refused_total                       counter   newcomers closed at the cap
     placement_decision_seconds                           histogram core time per submission
     queue_wait_seconds                                   histogram submission to placement
     Inference latencies and token counts (time to first token, time per output token, request
@@ -118,6 +121,26 @@ class MasterCollector(Collector):
         yield from self._instances(view)
         yield from self._nodes(view)
         yield from self._bus()
+        yield from self._connections()
+
+    def _connections(self) -> Iterator[Metric]:
+        cap = self.runtime.connection_cap
+        if cap is None:
+            return
+        yield GaugeMetricFamily("exo_http_connections_open", "Open API connections.", value=cap.open)
+        yield GaugeMetricFamily(
+            "exo_http_max_connections", "The API's connection cap (--max-connections).", value=cap.limit
+        )
+        yield _counter(
+            "exo_http_connections_evicted",
+            "Connections waiting on their client closed to admit a newcomer at the cap.",
+            cap.counts.evicted,
+        )
+        yield _counter(
+            "exo_http_connections_refused",
+            "New connections closed at once: at the cap, every connection was being answered.",
+            cap.counts.refused,
+        )
 
     def _scheduling(self, view: ClusterView) -> Iterator[Metric]:
         counts = self.runtime.core.counters()
