@@ -31,6 +31,7 @@ from exo_master.bus.curve import MasterCurve
 from exo_master.bus.drain import drain
 from exo_master.bus.identity import MAX_NODES, DropReason, IdentityGuard
 from exo_master.bus.incarnations import IncarnationGuard, Verdict
+from exo_master.bus.refusals import Refusal, Refusals
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
@@ -38,7 +39,6 @@ from protocol.ids import NodeId
 from protocol.keys import fingerprint
 from protocol.messages import (
     MasterMessage,
-    NodeRefused,
     TaskAccepted,
     TaskChunk,
     TaskFailed,
@@ -101,9 +101,7 @@ class MasterBus:
         self.sequences = SequenceTracker()
         self.counters = BusCounters()
         self.incarnations = IncarnationGuard(incarnation_grace)
-        # When each node id was last sent a NodeRefused (a flood of refused messages is answered at
-        # most once a second per node id; least recent first, bounded).
-        self._refusals_sent: OrderedDict[NodeId, float] = OrderedDict()
+        self.refusals = Refusals(MAX_NODES)  # what a refused process is told, and how often
         self._subscribers: dict[NodeId, int] = {}  # live subscriptions per node topic
         # Refused subscriptions per node topic, still held by their connections: libzmq answers each
         # one with a keyless unsubscription when its connection closes (see _admit_subscription).
@@ -344,13 +342,10 @@ class MasterBus:
             total = self.guard.drops[refused]
             if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
                 self._log_refusal(refused, total, envelope.origin, envelope.body, key)
-            if (
-                refused == DropReason.NOT_OWNER
-                and envelope.origin == envelope.body.node_id
-                and envelope.incarnation
-            ):
-                # (Never with an empty incarnation: on the broadcast topic that would name everyone.)
-                self._refuse_key(envelope.body.node_id, envelope.incarnation, key)
+            if refused == DropReason.NOT_OWNER and envelope.origin == envelope.body.node_id:
+                directory = self.curve.authorized.directory if self.curve is not None else None
+                node_id, incarnation = envelope.body.node_id, envelope.incarnation
+                self._tell(self.refusals.not_owner(node_id, incarnation, key, directory, now))
             return
         body = envelope.body
         verdict = self.incarnations.observe(body.node_id, envelope.incarnation, now)
@@ -364,50 +359,18 @@ class MasterBus:
         self.counters.received[name] = self.counters.received.get(name, 0) + 1
         await deliver(body)
 
-    def _refuse_key(self, node_id: NodeId, incarnation: str, key: str | None) -> None:
-        """Tell a process that its key may not use this node id. On the broadcast topic: its own
-        topic is closed to it (the same check refuses that subscription); the incarnation names it."""
-        if not self._may_tell(node_id):
-            return
-        owner = f"{self.curve.authorized.directory}/{node_id}.key" if self.curve is not None else "?"
-        reason = (
-            f"this worker's key {_short(key)} is not authorized for node id {node_id!r}: under CURVE a "
-            f"node id belongs to the key in {owner}; use the node id your key is authorized as, or "
-            "authorize this key under that name"
-        )
-        body = NodeRefused(node_id=node_id, incarnation=incarnation, reason=reason)
-        self.send_now(codec.BROADCAST_TOPIC, body)
-
-    def _may_tell(self, node_id: NodeId) -> bool:
-        """At most one NodeRefused a second per node id (bounded: least recently told first out)."""
-        now = time.monotonic()
-        last = self._refusals_sent.get(node_id)
-        if last is not None and now - last < 1.0:
-            return False
-        self._refusals_sent[node_id] = now
-        self._refusals_sent.move_to_end(node_id)
-        if len(self._refusals_sent) > MAX_NODES:
-            self._refusals_sent.popitem(last=False)
-        return True
-
     def _turn_away(self, node_id: NodeId, incarnation: str, verdict: Verdict) -> None:
         if verdict is Verdict.HOLD:
             self.counters.held += 1
             return
         self.counters.refused += 1
-        first = node_id not in self._refusals_sent
-        if not self._may_tell(node_id):
-            return  # told within the last second: a flood of refused messages is not echoed
-        if first:
+        if not self.refusals.told_before(node_id):
             log.error("bus.duplicate_node", node_id=node_id, incarnation=incarnation)
-        reason = (
-            f"node id {node_id!r} is already served by another running worker; stop that one, or give "
-            "this one its own --node-id"
-        )
-        # Every message it sends is answered, so a refusal lost on the bus is repeated.
-        self.send_now(
-            codec.node_topic(node_id), NodeRefused(node_id=node_id, incarnation=incarnation, reason=reason)
-        )
+        self._tell(self.refusals.duplicate(node_id, incarnation, time.monotonic()))
+
+    def _tell(self, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            self.send_now(*refusal)
 
     def _log_refusal(
         self, reason: str, total: int, origin: str, body: WorkerMessage, key: str | None
