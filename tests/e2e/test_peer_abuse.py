@@ -1,5 +1,6 @@
 """No peer can starve another (real processes, plaintext bus): a flood of made-up node ids does not
-keep a new worker out, a full node table says so, and a stranger's unsubscription changes nothing."""
+keep a new worker out, a full node table says so, and a stranger's unsubscription changes nothing
+(one cluster for the flood and the unsubscription, to keep the suite short)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ FLOOD = 1_100  # fake node ids: more than the default node table (1,024)
 
 
 def _metric(cluster: LocalCluster, name: str) -> float:
-    text = httpx.get(f"{cluster.api_url}/metrics", headers=cluster.headers, timeout=5).text
+    try:
+        text = httpx.get(f"{cluster.api_url}/metrics", headers=cluster.headers, timeout=10).text
+    except httpx.HTTPError:
+        return 0.0  # a busy master (the flood): the caller waits and asks again
     values = [float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")]
     return values[0] if values else 0.0
 
@@ -75,8 +79,19 @@ def test_a_new_worker_is_ready_within_seconds_of_a_fake_node_flood(
         thread.join(timeout=10)
     # The flood stopped: the fakes (never subscribed, no instance) are gone within seconds.
     wait_for(lambda: set(_nodes(cluster)) == {"node1", "late"}, 15, "the fake nodes to be forgotten")
-    reply = httpx.post(f"{cluster.api_url}/v1/chat/completions", json=CHAT, timeout=30)
-    assert reply.status_code == 200
+    # A stranger's raw unsubscription of node1's topic (plaintext: anyone can connect) changes nothing.
+    raw_subscription_frames(cluster.bus_port, [b"\x00node/node1\x00"] * 3)
+    wait_for(
+        lambda: _metric(cluster, "exo_bus_unsubscriptions_ignored_total") >= 3, 15, "the unsubscriptions"
+    )
+    assert _nodes(cluster)["node1"]["subscribed"] is True
+    served = set()
+    for i in range(6):  # distinct chats: no prefix affinity, least-loaded alternates between the two
+        body = {**CHAT, "messages": [{"role": "user", "content": f"hi {i}"}]}
+        reply = httpx.post(f"{cluster.api_url}/v1/chat/completions", json=body, timeout=30)
+        assert reply.status_code == 200
+        served.add(reply.headers["x-exo-node"])
+    assert served == {"node1", "late"}  # node1 is still in placement
 
 
 def test_a_full_node_table_refuses_a_newcomer_with_a_reason(start_cluster: ClusterFactory) -> None:
@@ -88,15 +103,3 @@ def test_a_full_node_table_refuses_a_newcomer_with_a_reason(start_cluster: Clust
     log = (cluster.spec.log_dir / "late.log").read_text()
     assert "node table is full" in log and "--max-nodes" in log, log[-2000:]
     assert set(_nodes(cluster)) == {"node1", "node2"}
-
-
-def test_a_raw_unsubscribe_from_a_stranger_leaves_the_node_subscribed(start_cluster: ClusterFactory) -> None:
-    cluster = start_cluster(workers=1, curve=False)
-    assert _nodes(cluster)["node1"]["subscribed"] is True
-    raw_subscription_frames(cluster.bus_port, [b"\x00node/node1\x00"] * 3)
-    wait_for(
-        lambda: _metric(cluster, "exo_bus_unsubscriptions_ignored_total") >= 3, 15, "the unsubscriptions"
-    )
-    assert _nodes(cluster)["node1"]["subscribed"] is True
-    reply = httpx.post(f"{cluster.api_url}/v1/chat/completions", json=CHAT, timeout=30)
-    assert reply.status_code == 200 and reply.headers["x-exo-node"] == "node1"
