@@ -3,7 +3,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint bench run clean
+.PHONY: install test lint bench soak run clean
 
 # A line per step, so a first install (about a minute) is never silent.
 $(STAMP): pyproject.toml
@@ -32,6 +32,11 @@ lint: $(STAMP)
 
 # The placement core's decision cost (pure, in-process), then every end-to-end benchmark with real
 # processes on loopback next to sglang-router: docs/BENCHMARKS.md and bench/results/*.json.
+# A 30-minute mixed soak (cancels, disconnects, worker restarts, fake-node floods): RSS and fds of
+# every process every 15 s, in bench/results/soak.json and a table. Not part of make test.
+soak: $(STAMP)
+	nice -n 10 $(PY) scripts/soak.py --minutes $${SOAK_MINUTES:-30}
+
 bench: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) scripts/bench_placement.py

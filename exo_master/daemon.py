@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import random
 import re
+import resource
 import signal
 import socket
 import uuid
@@ -24,6 +25,7 @@ from exo_master.core.placement import POLICY_NAMES
 from exo_master.http.api import Api, build_app
 from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.http.bounds import ApiLimits
+from exo_master.http.connection_cap import ConnectionCap, default_max_connections, raise_nofile_limit
 from exo_master.http.fastpath import coalescing_http_protocol
 from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime
@@ -102,6 +104,7 @@ async def serve(
     insecure: bool = False,
     api_keys: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
+    max_connections: int | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken or unsafe (2)."""
     bus_host = bus_host or host
@@ -130,6 +133,9 @@ async def serve(
         bus.close()
         return 2
     runtime = MasterRuntime(MasterCore(config), bus)
+    nofile, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = ConnectionCap(max_connections or default_max_connections(nofile))
+    runtime.connection_cap = cap
     from exo_master.http.metrics import metrics_route
 
     limits = limits or ApiLimits()
@@ -150,7 +156,7 @@ async def serve(
             lifespan="off",
             # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
             proxy_headers=False,
-            http=coalescing_http_protocol(),
+            http=coalescing_http_protocol(cap),
             timeout_keep_alive=max(1, round(limits.keep_alive_s)),
             # Open requests were already ended (api.shutdown); uvicorn then cancels whatever is
             # left (a client that will not read) itself, before the daemon's own 3 s wait runs out.
@@ -183,6 +189,13 @@ async def serve(
         curve=curve is not None,
         master_key=curve.fingerprint if curve is not None else None,
         api_keys=len(api_keys),
+        max_connections=cap.limit,
+        open_files_limit=nofile,
+        node_ids=(
+            "owned by keys: authorized/NAME.key admits node id NAME only"
+            if curve is not None
+            else "first come, first served: on a plaintext bus any local process may claim any node id"
+        ),
     )
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -233,6 +246,14 @@ def run(
         300.0, envvar="EXO_QUEUE_TIMEOUT", min=0.1, help="Seconds a request may wait for a free slot."
     ),
     max_nodes: int = typer.Option(1024, envvar="EXO_MAX_NODES", min=1, help="Nodes the master tracks."),
+    max_connections: int | None = typer.Option(
+        None,
+        "--max-connections",
+        envvar="EXO_MAX_CONNECTIONS",
+        min=1,
+        help="Open API connections at most (default: from the open-files limit, keeping room for the "
+        "bus and logs). Past it, a new connection replaces the one idle or reading the longest.",
+    ),
     prefix_affinity: bool = typer.Option(
         True,
         "--prefix-affinity/--no-prefix-affinity",
@@ -309,6 +330,7 @@ def run(
 ) -> None:
     """Run the exo master."""
     configure_logging(log_format, log_level)
+    raise_nofile_limit()  # where allowed: the default --max-connections follows the limit
     try:
         curve = load_master_curve(secret_key, authorized_keys)
         api_keys = read_keys(api_key, api_keys_file)
@@ -350,6 +372,7 @@ def run(
                 insecure=insecure,
                 api_keys=api_keys,
                 cors_origins=cors_origin,
+                max_connections=max_connections,
             )
         )
     raise typer.Exit(code)

@@ -29,9 +29,18 @@ from exo_master.core.events import (
     TaskRejected,
     WorkerEffect,
 )
+from exo_master.http.connection_cap import ConnectionCap
 from protocol import codec
 from protocol.ids import TaskId
-from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbeat, TaskAck, TaskParams
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    MasterHeartbeat,
+    NodeRefused,
+    TaskAck,
+    TaskParams,
+)
 
 log = structlog.get_logger("exo_master")
 # What msgspec raises for a value msgpack cannot hold (an int beyond 64 bits, an unsupported type).
@@ -102,6 +111,7 @@ class MasterRuntime:
         self._outbox: asyncio.Queue[tuple[bytes, WorkerEffect]] = asyncio.Queue()
         self.decision_observers: list[DecisionObserver] = []
         self.effect_observers: list[Callable[[Effect], None]] = []
+        self.connection_cap: ConnectionCap | None = None  # the API's (set by the daemon), for /metrics
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -142,7 +152,7 @@ class MasterRuntime:
             for observe in self.effect_observers:
                 observe(effect)
             match effect:
-                case AssignTask() | CancelTask() | FetchOutput() | TaskAck():
+                case AssignTask() | CancelTask() | FetchOutput() | TaskAck() | NodeRefused():
                     self._outbox.put_nowait((codec.node_topic(effect.node_id), effect))
                 case MasterHeartbeat():
                     self._outbox.put_nowait((codec.BROADCAST_TOPIC, effect))

@@ -158,6 +158,7 @@ class WorkerBus:
         self._sub: zmq.asyncio.Socket | None = None
         self._pub: zmq.Socket[bytes] | None = None
         self._monitors: list[tuple[zmq.asyncio.Socket, zmq.Socket[Any], str]] = []
+        self.handshake_failures: set[str] = set()  # failed handshakes said and not yet healed
         self._log = log.bind(node_id=node_id, master=str(master))
 
     # ---- sockets -----------------------------------------------------------------------------
@@ -252,11 +253,11 @@ class WorkerBus:
         if self._sub is None:
             self.connect()
         backoff = (self._backoff_initial, self._backoff_max)
-        reported: set[str] = set()  # shared: one line per failure, not one per socket
+        reported = self.handshake_failures  # shared: one line per failure, not one per socket
         watchers = []
         for mon, sock, endpoint in self._monitors:
             redial = functools.partial(self._redial, sock, endpoint)
-            watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff)
+            watch = watch_handshakes(self.curve, mon, self._log, redial, reported, backoff, endpoint)
             watchers.append(asyncio.create_task(watch, name="bus-handshakes"))
         try:
             await self._serve()
@@ -275,6 +276,13 @@ class WorkerBus:
                 self.master_lost.set()
                 self._log.warning(
                     "master.lost", silent_s=round(self.liveness_timeout(), 3), session=self.master_session
+                )
+            elif self.handshake_failures:
+                # The master answers but refuses us (said once, with why): not "unreachable".
+                self._log.warning(
+                    "master.refusing",
+                    failures=sorted(self.handshake_failures),
+                    silent_s=round(self._clock() - silent_since, 1),
                 )
             else:
                 # Say so every window, with where we are looking: a wrong address must not look idle.

@@ -5,8 +5,11 @@ ZeroMQ (it just reconnects), so a socket monitor watches both sockets and says w
 - the master refused this worker's key (ZAP answered 400): its public key is not authorized;
 - the handshake broke before that: the master key configured here is not the master's;
 - the master speaks plaintext, or the other way round.
-Each is logged once, and again only after a handshake succeeded in between (no flood while it
-retries).
+- the address does not speak the bus protocol at all (an HTTP server: the master's API port).
+A failure that could be any of these is told apart by a probe: a plain TCP connection that sends a
+ZMTP greeting and reads what comes back (the master's greeting names its mechanism, NULL or
+CURVE; an HTTP server answers "HTTP/1.1 400"). Each is logged once, and again only after a
+handshake succeeded in between (no flood while it retries).
 
 A refusal by ZAP ends the connection for good in libzmq (a protocol error: it never reconnects on
 its own), so the worker re-dials itself with capped exponential backoff: a worker whose key is
@@ -17,6 +20,7 @@ disconnects, which libzmq retries with the socket's own reconnect backoff.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +90,53 @@ def describe_failure(curve: ClientCurve | None, event: int, value: int) -> tuple
     )
 
 
+_ZMTP_GREETING = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+
+
+def probe_peer(endpoint: str, timeout: float = 2.0) -> str:
+    """What answers at a tcp:// endpoint: "zmtp:NULL", "zmtp:CURVE", "http", "other" or "closed"."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    reply = b""
+    try:
+        conn = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except (OSError, ValueError):
+        return "closed"
+    with conn:
+        try:
+            conn.sendall(_ZMTP_GREETING[:11])  # signature and major version: a ZMTP peer answers
+            reply = conn.recv(64)
+            if reply.startswith(b"\xff"):
+                conn.sendall(_ZMTP_GREETING[11:])
+                while len(reply) < 64 and (chunk := conn.recv(64 - len(reply))):
+                    reply += chunk
+        except OSError:
+            pass  # reset or timed out: judge by what came, if anything
+    return _classify(reply)
+
+
+def _classify(reply: bytes) -> str:
+    if reply.startswith(b"HTTP/"):
+        return "http"
+    if len(reply) >= 10 and reply[0] == 0xFF and reply[9] == 0x7F:
+        mechanism = reply[12:32].rstrip(b"\x00").decode(errors="replace") if len(reply) >= 32 else "?"
+        return f"zmtp:{mechanism}"
+    return "closed" if not reply else "other"
+
+
+def explain_probe(curve: ClientCurve | None, endpoint: str, found: str) -> tuple[str, str] | None:
+    """(event, line) when the probe explains a failed handshake better than its event; else None."""
+    if found in ("http", "other"):
+        what = "answers HTTP" if found == "http" else "does not speak the ZeroMQ bus protocol"
+        return (
+            "bus.not_a_bus_port",
+            f"{endpoint.removeprefix('tcp://')} {what}: it is not the master's bus (the API port, perhaps); "
+            "point --master at the master's bus port (exo-master --bus-port, default 52416)",
+        )
+    if found == "zmtp:NULL" and curve is not None:
+        return describe_failure(curve, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, _MECHANISM_MISMATCH)
+    return None
+
+
 def load_client_curve(secret_key: Path | None, master_key: Path | None) -> ClientCurve | None:
     if secret_key is None and master_key is None:
         return None
@@ -101,6 +152,7 @@ async def watch_handshakes(
     redial: Callable[[], None],
     reported: set[str],
     backoff: tuple[float, float] = (0.5, 10.0),
+    endpoint: str | None = None,
 ) -> None:
     """Log failed handshakes on one socket (once per kind, in `reported`, shared by the worker's
     sockets, until one succeeds) and re-dial after a refusal; until cancelled."""
@@ -114,6 +166,12 @@ async def watch_handshakes(
             delay = backoff[0]
             continue
         failure = describe_failure(curve, event["event"], event["value"])
+        if failure is not None and endpoint is not None and event["event"] != zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            if not reported:  # once per run of failures: a probe is a connection of its own
+                found = await asyncio.to_thread(probe_peer, endpoint)
+                failure = explain_probe(curve, endpoint, found) or failure
+            else:
+                failure = None  # already said
         if failure is not None and failure[0] not in reported:
             reported.add(failure[0])
             bound.error(failure[0], error=failure[1])

@@ -70,10 +70,17 @@ class OutputLog:
         return tuple(self._ended)
 
     def replay(
-        self, task_id: TaskId, from_index: int, final: bool
-    ) -> tuple[list[str], FinalMessage | None] | None:
-        """The chunks from `from_index` on and (if asked and known) the final; None if not held."""
+        self, task_id: TaskId, from_index: int, final: bool, gaps: tuple[tuple[int, int], ...] = ()
+    ) -> tuple[list[tuple[int, str]], FinalMessage | None] | None:
+        """The asked chunks as (index, text): those in `gaps` ([start, end) ranges) if any are given,
+        else all from `from_index` on; and (if asked and known) the final. None if not held."""
         out = self._live.get(task_id) or self._ended.get(task_id)
         if out is None:
             return None
-        return out.chunks[max(0, from_index) :], out.final if final else None
+        ranges = gaps or ((from_index, len(out.chunks)),)
+        chunks = [
+            (index, out.chunks[index])
+            for start, end in ranges
+            for index in range(max(0, start), min(end, len(out.chunks)))
+        ]
+        return chunks, out.final if final else None

@@ -160,14 +160,14 @@ class Runner:
 
     def fetch(self, request: FetchOutput) -> None:
         """Send again what the master is missing of a task's output (chunks, and the final)."""
-        held = self._outputs.replay(request.task_id, request.from_index, request.final)
+        held = self._outputs.replay(request.task_id, request.from_index, request.final, request.gaps)
         if held is None:
             reason = f"the output of task {request.task_id} is no longer held by {self.node_id}"
             self._send(self._failed(request.task_id, reason))
             return
         chunks, final = held
-        for offset, text in enumerate(chunks):
-            self._send_chunk(request.task_id, request.from_index + offset, text)
+        for index, text in chunks:
+            self._send_chunk(request.task_id, index, text)
         if final is not None:
             self._send(final)
 

@@ -132,7 +132,7 @@ class WorkerDaemon:
             self.runners.handle_fetch(message)
         elif isinstance(message, TaskAck):
             self.runners.handle_ack(message)
-        elif isinstance(message, NodeRefused) and message.incarnation == self.bus.incarnation:
+        elif isinstance(message, NodeRefused) and message.incarnation in ("", self.bus.incarnation):
             self.refusal = message.reason
             self.refused.set()
         elif isinstance(message, MasterHeartbeat) and message.session != self._last_session_snapshot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Annotated
 
 import msgspec
@@ -19,6 +20,9 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
     incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
 
 
+OTHER_ORIGINS = "other"  # the label past `max_labels` publishers: metric series stay bounded
+
+
 class SequenceTracker:
     """Tells loss from reordering in each publisher's sequence. Pure: fed envelopes.
 
@@ -26,11 +30,18 @@ class SequenceTracker:
     that arrives later was only reordered: it leaves the gap count and counts as reordered. A
     number far behind (more than `window`), or a restart at 1, means the publisher restarted.
     `gaps` is therefore the number of messages still missing, per publisher.
+
+    Bounded, since origins are chosen by peers: at most `max_origins` sequences are followed (the
+    one heard least recently is forgotten; if it speaks again it starts a new sequence, which
+    costs at most one uncounted gap), and the per-publisher counts keep `max_labels` names, the
+    rest adding up under `other` (a forgotten publisher's counts move there too).
     """
 
-    def __init__(self, window: int = 4096) -> None:
+    def __init__(self, window: int = 4096, max_origins: int = 4096, max_labels: int = 64) -> None:
         self.window = window
-        self._last: dict[str, int] = {}
+        self.max_origins = max_origins
+        self.max_labels = max_labels
+        self._last: OrderedDict[str, int] = OrderedDict()  # least recently heard first
         self._missing: dict[str, set[int]] = {}
         self.gaps: dict[str, int] = {}
         self.reordered: dict[str, int] = {}
@@ -41,32 +52,49 @@ class SequenceTracker:
         last = self._last.get(origin)
         if last is None:
             self._last[origin] = seq
+            while len(self._last) > self.max_origins:
+                self.forget(next(iter(self._last)))
             return 0
+        self._last.move_to_end(origin)
         missing = self._missing.setdefault(origin, set())
         if seq > last:
             missed = seq - last - 1
             self._last[origin] = seq
             if missed:
-                self.gaps[origin] = self.gaps.get(origin, 0) + missed
+                self._count(self.gaps, origin, missed)
                 missing.update(range(max(last + 1, seq - self.window), seq))
                 if len(missing) > self.window:  # older holes are lost for good: stop tracking them
                     missing.difference_update([n for n in missing if n < seq - self.window])
             return missed
         if seq in missing:
             missing.discard(seq)
-            self.gaps[origin] -= 1
-            self.reordered[origin] = self.reordered.get(origin, 0) + 1
+            self._count(self.gaps, origin, -1)
+            self._count(self.reordered, origin, 1)
             return 0
         if seq == 1 or last - seq > self.window:
             self._last[origin] = seq  # the publisher restarted
             missing.clear()
             return 0
-        self.duplicates[origin] = self.duplicates.get(origin, 0) + 1
+        self._count(self.duplicates, origin, 1)
         return 0
 
+    def _count(self, counts: dict[str, int], origin: str, delta: int) -> None:
+        key = origin if origin in counts or len(counts) < self.max_labels else OTHER_ORIGINS
+        counts[key] = counts.get(key, 0) + delta
+
     def forget(self, origin: str) -> None:
+        """Stop following a publisher (gone for good, or the least recent past the bound)."""
         self._last.pop(origin, None)
         self._missing.pop(origin, None)
+        if origin == OTHER_ORIGINS:
+            return
+        for counts in (self.gaps, self.reordered, self.duplicates):
+            value = counts.pop(origin, None)
+            if value:
+                counts[OTHER_ORIGINS] = counts.get(OTHER_ORIGINS, 0) + value
+
+    def __len__(self) -> int:
+        return len(self._last)
 
 
 class Stamper:

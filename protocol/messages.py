@@ -22,6 +22,7 @@ MAX_TASKS_PER_INSTANCE = 4_096  # active or unacknowledged task ids in one snaps
 MAX_CONCURRENCY = 4_096
 MAX_CAPACITY = 1e6  # relative speed: finite, positive
 MAX_COUNT = 2**31 - 1  # chunk indices, chunk counts, token counts
+MAX_GAPS_PER_FETCH = 256  # missing output ranges named in one FetchOutput
 
 NodeIdField = Annotated[NodeId, msgspec.Meta(max_length=MAX_ID_CHARS)]
 InstanceIdField = Annotated[InstanceId, msgspec.Meta(max_length=MAX_ID_CHARS)]
@@ -230,6 +231,9 @@ class FetchOutput(msgspec.Struct, frozen=True, kw_only=True, tag="FetchOutput", 
     instance_id: InstanceId
     from_index: int
     final: bool = True
+    # The [start, end) ranges missing (end MAX_COUNT: to the end of the stream), lowest first. When
+    # given, only these are sent again; an older worker ignores them and sends all from from_index.
+    gaps: Annotated[tuple[tuple[Count, Count], ...], msgspec.Meta(max_length=MAX_GAPS_PER_FETCH)] = ()
 
 
 class TaskAck(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAck", tag_field="type"):
@@ -241,7 +245,8 @@ class TaskAck(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAck", tag_fiel
 
 
 class NodeRefused(msgspec.Struct, frozen=True, kw_only=True, tag="NodeRefused", tag_field="type"):
-    """Another live process already serves this node id: the named incarnation must stop."""
+    """The master will not serve this node: the named incarnation ("" for any) must stop and say
+    why (another live process has the id, the key may not use it, the node table is full)."""
 
     node_id: NodeId
     incarnation: str

@@ -5,6 +5,9 @@ so the counters need no lock). Its key check is `configure_curve_callback` with 
 below rather than `configure_curve(location=DIR)`: the same `load_certificates(DIR)` underneath,
 plus a hook that counts and logs each refusal with the key's fingerprint.
 
+Node ids belong to keys: the file `NAME.key` in the directory admits its key as node id NAME only
+(`owners`). Copies of one key under several names let one machine's key speak for several ids.
+
 Reload: the directory is polled (every second: the names and mtimes of its `*.key` files) and
 re-read on change, and SIGHUP re-reads it at once. A key added is admitted at its next connection
 attempt; a key removed is refused from its next connection on (connections already authenticated
@@ -82,6 +85,7 @@ class AuthorizedKeys:
         self.directory = directory
         self.counters = counters
         self.keys: frozenset[bytes] = frozenset()
+        self.owners: dict[str, frozenset[str]] = {}  # z85 public key -> the node ids it may use
         self._signature: Signature | None = None
         self._last_logged: dict[str, float] = {}
 
@@ -118,6 +122,7 @@ class AuthorizedKeys:
             self._signature = None  # try again at the next poll
             return
         self.keys = frozenset(loaded)
+        self.owners = _owners(self.directory)
         self.counters.reloads += 1
         log.info(
             "bus.authorized_keys_loaded",
@@ -125,6 +130,10 @@ class AuthorizedKeys:
             keys=len(self.keys),
             fingerprints=sorted(fingerprint(k) for k in self.keys)[:32],
         )
+
+    def names_of(self, z85_key: str) -> frozenset[str]:
+        """The node ids a key may use: the names of its files in the directory."""
+        return self.owners.get(z85_key, frozenset())
 
     def callback(self, domain: str, z85_key: bytes) -> bool:
         """ZAP: admit the key? Refusals are counted and logged (rate-limited per key)."""
@@ -146,6 +155,17 @@ class AuthorizedKeys:
                 hint=f"to admit it, copy its public key file into {self.directory}",
             )
         return False
+
+
+def _owners(directory: Path) -> dict[str, frozenset[str]]:
+    names: dict[str, set[str]] = {}
+    for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}")):
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError):
+            continue  # unreadable: load_certificates above decided whether that is fatal
+        names.setdefault(public.decode(), set()).add(path.name.removesuffix(PUBLIC_SUFFIX))
+    return {key: frozenset(ids) for key, ids in names.items()}
 
 
 class MasterCurve:

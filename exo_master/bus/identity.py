@@ -4,11 +4,12 @@ Pure (the time is passed in). For every worker message:
 - the envelope's origin must be the message's node id (a worker stamps its envelopes with it);
 - every instance id it names must be in its node's namespace, `NODE/...` (as the worker builds
   them), so a node reports and answers only for its own instances;
-- with CURVE, the authenticated key (the ZAP User-Id) must be the one bound to that node id. A node
-  id is bound to the first key that speaks for it (a message or a subscription to its topic); a
-  binding idle for `release_after` seconds is released, so a machine that got a new key, or a
-  node id that moved, gets in again once the old one is gone. A key may hold several node ids
-  (several workers on one machine may share one key), but a node id has one key.
+- with CURVE, the authenticated key (the ZAP User-Id) must own that node id: `authorized/NAME.key`
+  admits its key as node NAME only (`owners`, from the authorized-keys directory), so no
+  authorized peer can take another's id, before or after it first connects. Without an owners map
+  (tests), a node id is bound to the first key that speaks for it; a binding idle for
+  `release_after` seconds is released. A key may hold several node ids (several workers on one
+  machine may share one key, under several file names), but a node id has one key.
 Subscriptions on the master's XPUB go through `check_key` too (a node's topic is read only with its
 key). Mismatches are dropped, logged and counted by reason.
 
@@ -18,6 +19,7 @@ these checks, "from the node" is proven, not claimed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol.ids import NodeId
@@ -30,6 +32,7 @@ class DropReason:
     ORIGIN_MISMATCH = "origin_mismatch"  # envelope origin is not the message's node id
     FOREIGN_INSTANCE = "foreign_instance"  # an instance id outside the node's namespace
     KEY_MISMATCH = "key_mismatch"  # the node id is bound to another key
+    NOT_OWNER = "node_id_not_owned"  # the key is not authorized under this node id's name
     TOO_MANY_NODES = "too_many_nodes"  # the binding table is full of live nodes
     FOREIGN_TOPIC = "foreign_topic"  # a subscription to neither a node topic nor the broadcast one
 
@@ -45,6 +48,7 @@ class IdentityGuard:
     release_after: float = 30.0
     max_nodes: int = MAX_NODES
     drops: dict[str, int] = field(default_factory=dict)
+    owners: Callable[[str], frozenset[str]] | None = None  # key -> the node ids it may use
     _bindings: dict[NodeId, _Binding] = field(default_factory=dict)
 
     def check_message(self, origin: str, body: WorkerMessage, key: str | None, now: float) -> str | None:
@@ -64,6 +68,8 @@ class IdentityGuard:
         """Bind the node id to the key at first contact; refuse another key while the binding lives."""
         if key is None:  # plaintext bus (loopback, or --insecure): no key to bind
             return None
+        if self.owners is not None:
+            return None if node_id in self.owners(key) else self._drop(DropReason.NOT_OWNER)
         binding = self._bindings.get(node_id)
         if binding is not None and binding.key != key and now - binding.last_seen <= self.release_after:
             return self._drop(DropReason.KEY_MISMATCH)

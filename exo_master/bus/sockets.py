@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from exo_master.bus.curve import MasterCurve
 from exo_master.bus.drain import drain
 from exo_master.bus.identity import MAX_NODES, DropReason, IdentityGuard
 from exo_master.bus.incarnations import IncarnationGuard, Verdict
+from exo_master.bus.refusals import Refusal, Refusals
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
 from protocol import codec
 from protocol.envelope import SequenceTracker, Stamper
@@ -37,7 +39,6 @@ from protocol.ids import NodeId
 from protocol.keys import fingerprint
 from protocol.messages import (
     MasterMessage,
-    NodeRefused,
     TaskAccepted,
     TaskChunk,
     TaskFailed,
@@ -63,6 +64,7 @@ class BusCounters:
     malformed: int = 0
     held: int = 0  # messages from a newcomer process while its predecessor may still be alive
     refused: int = 0  # messages from a second live process with an existing node id
+    ignored_unsubscriptions: int = 0  # keyless unsubscriptions sent by a peer (plaintext)
 
 
 def subscription_event(frame: bytes) -> NodeSubscribed | NodeUnsubscribed | None:
@@ -95,11 +97,11 @@ class MasterBus:
         self._origin = origin
         # One sequence per topic: a worker only receives its own topic and the broadcast one, so a
         # single master-wide sequence would look like constant gaps to every worker.
-        self._stampers: dict[bytes, Stamper] = {}
+        self._stampers: OrderedDict[bytes, Stamper] = OrderedDict()  # least recently used first
         self.sequences = SequenceTracker()
         self.counters = BusCounters()
         self.incarnations = IncarnationGuard(incarnation_grace)
-        self._told: set[tuple[NodeId, str]] = set()
+        self.refusals = Refusals(MAX_NODES)  # what a refused process is told, and how often
         self._subscribers: dict[NodeId, int] = {}  # live subscriptions per node topic
         # Refused subscriptions per node topic, still held by their connections: libzmq answers each
         # one with a keyless unsubscription when its connection closes (see _admit_subscription).
@@ -111,7 +113,7 @@ class MasterBus:
         self.curve = curve
         # True only for a plaintext bus the operator asked for with --insecure (shown in the state).
         self.insecure = insecure and curve is None
-        self.guard = IdentityGuard()
+        self.guard = IdentityGuard(owners=curve.authorized.names_of if curve is not None else None)
         self._sub_now: zmq.Socket[bytes] = zmq.Socket.shadow(self._sub.underlying)
         # Set while serve_subscriptions runs: its wake-up, and whether a look after sends is due.
         self._subscriptions_readable: asyncio.Event | None = None
@@ -145,6 +147,10 @@ class MasterBus:
         if stamper is None:
             name = topic.rstrip(b"\x00").decode(errors="replace")
             stamper = self._stampers[topic] = Stamper(f"{self._origin}/{name}")
+            if len(self._stampers) > MAX_NODES:  # a forgotten topic restarts at 1: a restart to its reader
+                self._stampers.popitem(last=False)
+        else:
+            self._stampers.move_to_end(topic)
         envelope = stamper.stamp(body, time.time())
         self._xpub_now.send_multipart(codec.encode_frames(topic, envelope), zmq.NOBLOCK)
         self._recheck_subscriptions()
@@ -190,7 +196,7 @@ class MasterBus:
                 message = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
-            event = self._on_subscription(message.bytes, _user_id(message))
+            event = self._on_subscription(message.bytes, _user_id(message), _from_a_peer(message))
             if event is not None:
                 await deliver(event)
             return True
@@ -200,10 +206,21 @@ class MasterBus:
         finally:
             self._subscriptions_readable = self._subscriptions_loop = None
 
-    def _on_subscription(self, frame: bytes, key: str | None) -> NodeSubscribed | NodeUnsubscribed | None:
-        """Admit (or not) one (un)subscription just received; the event for the core, if any."""
+    def _on_subscription(
+        self, frame: bytes, key: str | None, from_a_peer: bool = False
+    ) -> NodeSubscribed | NodeUnsubscribed | None:
+        """Admit (or not) one (un)subscription just received; the event for the core, if any.
+
+        `from_a_peer`: the frame came from a connection (it carries the connection's metadata);
+        libzmq's own unsubscriptions for a closed connection carry none."""
         event = subscription_event(frame)
         if not self._admit_subscription(frame, event, key) or event is None:
+            return None
+        if isinstance(event, NodeUnsubscribed) and key is None and from_a_peer:
+            # Plaintext: nothing ties this connection to the one that subscribed, so a peer's own
+            # unsubscription never counts (workers never send one: they hang up). The close of the
+            # subscribing connection does, and liveness is the authority on whether a node is there.
+            self.counters.ignored_unsubscriptions += 1
             return None
         if not self._subscription_changed(event):
             return None
@@ -217,6 +234,9 @@ class MasterBus:
         closes, and a refused duplicate's connection closing must not unsubscribe the live one."""
         count = self._subscribers.get(event.node_id, 0)
         if isinstance(event, NodeSubscribed):
+            if not count and len(self._subscribers) >= MAX_NODES:
+                log.warning("bus.subscriptions_full", node_id=event.node_id[:80], tracked=MAX_NODES)
+                return False
             self._subscribers[event.node_id] = count + 1
             return count == 0
         if count <= 1:
@@ -252,7 +272,10 @@ class MasterBus:
         elif subscribe and topic != codec.BROADCAST_TOPIC:
             refused = self.guard.refuse(DropReason.FOREIGN_TOPIC)
         if refused is not None:
-            if isinstance(event, NodeSubscribed | NodeUnsubscribed) and refused == DropReason.KEY_MISMATCH:
+            if isinstance(event, NodeSubscribed | NodeUnsubscribed) and refused in (
+                DropReason.KEY_MISMATCH,
+                DropReason.NOT_OWNER,
+            ):
                 # Unsubscribing a refused topic takes it off the connection's list: no keyless one then.
                 self._hold_refused(event.node_id, 1 if subscribe else -1)
             total = self.guard.drops[refused]
@@ -319,6 +342,10 @@ class MasterBus:
             total = self.guard.drops[refused]
             if total & (total - 1) == 0:  # 1, 2, 4, ...: visible, never a flood
                 self._log_refusal(refused, total, envelope.origin, envelope.body, key)
+            if refused == DropReason.NOT_OWNER and envelope.origin == envelope.body.node_id:
+                directory = self.curve.authorized.directory if self.curve is not None else None
+                node_id, incarnation = envelope.body.node_id, envelope.incarnation
+                self._tell(self.refusals.not_owner(node_id, incarnation, key, directory, now))
             return
         body = envelope.body
         verdict = self.incarnations.observe(body.node_id, envelope.incarnation, now)
@@ -337,17 +364,13 @@ class MasterBus:
             self.counters.held += 1
             return
         self.counters.refused += 1
-        if self.counters.refused == 1 or (node_id, incarnation) not in self._told:
-            self._told.add((node_id, incarnation))
+        if not self.refusals.told_before(node_id):
             log.error("bus.duplicate_node", node_id=node_id, incarnation=incarnation)
-        reason = (
-            f"node id {node_id!r} is already served by another running worker; stop that one, or give "
-            "this one its own --node-id"
-        )
-        # Every message it sends is answered, so a refusal lost on the bus is repeated.
-        self.send_now(
-            codec.node_topic(node_id), NodeRefused(node_id=node_id, incarnation=incarnation, reason=reason)
-        )
+        self._tell(self.refusals.duplicate(node_id, incarnation, time.monotonic()))
+
+    def _tell(self, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            self.send_now(*refusal)
 
     def _log_refusal(
         self, reason: str, total: int, origin: str, body: WorkerMessage, key: str | None
@@ -379,6 +402,15 @@ def _user_id(frame: zmq.Frame) -> str | None:
     except zmq.ZMQError:  # no such property: a plaintext connection
         return None
     return value if isinstance(value, str) and value else None
+
+
+def _from_a_peer(frame: zmq.Frame) -> bool:
+    """Whether a subscription frame was sent by a connection (it has the connection's metadata) rather
+    than made by libzmq for a connection that closed (no metadata)."""
+    try:
+        return bool(frame.get("Socket-Type"))
+    except zmq.ZMQError:
+        return False
 
 
 def _short(key: str | None) -> str | None:

@@ -27,13 +27,16 @@ class CoreConfig:
     reorder_window: int = 1024
     fetch_after: float = 0.2
     fetch_every: float = 0.5
-    max_fetches: int = 6
+    # Per gap: rounds without progress before the task fails (30% loss fails a gap 0.3^12 = 5e-7).
+    max_fetches: int = 12
     # Prefix-aware placement: among the instances the policy ranks equal (or within
     # `affinity_slack` of its choice's score), prefer the one that holds the longest prefix of the
     # conversation in its prompt cache. Slack 0 never costs balance. `affinity_entries` bounds it.
     prefix_affinity: bool = True
     affinity_slack: float = 0.0
-    affinity_entries: int = 65_536
+    # About 500 bytes a conversation prefix (holder, reply digest): 16,384 cost at most ~8 MB of the
+    # master's memory (the soak's distinct chats filled 65,536 for ~30 MB, still growing at 30 min).
+    affinity_entries: int = 16_384
 
     @property
     def node_timeout(self) -> float:
@@ -50,6 +53,7 @@ class CoreStats:
     late_events: int = 0
     duplicate_chunks: int = 0
     chunks_out_of_order: int = 0
+    chunks_beyond_window: int = 0  # early chunks dropped (reorder window full), fetched later
     output_fetches: int = 0
     outputs_lost: int = 0
     queue_timeouts: int = 0

@@ -20,6 +20,7 @@ from protocol.messages import (
     FetchOutput,
     FinishReason,
     MasterHeartbeat,
+    NodeRefused,
     TaskAck,
     TaskParams,
     Usage,
@@ -111,7 +112,7 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
-WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck
+WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
 Effect = ClientEffect | WorkerEffect
 
 

@@ -15,7 +15,11 @@ from exo_master.core.lifecycle import Fail, TaskRecord, TaskStatus, Unbind, perm
 from exo_master.core.records import ClusterState, InstanceRecord, NodeRecord
 from exo_master.core.tasks import TaskBook
 from protocol.ids import InstanceId, NodeId, TaskId
-from protocol.messages import CancelTask
+from protocol.messages import CancelTask, NodeRefused
+
+
+def established(node: NodeRecord) -> bool:
+    return node.subscribed or bool(node.instances)
 
 
 class Liveness:
@@ -26,6 +30,30 @@ class Liveness:
         self.candidates = candidates
         self.subscribed: set[NodeId] = set()  # XPUB subscriptions seen, also for nodes not yet known
 
+    # ---- the node table: bounded, and no peer crowds out a worker that subscribes ----------------
+    # A node is established once it subscribed to its topic or reported an instance. One that never
+    # did (a heartbeat with a made-up id, say) is forgotten as soon as it falls silent, and gives
+    # its row up to a subscribed newcomer when the table is full. Only a table full of established
+    # nodes refuses a subscribed newcomer, and then it says so (NodeRefused: the worker exits 2).
+
+    def make_room(self, node_id: NodeId, step: Step) -> bool:
+        """Whether a newcomer's heartbeat may add a row (evicting an unestablished node if need be)."""
+        if len(self.state.nodes) < self.config.max_nodes:
+            return True
+        self.book.stats.refused_nodes += 1
+        if node_id not in self.subscribed:
+            return False  # silently: it cannot hear a refusal, and may get a row once it subscribes
+        idle = [n for n in self.state.nodes.values() if not established(n)]
+        if idle:
+            del self.state.nodes[min(idle, key=lambda n: n.last_seen).node_id]
+            return True
+        reason = (
+            f"the master's node table is full ({self.config.max_nodes} nodes, exo-master --max-nodes): "
+            f"node {node_id} was not admitted"
+        )
+        step.emit(NodeRefused(node_id=node_id, incarnation="", reason=reason))
+        return False
+
     # ---- nodes (their link: instance_state.Link) ------------------------------------------------
 
     def check_nodes(self, step: Step) -> None:
@@ -33,6 +61,9 @@ class Liveness:
         deadline = now - self.config.node_timeout
         forget_before = now - self.config.forget_dead_after
         dying = [n for n in self.state.nodes.values() if n.alive and n.last_seen < deadline]
+        for node in [n for n in dying if not established(n)]:
+            del self.state.nodes[node.node_id]  # never subscribed nor reported anything: no dead row
+        dying = [n for n in dying if established(n)]
         for node in dying:  # every dying node ineligible before any task moves
             node.alive = False
             self._reindex(node)
@@ -60,6 +91,8 @@ class Liveness:
 
     def set_subscribed(self, node_id: NodeId, subscribed: bool) -> None:
         if subscribed:
+            if len(self.subscribed) >= 4 * self.config.max_nodes and node_id not in self.state.nodes:
+                return  # bounded: a subscriber with no row yet is remembered while there is room
             self.subscribed.add(node_id)
         else:
             self.subscribed.discard(node_id)

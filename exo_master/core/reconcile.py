@@ -43,8 +43,7 @@ class Reconciler:
         now = step.now
         node = self.state.nodes.get(msg.node_id)
         if node is None:
-            if len(self.state.nodes) >= self.config.max_nodes:
-                self.stats.refused_nodes += 1  # bounded memory: a flood of fake nodes stops here
+            if not self.liveness.make_room(msg.node_id, step):
                 return
             node = NodeRecord(
                 node_id=msg.node_id, last_seen=now, subscribed=msg.node_id in self.liveness.subscribed

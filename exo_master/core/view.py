@@ -28,6 +28,7 @@ class CoreCounters(msgspec.Struct, frozen=True, kw_only=True):
     late_events: int
     duplicate_chunks: int
     chunks_out_of_order: int
+    chunks_beyond_window: int
     output_fetches: int
     outputs_lost: int
     queue_timeouts: int

@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from exo_master.http.connection_cap import ConnectionCap
+
 Handler = Callable[[Request], Awaitable[Response]]
 ErrorResponder = Callable[[Exception], Response | None]
 
@@ -80,17 +82,47 @@ class _CoalescingTransport:
         return getattr(self._transport, name)
 
 
-def coalescing_http_protocol() -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol over a coalescing transport; "auto" where httptools is absent."""
+def coalescing_http_protocol(cap: ConnectionCap | None = None) -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol over a coalescing transport, within the connection cap if one is
+    given (see connection_cap.py); "auto" where httptools is absent."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "auto"
 
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+        _turned_away = False
+
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
-            coalescing = _CoalescingTransport(cast(asyncio.Transport, transport), asyncio.get_running_loop())
+            real = cast(asyncio.Transport, transport)
+            if cap is not None and not cap.admit(self, real):
+                self._turned_away = True
+                real.abort()  # at once: nothing is read from a connection past the cap
+                return
+            coalescing = _CoalescingTransport(real, asyncio.get_running_loop())
             super().connection_made(coalescing)  # type: ignore[arg-type]
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._turned_away:
+                return
+            if cap is not None:
+                cap.closed(self)
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            if cap is not None:
+                cap.waiting(self)
+            super().on_message_begin()
+
+        def on_message_complete(self) -> None:
+            if cap is not None:
+                cap.answering(self)
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            if cap is not None:
+                cap.waiting(self)
+            super().on_response_complete()
 
     return CoalescingHttpToolsProtocol

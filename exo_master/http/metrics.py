@@ -21,7 +21,7 @@ Metrics (all prefixed exo_):
     placements_total / replacements_total                counter   placement decisions that bound
                                                                    a task / re-placements after loss
     rejections_total{reason}                             counter   unknown_model, queue_full, ...
-    orphan_cancels_total, late_events_total, chunks_out_of_order_total,
+    orphan_cancels_total, late_events_total, chunks_out_of_order_total, chunks_beyond_window_total,
     duplicate_chunks_total, output_fetches_total, outputs_lost_total, queue_timeouts_total,
     refused_nodes_total   counter
     ledger_entries                                       gauge     current reservations
@@ -34,11 +34,16 @@ Metrics (all prefixed exo_):
     bus_messages_sent_total{type}                        counter   master messages, by type
     bus_sequence_gaps_total                              counter   messages missed, all publishers
     bus_sequence_gaps_by_origin_total{origin}            counter   messages missed, per publisher
+    bus_unsubscriptions_ignored_total                    counter   keyless unsubscriptions sent by a
+                                                                   peer (plaintext: not counted)
     bus_malformed_frames_total                           counter   frames that failed to decode
     bus_refusals_total{reason}                           counter   peers refused at the handshake
                                                                    (unknown_key, no_curve, ...)
     bus_identity_drops_total{reason}                     counter   messages dropped by the identity
                                                                    checks (origin_mismatch, ...)
+    http_connections_open, http_max_connections          gauge     API connections, and their cap
+    http_connections_evicted_total                       counter   closed at the cap for a newcomer
+    http_connections_refused_total                       counter   newcomers closed at the cap
     placement_decision_seconds                           histogram core time per submission
     queue_wait_seconds                                   histogram submission to placement
     Inference latencies and token counts (time to first token, time per output token, request
@@ -76,6 +81,7 @@ _PLAIN_COUNTERS = (
     ("orphan_cancels", "Cancels sent for tasks a worker ran that nobody wanted."),
     ("late_events", "Worker events about tasks already ended or moved."),
     ("chunks_out_of_order", "Output chunks that arrived early and were held in order."),
+    ("chunks_beyond_window", "Early output chunks dropped (reorder window full), fetched again later."),
     ("duplicate_chunks", "Output chunks received twice (dropped)."),
     ("output_fetches", "Requests to a worker to send missing output again."),
     ("outputs_lost", "Tasks failed because their output could not be recovered."),
@@ -115,6 +121,26 @@ class MasterCollector(Collector):
         yield from self._instances(view)
         yield from self._nodes(view)
         yield from self._bus()
+        yield from self._connections()
+
+    def _connections(self) -> Iterator[Metric]:
+        cap = self.runtime.connection_cap
+        if cap is None:
+            return
+        yield GaugeMetricFamily("exo_http_connections_open", "Open API connections.", value=cap.open)
+        yield GaugeMetricFamily(
+            "exo_http_max_connections", "The API's connection cap (--max-connections).", value=cap.limit
+        )
+        yield _counter(
+            "exo_http_connections_evicted",
+            "Connections waiting on their client closed to admit a newcomer at the cap.",
+            cap.counts.evicted,
+        )
+        yield _counter(
+            "exo_http_connections_refused",
+            "New connections closed at once: at the cap, every connection was being answered.",
+            cap.counts.refused,
+        )
 
     def _scheduling(self, view: ClusterView) -> Iterator[Metric]:
         counts = self.runtime.core.counters()
@@ -256,7 +282,15 @@ class MasterCollector(Collector):
             sum(gaps.values()),
         )
         yield _labelled_counter(
-            "exo_bus_sequence_gaps_by_origin", "Bus messages missed, per publisher.", "origin", gaps.items()
+            "exo_bus_sequence_gaps_by_origin",
+            'Bus messages missed, per publisher (past 64 publishers, under origin="other").',
+            "origin",
+            gaps.items(),
+        )
+        yield _counter(
+            "exo_bus_unsubscriptions_ignored",
+            "Keyless unsubscriptions a peer sent on a plaintext bus (only a closing connection counts).",
+            counters.ignored_unsubscriptions if counters is not None else 0,
         )
         yield _counter(
             "exo_bus_malformed_frames",

@@ -7,6 +7,8 @@ are observed through socket monitors, so tests wait on the outcome, never on a s
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 from typing import Any
 
@@ -77,7 +79,7 @@ class BusPeer:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
             if monitor.poll(int(left * 1000) + 1):
-                event: dict[str, Any] = recv_monitor_message(monitor)
+                event: dict[str, Any] = dict(recv_monitor_message(monitor))
                 outcome = _OUTCOMES.get(event["event"])
                 if outcome is not None:
                     return outcome
@@ -101,3 +103,27 @@ class BusPeer:
         for sock in (self.pub_monitor, self.sub_monitor, self.pub, self.sub):
             sock.close(linger=0)
         self.ctx.term()
+
+
+def raw_subscription_frames(port: int, frames: list[bytes], host: str = "127.0.0.1") -> None:
+    """Speak ZMTP 3.0 by hand as an XSUB peer (NULL mechanism) and send these (un)subscription
+    frames as they are. A libzmq XSUB would drop an unsubscription for a topic it never subscribed;
+    a stranger on the network is under no such rule."""
+    greeting = b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00" * 32
+    ready_body = (
+        b"\x05READY" + bytes([len(b"Socket-Type")]) + b"Socket-Type" + (4).to_bytes(4, "big") + b"XSUB"
+    )
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(greeting)
+        received = b""
+        while len(received) < 64:  # the master's greeting
+            chunk = conn.recv(64 - len(received))
+            assert chunk, "the master closed the connection during the greeting"
+            received += chunk
+        conn.sendall(b"\x04" + bytes([len(ready_body)]) + ready_body)
+        for frame in frames:
+            assert len(frame) < 256
+            conn.sendall(b"\x00" + bytes([len(frame)]) + frame)
+        conn.settimeout(0.5)
+        with contextlib.suppress(TimeoutError, OSError):
+            conn.recv(4096)  # the master's READY: the frames went through the handshake

@@ -109,6 +109,9 @@ def test_unknown_missing_and_wrong_master_keys_are_refused(
     )
     cluster.start_worker("plaintext", with_keys=False)
     cluster.start_worker(
+        "httpport", extra_args=["--master", f"127.0.0.1:{cluster.api_port}"], with_keys=False
+    )
+    cluster.start_worker(
         "wrongmaster",
         extra_args=["--secret-key", str(wrong_master_secret), "--master-key", str(impostor_public)],
         with_keys=False,
@@ -126,10 +129,16 @@ def test_unknown_missing_and_wrong_master_keys_are_refused(
     wait_for(lambda: _logged(logs / "unknown.log", "bus.key_not_authorized"), 30, "the unknown key's line")
     wait_for(lambda: _logged(logs / "wrongmaster.log", "bus.wrong_master_key"), 30, "the wrong key's line")
     wait_for(lambda: _logged(logs / "plaintext.log", "bus.master_requires_curve"), 30, "the plaintext line")
+    wait_for(lambda: _logged(logs / "httpport.log", "bus.not_a_bus_port"), 30, "the HTTP port's line")
+    # Reachable but refused: said as such every liveness window, never "master.unreachable".
+    wait_for(lambda: _logged(logs / "unknown.log", "master.refusing"), 30, "the refused worker's reminder")
+    assert not _logged(logs / "unknown.log", "master.unreachable")
+    assert not _logged(logs / "httpport.log", "bus.master_requires_curve")
     said = (
         ("unknown", "bus.key_not_authorized"),
         ("wrongmaster", "bus.wrong_master_key"),
         ("plaintext", "bus.master_requires_curve"),
+        ("httpport", "bus.not_a_bus_port"),
     )
     for name, event in said:
         lines = [e for e in _log_events(logs / f"{name}.log") if e.get("event") == event]
@@ -192,11 +201,11 @@ def test_forged_messages_from_another_authorized_node_are_dropped(
         finished = TaskFinished(**theirs, finish_reason=FinishReason.STOP)
         claim = InstanceReport(instance_id=stolen, model=ModelId("sim-model"), capacity=1000.0)
         forgeries: list[tuple[str, Any, str]] = [
-            # As node1 (origin and node id agree): node1 is bound to node1's key, not the forger's.
-            ("node1", TaskChunk(**theirs, index=1, text="INJECTED"), "key_mismatch"),
-            ("node1", finished, "key_mismatch"),
-            ("node1", TaskFailed(**theirs, reason="forged"), "key_mismatch"),
-            ("node1", WorkerHeartbeat(node_id=victim), "key_mismatch"),
+            # As node1 (origin and node id agree): node1 belongs to node1.key, not the forger's key.
+            ("node1", TaskChunk(**theirs, index=1, text="INJECTED"), "node_id_not_owned"),
+            ("node1", finished, "node_id_not_owned"),
+            ("node1", TaskFailed(**theirs, reason="forged"), "node_id_not_owned"),
+            ("node1", WorkerHeartbeat(node_id=victim), "node_id_not_owned"),
             # Its own envelope, another node's id.
             ("forger", finished, "origin_mismatch"),
             # Its own node id, another node's instance (taking its tasks over, or its capacity).
@@ -215,11 +224,11 @@ def test_forged_messages_from_another_authorized_node_are_dropped(
 
         wait_for(all_dropped, 15, "every forged message to be dropped")
         # Subscribing to node1's topic is refused; unsubscribing it must not unsubscribe node1.
-        before = _counter(cluster, "exo_bus_identity_drops")["key_mismatch"]
+        before = _counter(cluster, "exo_bus_identity_drops")["node_id_not_owned"]
         forger.sub.setsockopt(zmq.SUBSCRIBE, b"node/node1\x00")
         forger.sub.setsockopt(zmq.UNSUBSCRIBE, b"node/node1\x00")
         wait_for(
-            lambda: _counter(cluster, "exo_bus_identity_drops")["key_mismatch"] >= before + 2,
+            lambda: _counter(cluster, "exo_bus_identity_drops")["node_id_not_owned"] >= before + 2,
             15,
             "the forged subscription and unsubscription to be refused",
         )
@@ -315,3 +324,37 @@ def test_a_plaintext_bus_on_a_non_loopback_address_is_refused_before_binding() -
     event = json.loads(line)
     assert event["event"] == "master.insecure_bus_refused"
     assert "exoctl keys generate" in event["fix"] and "--insecure" in event["fix"]
+
+
+def _squat(cluster: LocalCluster, node_id: str, key_name: str) -> int:
+    """A worker claiming `node_id` with the (authorized) key of `key_name`: its exit code."""
+    assert cluster.keys is not None
+    _, secret = cluster.keys.worker(key_name)
+    keys_args = ["--secret-key", str(secret), "--master-key", str(cluster.keys.master_public)]
+    real = cluster.workers.get(node_id)
+    squatter = cluster.start_worker(node_id, extra_args=keys_args, with_keys=False)
+    try:
+        return squatter.wait(timeout=60)
+    finally:
+        cluster.stop_process(squatter)
+        if real is not None:
+            cluster.workers[node_id] = real  # the launcher stops the real one at the end
+
+
+def test_a_node_id_belongs_to_its_key_before_and_after_its_worker_starts(
+    start_cluster: ClusterFactory,
+) -> None:
+    """authorized/NAME.key admits node id NAME only: a squatter with another authorized key is
+    refused, says why and exits 2, whether it comes before the real worker or after; the real one
+    serves every request."""
+    cluster = start_cluster(workers=1)  # node1, with node1.key
+    assert cluster.spec.log_dir is not None
+    assert _squat(cluster, "node7", "squatter") == 2  # before node7's own worker
+    log = (cluster.spec.log_dir / "node7.log").read_text()
+    assert "not authorized for node id 'node7'" in log and "node7.key" in log, log[-1500:]
+    assert "master.unreachable" not in log
+    assert _squat(cluster, "node1", "other") == 2  # a duplicate of a running node, with another key
+    replies = [httpx.post(f"{cluster.api_url}/v1/chat/completions", json=CHAT, timeout=30) for _ in range(6)]
+    assert [r.status_code for r in replies] == [200] * 6
+    assert {r.headers["x-exo-node"] for r in replies} == {"node1"}
+    assert _counter(cluster, "exo_bus_identity_drops").get("node_id_not_owned", 0) >= 2

@@ -61,9 +61,10 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
     if origin in (typing.Union, types.UnionType):
         return st.one_of([strategy_for(arg) for arg in typing.get_args(tp)])
     if origin is tuple:
-        item, ellipsis = typing.get_args(tp)
-        assert ellipsis is Ellipsis, f"only homogeneous tuples are used on the wire, not {tp}"
-        return st.lists(strategy_for(item), max_size=3).map(tuple)
+        args = typing.get_args(tp)
+        if args[-1] is not Ellipsis:  # fixed length, e.g. a (start, end) range
+            return st.tuples(*(strategy_for(arg) for arg in args))
+        return st.lists(strategy_for(args[0]), max_size=3).map(tuple)
     leaves: dict[Any, st.SearchStrategy[Any]] = {
         str: _TEXT,
         int: _INT64,

@@ -74,6 +74,9 @@ def main(
     upstream: str = typer.Option(..., help="The master's bus HOST:PORT."),
     listen: str = typer.Option(..., help="HOST:PORT for the workers (PORT+1 too)."),
     drop: float = typer.Option(0.0),
+    drop_to_master: float = typer.Option(
+        -1.0, help="Drop rate from workers to the master (default: --drop)."
+    ),
     duplicate: float = typer.Option(0.0),
     reorder: float = typer.Option(0.0),
     seed: int = typer.Option(0),
@@ -99,7 +102,7 @@ def main(
 
     rng = random.Random(seed)
     to_workers = Faults(rng, drop, duplicate, reorder)
-    to_master = Faults(rng, drop, duplicate, reorder)
+    to_master = Faults(rng, drop if drop_to_master < 0 else drop_to_master, duplicate, reorder)
     running = True
 
     def stop(signum: int, frame: FrameType | None) -> None:
