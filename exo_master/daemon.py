@@ -24,8 +24,8 @@ from exo_master.core.placement import POLICY_NAMES
 from exo_master.http.api import Api, build_app
 from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.http.bounds import ApiLimits
-from exo_master.http.fastpath import coalescing_http_protocol
 from exo_master.http.inference_metrics import InferenceMetrics
+from exo_master.http.transport import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging

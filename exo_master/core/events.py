@@ -21,6 +21,7 @@ from protocol.messages import (
     MasterHeartbeat,
     TaskAck,
     TaskParams,
+    ToolCall,
     Usage,
     WorkerMessage,
 )
@@ -96,6 +97,7 @@ class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True):
     task_id: TaskId
     finish_reason: FinishReason
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):

@@ -21,7 +21,7 @@ from exo_master.core.lifecycle import TaskRecord, TaskStatus, Trigger, advance
 from exo_master.core.queue import WaitQueues
 from exo_master.core.records import ClusterState, InstanceRecord
 from protocol.ids import TaskId
-from protocol.messages import FinishReason, TaskParams, TextGenerationParams, Usage
+from protocol.messages import FinishReason, TaskParams, TextGenerationParams, ToolCall, Usage
 
 LoadListener = Callable[[InstanceRecord], None]
 
@@ -124,10 +124,20 @@ class TaskBook:
             self.on_load_change(inst)
         return inst
 
-    def finish(self, task: TaskRecord, now: float, reason: FinishReason, usage: Usage | None) -> None:
+    def finish(
+        self,
+        task: TaskRecord,
+        now: float,
+        reason: FinishReason,
+        usage: Usage | None,
+        tool_calls: tuple[ToolCall, ...] = (),
+    ) -> None:
         task.finish_reason, task.usage = reason, usage
         self._end(task, Trigger.FINISH, now)
-        self.out.append(TaskCompleted(task_id=task.task_id, finish_reason=reason, usage=usage or Usage()))
+        completed = TaskCompleted(
+            task_id=task.task_id, finish_reason=reason, usage=usage or Usage(), tool_calls=tool_calls
+        )
+        self.out.append(completed)
 
     def fail(self, task: TaskRecord, now: float, message: str, unavailable: bool = False) -> None:
         """End the task without a result and tell its client why (503 when `unavailable`)."""
