@@ -150,7 +150,9 @@ class BatchScheduler:
                 max_tokens=[params.max_tokens],
                 caches=[cache],
                 all_tokens=[prompt[:reused]],
-                samplers=[make_request_sampler(sampling.temperature, sampling.top_p, params.seed)],
+                samplers=[
+                    make_request_sampler(sampling.temperature, sampling.top_p, params.seed, params.top_k)
+                ],
             )
         except Exception as exc:  # this request cannot join; the batch goes on without it
             self._log.exception("admission failed")

@@ -87,6 +87,7 @@ class SimEngine:
         self._kinds = kinds
         # The model family whose tool-call syntax it writes (an mlx_lm.tool_parsers module).
         self._tool_format = tool_format
+        self._loaded_format: ToolFormat | None = None
 
     @property
     def kinds(self) -> tuple[TaskKind, ...]:
@@ -105,7 +106,7 @@ class SimEngine:
     async def run(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome:
         if isinstance(params, TextGenerationParams):
             text_params = params
-            fmt = load_format(self._tool_format) if params.tools else None
+            fmt = await self._format() if params.tools else None
 
             async def generate(sink: TextSink) -> RunOutcome:
                 return await self._generate_text(text_params, sink, cancel, fmt)
@@ -114,6 +115,12 @@ class SimEngine:
         if isinstance(params, ImageGenerationParams | ImageEditsParams):
             return await self._generate_image(params, on_text, cancel)
         raise EngineError(f"SimEngine cannot run {type(params).__name__}")
+
+    async def _format(self) -> ToolFormat:
+        if self._loaded_format is None:
+            # Importing mlx-lm takes seconds: off the loop, so the worker keeps heartbeating.
+            self._loaded_format = await asyncio.to_thread(load_format, self._tool_format)
+        return self._loaded_format
 
     async def _compute(self, deadline: float) -> float:
         """Sleep until `deadline` (simulated compute time); return the next token's deadline."""
@@ -205,7 +212,7 @@ def sim_tool_call(params: TextGenerationParams, fmt: ToolFormat | None) -> str |
         return None
     tool = params.tools[0]
     properties = tool.parameters.get("properties", {})
-    values = {"integer": 7, "number": 7, "boolean": True, "array": [], "object": {}}
+    values: dict[object, object] = {"integer": 7, "number": 7, "boolean": True, "array": [], "object": {}}
     arguments = {
         name: values.get(spec.get("type") if isinstance(spec, dict) else None, "seven")
         for name, spec in (properties.items() if isinstance(properties, dict) else ())

@@ -104,7 +104,8 @@ def _tool_call(parsed: Any) -> ToolCall:
         raise ValueError(f"not a tool call: {parsed!r}")
     arguments = parsed.get("arguments", {})
     text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    call_id = parsed.get("id") if isinstance(parsed.get("id"), str) else f"call_{uuid.uuid4().hex[:24]}"
+    given = parsed.get("id")
+    call_id = given if isinstance(given, str) and given else f"call_{uuid.uuid4().hex[:24]}"
     return ToolCall(id=call_id[:256], name=parsed["name"][:256], arguments=text[:MAX_TEXT_CHARS])
 
 

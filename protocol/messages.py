@@ -105,6 +105,8 @@ class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextG
     top_p: float | None = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # None: no top-k cut (Anthropic and Ollama send it).
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None = None
     # Legacy text completion (/v1/completions): the raw prompt, continued as is without the chat
     # template; `messages` is then empty. None (the default, so older frames decode) means chat.
     prompt: str | None = None
