@@ -126,7 +126,8 @@ def test_the_sim_engine_calls_the_tool_then_answers_its_result() -> None:
 
 TOOL_TEMPLATE = (
     "{% if tools %}{{ '<|im_start|>system\\nTools:' }}{% for tool in tools %}{{ ' ' + tool.function.name }}"
-    "{% endfor %}{{ '\\nCall one as <tool_call>{\"name\": tool_call.name}</tool_call><|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}"
+    "{{ '\\nCall one as <tool_call>{\"name\": tool_call.name}</tool_call><|im_end|>\\n' }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}"
