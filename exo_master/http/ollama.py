@@ -274,6 +274,9 @@ class OllamaRoutes:
         body = decode_json(await request.body(), GenerateRequest)
         params = body.to_params()
         if not body.prompt:  # Ollama loads the model and answers at once; here it is always loaded
+            served = self.api.runtime.served_models()
+            if body.model not in served:
+                raise model_not_found(body.model, served)
             return JSONResponse({"model": body.model, "created_at": _now(), "response": "", "done": True})
         self.api.check_prompt(len(body.prompt) + len(body.system or ""), "prompt")
         reply = OllamaReply(body.model, False, time.perf_counter())

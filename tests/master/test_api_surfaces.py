@@ -124,6 +124,8 @@ def test_unknown_model_is_model_not_found_everywhere_listing_the_served_models(h
     assert messages.status_code == 404 and messages.json()["error"]["type"] == "not_found_error"
     ollama = client.post("/api/chat", json={**CHAT, "model": "nope"})
     assert ollama.status_code == 404 and "served models: m" in ollama.json()["error"]
+    assert client.post("/api/generate", json={"model": "nope"}).status_code == 404  # the "load" call
+    assert client.post("/api/generate", json={"model": "m"}).json()["done"] is True
 
 
 def test_each_surface_answers_errors_in_its_own_shape(harness: InProcess) -> None:
