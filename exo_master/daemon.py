@@ -26,8 +26,8 @@ from exo_master.http.api import Api, build_app
 from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.http.bounds import ApiLimits
 from exo_master.http.connection_cap import ConnectionCap, default_max_connections, raise_nofile_limit
-from exo_master.http.fastpath import coalescing_http_protocol
 from exo_master.http.inference_metrics import InferenceMetrics
+from exo_master.http.transport import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging

@@ -31,11 +31,13 @@ from exo_master.core.events import (
 )
 from exo_master.http.connection_cap import ConnectionCap
 from protocol import codec
+from protocol.cluster_view import ClusterView, TaskStatus
 from protocol.ids import TaskId
 from protocol.messages import (
     AssignTask,
     CancelTask,
     FetchOutput,
+    InstanceStatus,
     MasterHeartbeat,
     NodeRefused,
     TaskAck,
@@ -112,6 +114,21 @@ class MasterRuntime:
         self.decision_observers: list[DecisionObserver] = []
         self.effect_observers: list[Callable[[Effect], None]] = []
         self.connection_cap: ConnectionCap | None = None  # the API's (set by the daemon), for /metrics
+
+    # ---- reads for the shells (HTTP, metrics) ----------------------------------------------------
+
+    def view(self, task_limit: int = 0, status: TaskStatus | None = None) -> ClusterView:
+        """The core's read-only view now (no task rows unless asked), with the bus's gap counts."""
+        gaps = self.bus.sequences.gaps if self.bus is not None else {}
+        view = self.core.view(self.clock(), task_limit=task_limit, gaps=gaps, status=status)
+        if self.bus is not None and self.bus.insecure:
+            view = msgspec.structs.replace(view, insecure=True)
+        return view
+
+    def served_models(self) -> list[str]:
+        """The models some live instance serves or is loading, sorted."""
+        live = (InstanceStatus.READY, InstanceStatus.LOADING)
+        return sorted({row.model for row in self.view().instances if row.status in live})
 
     # ---- inputs ---------------------------------------------------------------------------------
 

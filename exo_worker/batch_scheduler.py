@@ -30,7 +30,8 @@ from exo_worker.prompt_cache import PromptCache
 from exo_worker.sampling import make_request_sampler
 from exo_worker.stop_strings import StopStringFilter
 from exo_worker.text_delivery import Delivery, deliver_all
-from protocol.messages import ChatMessage, FinishReason, TextGenerationParams, Usage
+from exo_worker.tool_calls import format_of, template_messages, template_tools
+from protocol.messages import FinishReason, TextGenerationParams, Usage
 
 CANCELLED = RunOutcome(finish_reason=FinishReason.CANCELLED, usage=Usage())
 
@@ -133,7 +134,7 @@ class BatchScheduler:
         try:
             # A legacy completion (params.prompt set) continues the raw text: no chat template.
             raw = params.prompt
-            prompt = self._encode_prompt(params.messages) if raw is None else self._encode_raw(raw)
+            prompt = self._encode_prompt(params) if raw is None else self._encode_raw(raw)
         except EngineError as exc:
             request.settle(exc)
             return
@@ -149,7 +150,9 @@ class BatchScheduler:
                 max_tokens=[params.max_tokens],
                 caches=[cache],
                 all_tokens=[prompt[:reused]],
-                samplers=[make_request_sampler(sampling.temperature, sampling.top_p, params.seed)],
+                samplers=[
+                    make_request_sampler(sampling.temperature, sampling.top_p, params.seed, params.top_k)
+                ],
             )
         except Exception as exc:  # this request cannot join; the batch goes on without it
             self._log.exception("admission failed")
@@ -164,10 +167,15 @@ class BatchScheduler:
             stops=StopStringFilter(params.stop),
         )
 
-    def _encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
+    def _encode_prompt(self, params: TextGenerationParams) -> list[int]:
+        chat = template_messages(params.messages)
         try:
-            text = self._tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+            text = self._tokenizer.apply_chat_template(
+                chat, tools=template_tools(params.tools), add_generation_prompt=True, tokenize=False
+            )
+            fmt = format_of(self._tokenizer)
+            if params.tools and params.tool_choice == "required" and fmt is not None:
+                text += fmt.start  # the answer starts inside a tool call (MlxEngine parses it so)
             # The template already writes any BOS token, so the tokenizer must not add another.
             ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False)
         except Exception as exc:  # tokenizers and jinja raise many kinds; one line fails this request

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from protocol.messages import FinishReason, PromptCacheStats, TaskKind, TaskParams, Usage
+from protocol.messages import FinishReason, PromptCacheStats, TaskKind, TaskParams, ToolCall, Usage
 
 
 class ModelLoadError(RuntimeError):
@@ -29,6 +29,7 @@ class EngineError(RuntimeError):
 class RunOutcome:
     finish_reason: FinishReason
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()  # parsed from the output (exo_worker.tool_calls)
 
 
 TextSink = Callable[[str], None]

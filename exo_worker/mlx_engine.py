@@ -29,6 +29,7 @@ from exo_worker.mlx_thread import MlxThread
 from exo_worker.models import looks_like_hub_id
 from exo_worker.prompt_cache import PromptCache, default_budget_bytes
 from exo_worker.text_delivery import Delivery
+from exo_worker.tool_calls import format_of, run_with_tools
 from protocol.messages import PromptCacheStats, TaskKind, TaskParams, TextGenerationParams
 
 
@@ -193,6 +194,15 @@ class MlxEngine:
     # ---- run -------------------------------------------------------------------------------
 
     async def run(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome:
+        fmt = format_of(self._tokenizer)
+        required = isinstance(params, TextGenerationParams) and params.tool_choice == "required"
+
+        async def generate(sink: TextSink) -> RunOutcome:
+            return await self._generate(params, sink, cancel)
+
+        return await run_with_tools(fmt, params, on_text, generate, opened=required)
+
+    async def _generate(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome:
         if not isinstance(params, TextGenerationParams):
             raise EngineError(f"MlxEngine serves TextGeneration only, not {params.KIND}")
         _validate(params)

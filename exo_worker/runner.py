@@ -38,6 +38,7 @@ from protocol.messages import (
     TaskChunk,
     TaskFailed,
     TaskFinished,
+    ToolCall,
     Usage,
 )
 
@@ -247,7 +248,7 @@ class Runner:
             outcome = await self.engine.run(
                 task.assign.params, lambda text: self._on_text(task, text), task.stop
             )
-            final = self._finished(task_id, outcome.finish_reason, outcome.usage)
+            final = self._finished(task_id, outcome.finish_reason, outcome.usage, outcome.tool_calls)
         except EngineError as exc:
             final = self._failed(task_id, str(exc) or type(exc).__name__)
         except asyncio.CancelledError:
@@ -298,7 +299,9 @@ class Runner:
     def _accepted(self, task_id: TaskId) -> TaskAccepted:
         return TaskAccepted(node_id=self.node_id, task_id=task_id, instance_id=self.instance_id)
 
-    def _finished(self, task_id: TaskId, reason: FinishReason, usage: Usage) -> TaskFinished:
+    def _finished(
+        self, task_id: TaskId, reason: FinishReason, usage: Usage, tool_calls: tuple[ToolCall, ...] = ()
+    ) -> TaskFinished:
         return TaskFinished(
             node_id=self.node_id,
             task_id=task_id,
@@ -306,6 +309,7 @@ class Runner:
             finish_reason=reason,
             usage=usage,
             chunks=self._outputs.count(task_id),
+            tool_calls=tool_calls,
         )
 
     def _failed(self, task_id: TaskId, reason: str, refused: bool = False) -> TaskFailed:

@@ -21,13 +21,15 @@ def _greedy() -> Sampler:
     return make_sampler(temp=0.0)
 
 
-def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> Sampler:
-    from mlx_lm.sample_utils import apply_top_p, make_sampler
+def make_request_sampler(
+    temperature: float, top_p: float, seed: int | None, top_k: int | None = None
+) -> Sampler:
+    from mlx_lm.sample_utils import apply_top_k, apply_top_p, make_sampler
 
     if temperature == 0:
         return _greedy()
     if seed is None:
-        return make_sampler(temp=temperature, top_p=top_p)
+        return make_sampler(temp=temperature, top_p=top_p, top_k=top_k or 0)
     # make_sampler draws from MLX's global generator; a seed there would be disturbed by every other
     # request in the batch and every other engine in this process. So a seeded request gets the
     # same filtering and draw, with its own key split once per token.
@@ -38,6 +40,8 @@ def make_request_sampler(temperature: float, top_p: float, seed: int | None) -> 
     def sample(logprobs: Any) -> Any:
         nonlocal key
         key, subkey = mx.random.split(key)
+        if top_k and 0 < top_k < logprobs.shape[-1]:
+            logprobs = apply_top_k(logprobs, top_k)
         if 0 < top_p < 1:
             logprobs = apply_top_p(logprobs, top_p)
         return mx.random.categorical(logprobs * (1 / temperature), key=subkey)

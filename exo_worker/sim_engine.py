@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import math
 import threading
 
 from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
 from exo_worker.stop_strings import StopStringFilter
+from exo_worker.tool_calls import ToolFormat, load_format, run_with_tools
 from protocol.messages import (
     FinishReason,
     ImageEditsParams,
@@ -74,6 +76,7 @@ class SimEngine:
         load_delay_s: float = 0.0,
         load_error: str | None = None,
         kinds: tuple[TaskKind, ...] = ALL_KINDS,
+        tool_format: str = "json_tools",
     ) -> None:
         if not tokens_per_s > 0:
             raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
@@ -83,6 +86,9 @@ class SimEngine:
         # Lets tests and cluster experiments exercise the "instance failed to load" path.
         self._load_error = load_error
         self._kinds = kinds
+        # The model family whose tool-call syntax it writes (an mlx_lm.tool_parsers module).
+        self._tool_format = tool_format
+        self._loaded_format: ToolFormat | None = None
 
     @property
     def kinds(self) -> tuple[TaskKind, ...]:
@@ -100,10 +106,22 @@ class SimEngine:
 
     async def run(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome:
         if isinstance(params, TextGenerationParams):
-            return await self._generate_text(params, on_text, cancel)
+            text_params = params
+            fmt = await self._format() if params.tools else None
+
+            async def generate(sink: TextSink) -> RunOutcome:
+                return await self._generate_text(text_params, sink, cancel, fmt)
+
+            return await run_with_tools(fmt, params, on_text, generate)
         if isinstance(params, ImageGenerationParams | ImageEditsParams):
             return await self._generate_image(params, on_text, cancel)
         raise EngineError(f"SimEngine cannot run {type(params).__name__}")
+
+    async def _format(self) -> ToolFormat:
+        if self._loaded_format is None:
+            # Importing mlx-lm takes seconds: off the loop, so the worker keeps heartbeating.
+            self._loaded_format = await asyncio.to_thread(load_format, self._tool_format)
+        return self._loaded_format
 
     async def _compute(self, deadline: float) -> float:
         """Sleep until `deadline` (simulated compute time); return the next token's deadline."""
@@ -114,9 +132,15 @@ class SimEngine:
         return max(deadline, loop.time() - self._interval) + self._interval
 
     async def _generate_text(
-        self, params: TextGenerationParams, on_text: TextSink, cancel: threading.Event
+        self,
+        params: TextGenerationParams,
+        on_text: TextSink,
+        cancel: threading.Event,
+        fmt: ToolFormat | None = None,
     ) -> RunOutcome:
         prompt = sim_prompt(params)
+        call = sim_tool_call(params, fmt)
+        pieces = call.split(" ") if call is not None else None
         prompt_tokens = (
             word_count(params.prompt)
             if params.prompt is not None
@@ -134,7 +158,17 @@ class SimEngine:
                 return RunOutcome(
                     FinishReason.CANCELLED, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
                 )
-            word = sim_word(self._salt, prompt, params.seed, index)
+            if pieces is not None:  # a tool call, written a word at a time like a model would
+                if index >= len(pieces):
+                    tail, _ = stops.flush()
+                    if tail:
+                        on_text(tail)
+                    return RunOutcome(
+                        FinishReason.STOP, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
+                    )
+                word = pieces[index]
+            else:
+                word = sim_word(self._salt, prompt, params.seed, index)
             text, hit = stops.feed(word if index == 0 else " " + word)
             if text:
                 on_text(text)
@@ -165,3 +199,23 @@ def sim_image_b64(salt: str, params: ImageGenerationParams | ImageEditsParams) -
     source = _digest(params.image_b64, size=16).hex() if isinstance(params, ImageEditsParams) else ""
     raw = _digest(salt, params.KIND, params.prompt, params.seed, params.size, params.n, source, size=24)
     return base64.b64encode(raw).decode("ascii")
+
+
+def sim_tool_call(params: TextGenerationParams, fmt: ToolFormat | None) -> str | None:
+    """The tool call a SimEngine writes, in `fmt`'s syntax, or None (a plain answer).
+
+    It calls the first tool unless the conversation ends with a tool's result (then it answers
+    in words), so a test sees the whole round trip: call, result, answer. Arguments follow the
+    tool's schema: a word for a string, 7 for a number, true for a boolean.
+    """
+    if fmt is None or not params.tools or (params.messages and params.messages[-1].role == "tool"):
+        return None
+    tool = params.tools[0]
+    properties = tool.parameters.get("properties", {})
+    values: dict[object, object] = {"integer": 7, "number": 7, "boolean": True, "array": [], "object": {}}
+    arguments = {
+        name: values.get(spec.get("type") if isinstance(spec, dict) else None, "seven")
+        for name, spec in (properties.items() if isinstance(properties, dict) else ())
+    }
+    body = json.dumps({"name": tool.name, "arguments": arguments})
+    return f"{fmt.start}\n{body}\n{fmt.end}"

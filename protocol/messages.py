@@ -7,7 +7,7 @@ breaking an older one. Defaults on new fields keep old frames decodable.
 from __future__ import annotations
 
 import enum
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 
@@ -23,6 +23,8 @@ MAX_CONCURRENCY = 4_096
 MAX_CAPACITY = 1e6  # relative speed: finite, positive
 MAX_COUNT = 2**31 - 1  # chunk indices, chunk counts, token counts
 MAX_GAPS_PER_FETCH = 256  # missing output ranges named in one FetchOutput
+MAX_TOOLS = 128  # tool definitions in one request
+MAX_TOOL_CALLS = 64  # tool calls in one message or one answer
 
 NodeIdField = Annotated[NodeId, msgspec.Meta(max_length=MAX_ID_CHARS)]
 InstanceIdField = Annotated[InstanceId, msgspec.Meta(max_length=MAX_ID_CHARS)]
@@ -51,9 +53,33 @@ class FinishReason(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A function call the model made (parsed from its output by the worker), or one it made in
+    an earlier turn and the client sends back with the conversation."""
+
+    id: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+    name: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+    arguments: Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)] = "{}"  # a JSON object, as text
+
+
+ToolCalls = Annotated[tuple[ToolCall, ...], msgspec.Meta(max_length=MAX_TOOL_CALLS)]
+
+
+class ToolSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A function the model may call: what the chat template shows it."""
+
+    name: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+    description: str = ""
+    parameters: dict[str, Any] = msgspec.field(default_factory=dict)  # a JSON schema
+
+
 class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     role: str
     content: str
+    # An assistant turn's tool calls, and a tool result's call id (role "tool"); the defaults keep
+    # plain chats (and older peers) as they were.
+    tool_calls: ToolCalls = ()
+    tool_call_id: str | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,9 +106,15 @@ class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextG
     top_p: float | None = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    # None: no top-k cut (Anthropic and Ollama send it).
+    top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None = None
     # Legacy text completion (/v1/completions): the raw prompt, continued as is without the chat
     # template; `messages` is then empty. None (the default, so older frames decode) means chat.
     prompt: str | None = None
+    # Functions the chat template shows the model; empty: a plain chat. "required" makes the model
+    # call one of them (a named choice is sent as that one tool, required).
+    tools: Annotated[tuple[ToolSpec, ...], msgspec.Meta(max_length=MAX_TOOLS)] = ()
+    tool_choice: Literal["auto", "required"] = "auto"
 
 
 class ImageGenerationParams(
@@ -181,6 +213,8 @@ class TaskFinished(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFinished"
     # How many TaskChunk messages the task produced (indices 0..chunks-1): the master completes
     # the task only once it has delivered every one of them. None from workers that predate it.
     chunks: Count | None = None
+    # The tool calls parsed from the output (their text is not among the chunks).
+    tool_calls: ToolCalls = ()
 
 
 class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFailed", tag_field="type"):

@@ -23,6 +23,7 @@ from protocol.messages import (
     NodeRefused,
     TaskAck,
     TaskParams,
+    ToolCall,
     Usage,
     WorkerMessage,
 )
@@ -98,6 +99,7 @@ class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True):
     task_id: TaskId
     finish_reason: FinishReason
     usage: Usage
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):

@@ -28,7 +28,7 @@ from exo_master.core.affinity import reply_hasher
 from exo_master.core.events import Step, TaskCompleted, TaskErrored
 from protocol.cluster_view import TaskStatus
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
-from protocol.messages import FinishReason, TaskFinished, TaskKind, TaskParams, Usage
+from protocol.messages import FinishReason, TaskFinished, TaskKind, TaskParams, ToolCall, Usage
 
 if TYPE_CHECKING:
     from exo_master.core.records import InstanceRecord
@@ -102,6 +102,7 @@ class Finish:
 
     reason: FinishReason
     usage: Usage | None
+    tool_calls: tuple[ToolCall, ...] = ()  # parsed from the output by the worker, if the request had tools
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +214,12 @@ def complete(book: TaskBook, task: TaskRecord, cause: Finish, step: Step) -> Non
     task.finish_reason, task.usage = cause.reason, cause.usage
     _close(book, task, step)
     _instance_of(book, task).completed += 1
-    step.emit(TaskCompleted(task_id=task.task_id, finish_reason=cause.reason, usage=cause.usage or Usage()))
+    usage = cause.usage or Usage()
+    step.emit(
+        TaskCompleted(
+            task_id=task.task_id, finish_reason=cause.reason, usage=usage, tool_calls=cause.tool_calls
+        )
+    )
 
 
 def report_failure(book: TaskBook, task: TaskRecord, cause: Fail, step: Step) -> None:

@@ -2,8 +2,10 @@
 
 A pure ASGI check (not a BaseHTTPMiddleware): one header lookup and a constant-time comparison
 per request, no extra task or body wrapping on the hot route. Every path except the open ones
-(`/health`, `/ready`) needs `Authorization: Bearer KEY`; anything else gets the OpenAI-style 401
-the SDKs understand (`invalid_api_key`). Keys are only ever compared, never logged or shown.
+(`/health`, `/ready`) needs `Authorization: Bearer KEY` or, as Anthropic's clients send it,
+`x-api-key: KEY`; anything else gets a 401 in the shape of the surface asked (OpenAI's
+`invalid_api_key`, Anthropic's `authentication_error`, Ollama's `{"error"}`). Keys are only ever
+compared, never logged or shown.
 
 CORS (Starlette's CORSMiddleware) is added only for the origins given, outside the key check, so a
 browser's preflight (which carries no credentials) is answered and the 401s carry CORS headers too.
@@ -19,22 +21,33 @@ import msgspec
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from exo_master.http.errors import ApiError, ErrorStyle, error_payload
+
 OPEN_PATHS = frozenset({"/health", "/ready"})
-_UNAUTHORIZED = msgspec.json.encode(
-    {
-        "error": {
-            "message": "Incorrect or missing API key: send the header 'Authorization: Bearer KEY'.",
-            "type": "invalid_request_error",
-            "param": None,
-            "code": "invalid_api_key",
-        }
-    }
+_MISSING = ApiError(
+    401,
+    "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' (or 'x-api-key: KEY').",
+    "invalid_request_error",
+    code="invalid_api_key",
 )
-_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(_UNAUTHORIZED)).encode()),
-    (b"www-authenticate", b'Bearer realm="exo"'),
-]
+_UNAUTHORIZED = {style: msgspec.json.encode(error_payload(_MISSING, style)) for style in ErrorStyle}
+
+
+def style_of_path(path: str) -> ErrorStyle:
+    """Which surface a path belongs to, for errors answered before any route runs."""
+    if path.startswith("/v1/messages"):
+        return ErrorStyle.ANTHROPIC
+    if path.startswith("/api/"):
+        return ErrorStyle.OLLAMA
+    return ErrorStyle.OPENAI
+
+
+def _headers(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"www-authenticate", b'Bearer realm="exo"'),
+    ]
 
 
 class ApiKeyError(ValueError):
@@ -64,13 +77,16 @@ class ApiKeyAuth:
         self.app = app
         self._keys = [k.encode() for k in keys]
 
-    def allowed(self, authorization: bytes | None) -> bool:
-        if authorization is None:
+    def allowed(self, authorization: bytes | None, api_key: bytes | None = None) -> bool:
+        if api_key is not None and authorization is None:
+            token = api_key.strip()
+        elif authorization is None:
             return False
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        token = token.strip()
+        else:
+            scheme, _, token = authorization.partition(b" ")
+            if scheme.lower() != b"bearer":
+                return False
+            token = token.strip()
         # Compare with every key (no early exit), each in constant time.
         ok = False
         for key in self._keys:
@@ -81,16 +97,18 @@ class ApiKeyAuth:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        authorization = None
+        authorization = api_key = None
         for name, value in scope["headers"]:
             if name == b"authorization":
                 authorization = value
-                break
-        if self.allowed(authorization):
+            elif name == b"x-api-key":
+                api_key = value
+        if self.allowed(authorization, api_key):
             await self.app(scope, receive, send)
             return
-        await send({"type": "http.response.start", "status": 401, "headers": _HEADERS})
-        await send({"type": "http.response.body", "body": _UNAUTHORIZED})
+        body = _UNAUTHORIZED[style_of_path(scope["path"])]
+        await send({"type": "http.response.start", "status": 401, "headers": _headers(body)})
+        await send({"type": "http.response.body", "body": body})
 
 
 def secure_app(app: ASGIApp, api_keys: Sequence[str], cors_origins: Sequence[str]) -> ASGIApp:
@@ -102,7 +120,7 @@ def secure_app(app: ASGIApp, api_keys: Sequence[str], cors_origins: Sequence[str
             app,
             allow_origins=list(cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["authorization", "content-type"],
+            allow_headers=["authorization", "content-type", "x-api-key", "anthropic-version"],
             expose_headers=["x-exo-task", "x-exo-instance", "x-exo-node"],
         )
     return app

@@ -1,17 +1,26 @@
-"""OpenAI-style HTTP errors: one exception type, one JSON shape, one body decoder that never 500s.
+"""HTTP errors: one exception type, one mapper to each API surface's shape, one body decoder.
 
-Every client mistake becomes `{"error": {"message", "type", "param", "code"}}` with the right 4xx,
-naming the offending parameter where there is one (the OpenAI SDKs surface `param`).
+Every client mistake is an `ApiError` with the right 4xx, naming the offending parameter where
+there is one. Each surface spells errors its own way (`ErrorStyle`): OpenAI's
+`{"error": {"message", "type", "param", "code"}}`, Anthropic's
+`{"type": "error", "error": {"type", "message"}}`, Ollama's `{"error": "message"}`. `error_payload`
+is the only place that spells them, for whole responses and for a failure mid-stream alike.
 """
 
 from __future__ import annotations
 
+import enum
 from typing import Any, TypeVar
 
-import msgspec
 from starlette.responses import JSONResponse
 
 T = TypeVar("T")
+
+
+class ErrorStyle(enum.Enum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+    OLLAMA = "ollama"
 
 
 class ApiError(Exception):
@@ -21,10 +30,33 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(
-            error_body(self.message, self.type, self.code, self.param), status_code=self.status
+    def response(self, style: ErrorStyle = ErrorStyle.OPENAI) -> JSONResponse:
+        return JSONResponse(error_payload(self, style), status_code=self.status)
+
+
+# Anthropic names its error types by what happened, not by status alone.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def error_payload(error: ApiError, style: ErrorStyle) -> dict[str, Any]:
+    """The JSON body of `error` in the shape of one API surface."""
+    if style is ErrorStyle.ANTHROPIC:
+        type_ = _ANTHROPIC_TYPES.get(
+            error.status, "api_error" if error.status >= 500 else "invalid_request_error"
         )
+        return {"type": "error", "error": {"type": type_, "message": error.message}}
+    if style is ErrorStyle.OLLAMA:
+        return {"error": error.message}
+    return error_body(error.message, error.type, error.code, error.param)
 
 
 def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
@@ -47,26 +79,13 @@ def unsupported(param: str, why: str) -> ApiError:
     )
 
 
-def param_of(text: str) -> str | None:
-    """The top-level field a msgspec validation message is about (`- at `$.field[0].sub``)."""
-    if "at `$." not in text:
-        if text.startswith("Object missing required field `"):
-            return text.split("`")[1]
-        return None
-    return text.rsplit("at `$.", 1)[1].rstrip("`").split("[")[0].split(".")[0]
-
-
-def decode_json(raw: bytes, body_type: type[T]) -> T:
-    """Decode and validate a JSON body; every failure is a 400 (never a 500)."""
-    try:
-        return msgspec.json.decode(raw, type=body_type)
-    except msgspec.ValidationError as exc:
-        text = str(exc)
-        raise invalid(f"invalid request: {text}", param_of(text)) from exc
-    except msgspec.DecodeError as exc:
-        raise invalid(f"malformed JSON body: {exc}", code="invalid_json") from exc
-    # msgspec reports invalid UTF-8 as UnicodeDecodeError and too-deep nesting as RecursionError.
-    except UnicodeDecodeError as exc:
-        raise invalid("the body is not valid UTF-8", code="invalid_json") from exc
-    except RecursionError as exc:
-        raise invalid("the JSON body is nested too deeply", code="invalid_json") from exc
+def model_not_found(model: str, served: list[str]) -> ApiError:
+    """The one answer for a model no live instance serves, on every route and surface."""
+    listing = ", ".join(served) if served else "none (no instance is live)"
+    return ApiError(
+        404,
+        f"the model {model!r} is not served by this cluster; served models: {listing}",
+        "invalid_request_error",
+        code="model_not_found",
+        param="model",
+    )

@@ -2,127 +2,35 @@
 
 Starlette wraps every request in ServerErrorMiddleware and ExceptionMiddleware (two extra ASGI
 layers, each wrapping `send`); at saturation that was a fifth of the master's CPU. A completion
-needs neither: its handler turns its one expected error (ApiError) into a response itself, and an
-unexpected exception still becomes a 500 from uvicorn. Every other route goes through Starlette
-unchanged. Anything that must apply to every request (authentication, say) must be applied here
-too, not only as Starlette middleware.
+needs neither: every handler of the route table already turns its expected error (ApiError) into a
+response itself (routes.guarded), and an unexpected exception still becomes a 500 from uvicorn.
+Every other route goes through Starlette unchanged. Anything that must apply to every request
+(authentication, say) must be applied around both, not only as Starlette middleware.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Mapping
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from exo_master.http.connection_cap import ConnectionCap
-
 Handler = Callable[[Request], Awaitable[Response]]
-ErrorResponder = Callable[[Exception], Response | None]
 
 
 class FastPath:
     """Dispatch (method, exact path) to a handler directly; everything else to `app`."""
 
-    def __init__(
-        self, app: ASGIApp, routes: dict[tuple[str, str], Handler], on_error: ErrorResponder
-    ) -> None:
+    def __init__(self, app: ASGIApp, routes: Mapping[tuple[str, str], Handler]) -> None:
         self.app = app
-        self.routes = routes
-        self.on_error = on_error
+        self.routes = dict(routes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             handler = self.routes.get((scope["method"], scope["path"]))
             if handler is not None:
-                try:
-                    response = await handler(Request(scope, receive, send))
-                except Exception as exc:
-                    # Only the errors the handler means to raise become responses; others re-raise.
-                    mapped = self.on_error(exc)
-                    if mapped is None:
-                        raise
-                    response = mapped
+                response = await handler(Request(scope, receive, send))
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
-
-
-class _CoalescingTransport:
-    """A transport whose writes made in one loop iteration leave as one write (one syscall, one
-    TCP segment). uvicorn writes a response's head and its body separately; for the small JSON
-    answers of the hot route that doubled the send syscalls and the packets the client wakes for.
-    Everything else is the real transport's."""
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(bytes(data))
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
-def coalescing_http_protocol(cap: ConnectionCap | None = None) -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol over a coalescing transport, within the connection cap if one is
-    given (see connection_cap.py); "auto" where httptools is absent."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:
-        return "auto"
-
-    class CoalescingHttpToolsProtocol(HttpToolsProtocol):
-        _turned_away = False
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            # uvloop's transports are not asyncio.Transport subclasses, hence the cast.
-            real = cast(asyncio.Transport, transport)
-            if cap is not None and not cap.admit(self, real):
-                self._turned_away = True
-                real.abort()  # at once: nothing is read from a connection past the cap
-                return
-            coalescing = _CoalescingTransport(real, asyncio.get_running_loop())
-            super().connection_made(coalescing)  # type: ignore[arg-type]
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._turned_away:
-                return
-            if cap is not None:
-                cap.closed(self)
-            super().connection_lost(exc)
-
-        def on_message_begin(self) -> None:
-            if cap is not None:
-                cap.waiting(self)
-            super().on_message_begin()
-
-        def on_message_complete(self) -> None:
-            if cap is not None:
-                cap.answering(self)
-            super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            if cap is not None:
-                cap.waiting(self)
-            super().on_response_complete()
-
-    return CoalescingHttpToolsProtocol

@@ -14,7 +14,8 @@ import msgspec
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from exo_master.http.errors import invalid, param_of, unsupported
+from exo_master.http.decoding import param_of
+from exo_master.http.errors import invalid, unsupported
 from exo_master.http.openai_schema import ImageSize, OnlyOne, Seed
 from protocol.ids import ModelId
 from protocol.messages import ImageEditsParams

@@ -116,7 +116,7 @@ class MasterCollector(Collector):
         self.runtime = runtime
 
     def collect(self) -> Iterator[Metric]:
-        view = self.runtime.core.view(self.runtime.clock(), task_limit=0)
+        view = self.runtime.view()
         yield from self._scheduling(view)
         yield from self._instances(view)
         yield from self._nodes(view)

@@ -7,11 +7,13 @@ from typing import Any
 
 import msgspec
 
-from exo_master.http.errors import ApiError, error_body
-from protocol.messages import FinishReason, Usage
+from exo_master.http.errors import ApiError, ErrorStyle, error_payload
+from exo_master.http.textpath import Ending
+from protocol.messages import ToolCall, Usage
 
 _json = msgspec.json.Encoder()
 DONE = b"data: [DONE]\n\n"
+SSE = "text/event-stream"
 
 
 def usage_body(usage: Usage) -> dict[str, int]:
@@ -22,8 +24,14 @@ def usage_body(usage: Usage) -> dict[str, int]:
     }
 
 
-def openai_finish_reason(reason: FinishReason) -> str:
-    return "length" if reason is FinishReason.LENGTH else "stop"
+def openai_finish_reason(end: Ending) -> str:
+    if end.truncated:
+        return "length"
+    return "tool_calls" if end.tool_calls else "stop"
+
+
+def tool_call_body(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def sse(payload: Any) -> bytes:
@@ -32,17 +40,19 @@ def sse(payload: Any) -> bytes:
 
 def error_event(error: ApiError) -> bytes:
     """A mid-stream failure: the headers (200) are gone, so the error travels as an event."""
-    return sse(error_body(error.message, error.type, error.code, error.param))
+    return sse(error_payload(error, ErrorStyle.OPENAI))
 
 
 @dataclass(frozen=True, slots=True)
 class ReplyShape:
-    """How one endpoint spells its replies: chat.completion or text_completion."""
+    """How one endpoint spells its replies: chat.completion or text_completion (a TextReply)."""
 
     chat: bool
     task_id: str
     model: str
     created: int
+    include_usage: bool = False
+    stream_media_type: str = SSE
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         return {
@@ -54,12 +64,16 @@ class ReplyShape:
             **extra,
         }
 
-    def whole(self, text: str, reason: FinishReason, usage: Usage) -> bytes:
-        finish = openai_finish_reason(reason)
+    def whole(self, text: str, end: Ending) -> bytes:
+        finish = openai_finish_reason(end)
         if self.chat:
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if end.tool_calls:
+                message["content"] = text or None
+                message["tool_calls"] = [tool_call_body(c) for c in end.tool_calls]
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish,
             }
@@ -67,7 +81,7 @@ class ReplyShape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        return _json.encode(self._envelope(obj, [choice], usage=usage_body(usage)))
+        return _json.encode(self._envelope(obj, [choice], usage=usage_body(end.usage)))
 
     def _chunk(self, piece: dict[str, Any], finish: str | None) -> bytes:
         if self.chat:
@@ -76,15 +90,22 @@ class ReplyShape:
         choice = {"index": 0, "text": piece.get("content", ""), "logprobs": None, "finish_reason": finish}
         return sse(self._envelope("text_completion", [choice]))
 
-    def opening(self) -> bytes | None:
-        return self._chunk({"role": "assistant", "content": ""}, None) if self.chat else None
+    def opening(self) -> bytes:
+        return self._chunk({"role": "assistant", "content": ""}, None) if self.chat else b""
 
     def piece(self, text: str) -> bytes:
         return self._chunk({"content": text}, None)
 
-    def ending(self, reason: FinishReason) -> bytes:
-        return self._chunk({}, openai_finish_reason(reason))
+    def ending(self, end: Ending) -> bytes:
+        out = b""
+        if self.chat and end.tool_calls:
+            calls = [{"index": i, **tool_call_body(c)} for i, c in enumerate(end.tool_calls)]
+            out += self._chunk({"tool_calls": calls}, None)
+        out += self._chunk({}, openai_finish_reason(end))
+        if self.include_usage:
+            obj = "chat.completion.chunk" if self.chat else "text_completion"
+            out += sse(self._envelope(obj, [], usage=usage_body(end.usage)))
+        return out + DONE
 
-    def usage(self, usage: Usage) -> bytes:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return sse(self._envelope(obj, [], usage=usage_body(usage)))
+    def failure(self, error: ApiError) -> bytes:
+        return error_event(error) + DONE

@@ -1,10 +1,10 @@
 """OpenAI-compatible request bodies, decoded with msgspec, and their translation to task params.
 
-Unknown fields are ignored (clients send many we do not use, e.g. `user`, `store`, `metadata`).
-Every field OpenAI documents as nullable accepts null here too (the SDK sends `n=None`). Fields
-this server does not implement are decoded so that `openai_compat.refuse_unsupported` can answer a
-400 naming them, never a silent 200. Numeric bounds live in the types, so a bad value is a 400
-naming the field, and nothing that reaches the bus can fail to encode (msgpack ints are 64-bit).
+Every field of the SDK's chat request is declared here and decided in openai_compat (honoured,
+accepted as harmless, or a 400 naming it); a test enumerates the installed SDK's keys against that
+table. Every field OpenAI documents as nullable accepts null here too (the SDK sends `n=None`).
+Numeric bounds live in the types, so a bad value is a 400 naming the field, and nothing that
+reaches the bus can fail to encode (msgpack ints are 64-bit).
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from exo_master.http.tools import ChoiceMode, arguments_text, select_tools
 from protocol.ids import ModelId
-from protocol.messages import ChatMessage, ImageGenerationParams, TextGenerationParams
+from protocol.messages import ChatMessage, ImageGenerationParams, TextGenerationParams, ToolCall, ToolSpec
 
 DEFAULT_MAX_TOKENS = 256
 # OpenAI's legacy completions default to 16 tokens; kept, so old clients get what they expect.
@@ -39,9 +40,26 @@ class ContentPart(msgspec.Struct, frozen=True, kw_only=True):
     text: str = ""
 
 
+ToolName = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class FunctionCallIn(msgspec.Struct, frozen=True, kw_only=True):
+    name: ToolName
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(msgspec.Struct, frozen=True, kw_only=True):
+    id: Annotated[str, msgspec.Meta(max_length=256)] = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(msgspec.Struct, frozen=True, kw_only=True):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -49,6 +67,40 @@ class ChatMessageIn(msgspec.Struct, frozen=True, kw_only=True):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def to_message(self) -> ChatMessage:
+        calls = tuple(
+            ToolCall(id=c.id, name=c.function.name, arguments=arguments_text(c.function.arguments))
+            for c in self.tool_calls or ()
+        )
+        return ChatMessage(
+            role=self.role, content=self.text(), tool_calls=calls, tool_call_id=self.tool_call_id
+        )
+
+
+class FunctionDef(msgspec.Struct, frozen=True, kw_only=True):
+    name: ToolName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(msgspec.Struct, frozen=True, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDef
+
+    def spec(self) -> ToolSpec:
+        f = self.function
+        return ToolSpec(name=f.name, description=f.description or "", parameters=f.parameters or {})
+
+
+class NamedFunction(msgspec.Struct, frozen=True, kw_only=True):
+    name: ToolName
+
+
+class NamedToolChoice(msgspec.Struct, frozen=True, kw_only=True):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,24 +146,40 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: Annotated[int, msgspec.Meta(ge=0, le=20)] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # Decided in openai_compat: refused unless absent or harmless.
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
-    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    moderation: Any = None
 
     def prompt_chars(self) -> int:
-        return sum(len(m.text()) for m in self.messages)
+        return sum(
+            len(m.text()) + sum(len(c.function.name) for c in m.tool_calls or ()) for m in self.messages
+        )
 
     def to_params(self) -> TextGenerationParams:
+        choice = self.tool_choice
+        mode: ChoiceMode = choice if isinstance(choice, str) else "auto"
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        tools, tool_choice = select_tools([t.spec() for t in self.tools or ()], mode, named)
         return TextGenerationParams(
             model=ModelId(self.model),
-            messages=tuple(ChatMessage(role=m.role, content=m.text()) for m in self.messages),
+            messages=tuple(m.to_message() for m in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
             temperature=self.temperature,  # None: the model's default (exo_worker.sampling_defaults)
             top_p=self.top_p,
             stop=self.stops(),
             seed=self.seed,
+            tools=tools,
+            tool_choice=tool_choice,
         )
 
 

@@ -25,7 +25,7 @@ from exo_master.core.events import (
     TaskQueued,
     TaskRejected,
 )
-from exo_master.http.errors import ApiError
+from exo_master.http.errors import ApiError, model_not_found
 from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.runtime import MasterRuntime, TaskWaiter
 
@@ -41,10 +41,11 @@ _REJECTIONS: dict[RejectReason, tuple[int, str]] = {
 }
 
 
-def rejection_error(rejected: TaskRejected) -> ApiError:
+def rejection_error(rejected: TaskRejected, model: str, runtime: MasterRuntime) -> ApiError:
+    if rejected.reason is RejectReason.UNKNOWN_MODEL:
+        return model_not_found(model, runtime.served_models())
     status, type_ = _REJECTIONS[rejected.reason]
-    param = "model" if rejected.reason is RejectReason.UNKNOWN_MODEL else None
-    return ApiError(status, rejected.message, type_, code=str(rejected.reason), param=param)
+    return ApiError(status, rejected.message, type_, code=str(rejected.reason))
 
 
 def task_error(errored: TaskErrored) -> ApiError:
@@ -111,7 +112,7 @@ class Relay:
                 case TaskPlaced() | TaskQueued():
                     continue
                 case TaskRejected():
-                    raise rejection_error(effect)
+                    raise rejection_error(effect, self.model, self.runtime)
                 case TaskErrored():
                     raise self._failed(effect)
                 case _:
@@ -134,7 +135,7 @@ class Relay:
             if isinstance(effect, TaskErrored):
                 raise self._failed(effect)
             if isinstance(effect, TaskRejected):
-                raise rejection_error(effect)
+                raise rejection_error(effect, self.model, self.runtime)
 
     async def collect(self) -> tuple[str, TaskCompleted]:
         texts: list[str] = []

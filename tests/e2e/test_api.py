@@ -130,10 +130,10 @@ def test_bad_requests_get_openai_style_errors(cluster: LocalCluster) -> None:
     _error(_post(cluster, {"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}), 400)
     _error(_post(cluster, {"model": MODEL, "messages": MESSAGES, "max_tokens": 0}), 400)
     _error(_post(cluster, [1, 2, 3]), 400)
-    assert (
-        _error(_post(cluster, {"model": "no-such-model", "messages": MESSAGES}), 404)["code"]
-        == "unknown_model"
-    )
+    unknown = _error(_post(cluster, {"model": "no-such-model", "messages": MESSAGES}), 404)
+    assert unknown["code"] == "model_not_found"
+    assert unknown["param"] == "model"
+    assert MODEL in unknown["message"]  # the served models are listed
     _error(httpx.get(f"{cluster.api_url}/v1/nothing-here"), 404)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import anthropic
+import ollama
 import openai
 import pytest
 
@@ -49,5 +51,22 @@ def test_mlx_workers_serve_the_openai_client_and_split_a_burst(
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == completion.choices[0].message.content  # greedy: same text either way
     assert chunks[-1].usage is not None
+
+    # The same greedy answer through the other surfaces' own clients.
+    claude = anthropic.Anthropic(base_url=mlx_cluster.api_url, api_key="unused", max_retries=0)
+    message = claude.messages.create(
+        model=model,
+        max_tokens=8,
+        messages=messages,
+        extra_body={"temperature": 0.0},  # type: ignore[arg-type]
+    )
+    assert message.content[0].text == streamed  # type: ignore[union-attr]
+    response = client.responses.create(model=model, input=messages, max_output_tokens=8, temperature=0.0)  # type: ignore[arg-type]
+    assert response.output_text == streamed
+    local = ollama.Client(host=mlx_cluster.api_url)
+    answer = local.chat(
+        model=model, messages=messages, stream=False, options={"num_predict": 8, "temperature": 0}
+    )
+    assert answer.message.content == streamed
 
     assert spread(asyncio.run(burst(mlx_cluster.api_url, 8, model=model, max_tokens=200))) == [4, 4]

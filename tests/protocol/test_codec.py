@@ -60,6 +60,13 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
         return constrained(base, [m for m in metas if isinstance(m, msgspec.Meta)])
     if origin in (typing.Union, types.UnionType):
         return st.one_of([strategy_for(arg) for arg in typing.get_args(tp)])
+    if origin is typing.Literal:
+        return st.sampled_from(typing.get_args(tp))
+    if origin is dict:  # a JSON schema (ToolSpec.parameters): JSON-like values under string keys
+        scalar = st.none() | st.booleans() | _INT64 | _TEXT
+        return st.dictionaries(
+            _TEXT, st.recursive(scalar, lambda inner: st.lists(inner, max_size=2)), max_size=3
+        )
     if origin is tuple:
         args = typing.get_args(tp)
         if args[-1] is not Ellipsis:  # fixed length, e.g. a (start, end) range
