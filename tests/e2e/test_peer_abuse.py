@@ -78,7 +78,8 @@ def test_a_new_worker_is_ready_within_seconds_of_a_fake_node_flood(
         stop.set()
         thread.join(timeout=10)
     # The flood stopped: the fakes (never subscribed, no instance) are gone within seconds.
-    wait_for(lambda: set(_nodes(cluster)) == {"node1", "late"}, 15, "the fake nodes to be forgotten")
+    # (3 s after the last fake is heard; a loaded machine may take a while to drain the flood)
+    wait_for(lambda: set(_nodes(cluster)) == {"node1", "late"}, 45, "the fake nodes to be forgotten")
     # A stranger's raw unsubscription of node1's topic (plaintext: anyone can connect) changes nothing.
     raw_subscription_frames(cluster.bus_port, [b"\x00node/node1\x00"] * 3)
     wait_for(
