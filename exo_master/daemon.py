@@ -32,7 +32,8 @@ from protocol.logs import LogFormat, configure_logging
 from protocol.version import version_line
 
 log = structlog.get_logger("exo_master")
-app = typer.Typer(add_completion=True, help=__doc__)
+# click's plain help: option names are never cut and flags show no "<bool>" (rich's panel did both).
+app = typer.Typer(add_completion=True, help=__doc__, rich_markup_mode=None)
 
 
 def _print_version(value: bool) -> None:
@@ -289,13 +290,21 @@ def run(
         False, "--insecure", envvar="EXO_INSECURE", help="Allow a plaintext bus on a non-loopback address."
     ),
     api_key: list[str] = typer.Option(
-        [], "--api-key", envvar="EXO_API_KEY", help="Bearer key the HTTP API requires (repeatable)."
+        [],
+        "--api-key",
+        envvar="EXO_API_KEY",
+        metavar="KEY",
+        help="Bearer key the HTTP API requires (repeatable).",
     ),
     api_keys_file: Path | None = typer.Option(
         None, envvar="EXO_API_KEYS_FILE", help="File of API keys, one per line."
     ),
     cors_origin: list[str] = typer.Option(
-        [], "--cors-origin", envvar="EXO_CORS_ORIGIN", help="Browser origin allowed by CORS (repeatable)."
+        [],
+        "--cors-origin",
+        envvar="EXO_CORS_ORIGIN",
+        metavar="ORIGIN",
+        help="Browser origin allowed by CORS (repeatable).",
     ),
     session: str | None = typer.Option(
         None,

@@ -72,7 +72,9 @@ async def _serve(daemon: WorkerDaemon) -> int:
 
 
 app = typer.Typer(
-    add_completion=True, help="exo-worker: serve model instances to an exo-master over the bus."
+    add_completion=True,
+    rich_markup_mode=None,  # click's plain help: option names whole, flags without "<bool>"
+    help="exo-worker: serve model instances to an exo-master over the bus.",
 )
 
 
