@@ -10,6 +10,7 @@ shell completion.
     exoctl tasks [--status S] [--limit N]               live tasks first, then recently ended ones
     exoctl cancel TASK_ID                               cancel a live task
     exoctl keys generate NAME [--dir DIR]               a CURVE keypair for the bus
+    exoctl discover [--timeout S]                       the masters announcing themselves on the LAN
 
 With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a bearer token).
 
@@ -56,7 +57,7 @@ from typing import Annotated
 import typer
 from rich.console import RenderableType
 
-from exo_master.exoctl import compact, keys, render
+from exo_master.exoctl import compact, discover, keys, render
 from exo_master.exoctl.client import connected
 from exo_master.exoctl.watch import console, print_json, show
 from protocol.cluster_view import ClusterView, TaskStatus
@@ -71,11 +72,12 @@ app = typer.Typer(
     # click's plain help: option names are never cut and flags show no "<bool>" (rich's panel did both).
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    help="Inspect and steer an exo master: load, nodes, tasks, cancel.",
+    help="Inspect and steer an exo master: load, nodes, tasks, cancel, discover, service.",
 )
 
 
 app.add_typer(keys.app, name="keys")
+app.command("discover")(discover.discover)
 
 
 # ---- options ------------------------------------------------------------------------------------
