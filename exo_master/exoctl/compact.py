@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from exo_master.exoctl import render
-from protocol.cluster_view import ClusterView, TaskRow
+from protocol.cluster_view import ClusterView, ModelRow, TaskRow
 
 
 def fits(renderable: RenderableType, width: int) -> bool:
@@ -68,7 +68,8 @@ def load_compact(view: ClusterView) -> RenderableType:
     """One small table per model (the model is its title), then the cluster's totals."""
     nodes = {n.node_id: n for n in view.nodes}
     tables: list[RenderableType] = []
-    for model in view.models or [None]:
+    models: list[ModelRow | None] = [*view.models] or [None]
+    for model in models:
         rows = [row for row in view.instances if model is None or row.model == model.model]
         title = f"{model.model} · {model.ready}/{model.instances} ready" if model else "load · no instance"
         table = _table(title)
