@@ -11,6 +11,9 @@ shell completion.
     exoctl cancel TASK_ID                               cancel a live task
     exoctl keys generate NAME [--dir DIR]               a CURVE keypair for the bus
     exoctl discover [--timeout S]                       the masters announcing themselves on the LAN
+    exoctl service install|uninstall|status master|worker [--print] [DAEMON OPTIONS...]
+                                                        run a daemon in the background (launchd,
+                                                        systemd --user)
 
 With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a bearer token).
 
@@ -57,7 +60,7 @@ from typing import Annotated
 import typer
 from rich.console import RenderableType
 
-from exo_master.exoctl import compact, discover, keys, render
+from exo_master.exoctl import compact, discover, keys, render, service
 from exo_master.exoctl.client import connected
 from exo_master.exoctl.watch import console, print_json, show
 from protocol.cluster_view import ClusterView, TaskStatus
@@ -77,6 +80,7 @@ app = typer.Typer(
 
 
 app.add_typer(keys.app, name="keys")
+app.add_typer(service.app, name="service")
 app.command("discover")(discover.discover)
 
 
