@@ -24,8 +24,11 @@ from exo_master.core.placement import POLICY_NAMES
 from exo_master.http.api import Api, build_app
 from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.http.bounds import ApiLimits
+from exo_master.http.dashboard import dashboard_routes
+from exo_master.http.events import EventHub
 from exo_master.http.fastpath import coalescing_http_protocol
 from exo_master.http.inference_metrics import InferenceMetrics
+from exo_master.http.live_stats import LiveStats
 from exo_master.http.server import QuietServer, event_loop_factory
 from exo_master.http.server import bind_http as _bind_http  # a name tests replace
 from exo_master.runtime import MasterRuntime
@@ -115,9 +118,11 @@ async def serve(
     limits = limits or ApiLimits()
     inference = InferenceMetrics()
     api = Api(runtime, limits, inference)
-    app_ = secure_app(
-        build_app(runtime, extra_routes=[metrics_route(runtime, inference)], api=api), api_keys, cors_origins
-    )
+    stats = LiveStats(inference)
+    runtime.effect_observers.append(stats.on_effect)
+    events = EventHub(runtime, stats)
+    routes = [metrics_route(runtime, inference), events.route(), *dashboard_routes()]
+    app_ = secure_app(build_app(runtime, extra_routes=routes, api=api), api_keys, cors_origins)
     if not api_keys and not is_loopback(host):
         log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
     server = QuietServer(
@@ -150,6 +155,7 @@ async def serve(
         asyncio.create_task(runtime.run_sender(), name="bus-out"),
         asyncio.create_task(runtime.run_ticker(tick_period), name="ticker"),
         *([asyncio.create_task(curve.watch(), name="bus-auth")] if curve is not None else []),
+        asyncio.create_task(events.run(), name="events"),
         asyncio.create_task(server.serve(sockets=[http_socket]), name="http"),
     ]
     advertiser, advertising = plan_advertiser(
@@ -190,6 +196,7 @@ async def serve(
     # Open requests end first, cleanly: a stream gets an error event and [DONE], a waiting
     # non-streaming request a 503; only then does uvicorn stop and close the connections.
     open_requests = api.shutdown(SHUTDOWN_REASON)
+    events.close()  # event streams end too, or uvicorn would wait for them
     log.info("master.stopping", open_requests=open_requests)
     server.should_exit = True
     with contextlib.suppress(asyncio.TimeoutError):

@@ -2,7 +2,8 @@
 
 A pure ASGI check (not a BaseHTTPMiddleware): one header lookup and a constant-time comparison
 per request, no extra task or body wrapping on the hot route. Every path except the open ones
-(`/health`, `/ready`) needs `Authorization: Bearer KEY`; anything else gets the OpenAI-style 401
+(`/health`, `/ready`, and the dashboard's static files at `/` and `/dashboard/`) needs
+`Authorization: Bearer KEY`; anything else gets the OpenAI-style 401
 the SDKs understand (`invalid_api_key`). Keys are only ever compared, never logged or shown.
 
 CORS (Starlette's CORSMiddleware) is added only for the origins given, outside the key check, so a
@@ -19,7 +20,9 @@ import msgspec
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+# The dashboard's static files hold no data: the page asks for the key and sends it to the API.
+OPEN_PREFIX = "/dashboard/"
 _UNAUTHORIZED = msgspec.json.encode(
     {
         "error": {
@@ -78,7 +81,8 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope["path"]
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         authorization = None
