@@ -183,6 +183,7 @@ function main() {
     start();
   });
   drawStats();
+  window.addEventListener("resize", drawStats);
   json("/v1/cluster/state?tasks=0").then(start, (error) => {
     if (error instanceof Unauthorized) askForKey("API key needed");
     else start();

@@ -1,8 +1,8 @@
 // Small SVG line charts of the recent stats points, drawn by hand: no library, no network.
 
-const W = 300;
 const H = 90;
 const PAD = 14;
+const LEFT = 34; // room for the axis labels
 const SVG = "http://www.w3.org/2000/svg";
 
 function el(name, attrs) {
@@ -29,19 +29,25 @@ function format(value) {
   return value >= 10 ? value.toFixed(0) : value.toFixed(1);
 }
 
-// points: [{t, value|null}] over the last `span` seconds, newest last.
-export function drawChart(svg, points, span = 300) {
+// points: [{t, value|null}], newest last, drawn over the time they cover: at least a minute, at
+// most `most` seconds. Drawn in the SVG's own pixels, so text and lines keep their shape.
+export function drawChart(svg, points, most = 300) {
   svg.replaceChildren();
+  const W = Math.max(svg.clientWidth, 200);
+  svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
   const now = points.length ? points[points.length - 1].t : Date.now() / 1000;
+  const covered = points.length ? now - points[0].t : 0;
+  const span = Math.min(most, Math.max(60, covered));
   const known = points.filter((p) => p.value !== null && p.value !== undefined);
   const top = niceMax(Math.max(0, ...known.map((p) => p.value)));
-  const x = (t) => PAD + ((t - (now - span)) / span) * (W - 2 * PAD);
+  const x = (t) => LEFT + ((t - (now - span)) / span) * (W - LEFT - PAD);
   const y = (v) => H - PAD - (v / top) * (H - 2 * PAD);
   for (const frac of [0, 0.5, 1]) {
-    svg.append(el("line", { class: "grid", x1: PAD, x2: W - PAD, y1: y(top * frac), y2: y(top * frac) }));
+    svg.append(el("line", { class: "grid", x1: LEFT, x2: W - PAD, y1: y(top * frac), y2: y(top * frac) }));
   }
   svg.append(text({ x: 2, y: y(top) + 3 }, format(top)), text({ x: 2, y: y(0) + 3 }, "0"));
-  svg.append(text({ x: W - PAD, y: H - 2, "text-anchor": "end" }, `last ${Math.round(span / 60)} min`));
+  const spanText = span < 90 ? `last ${Math.round(span)} s` : `last ${Math.round(span / 60)} min`;
+  svg.append(text({ x: W - PAD, y: H - 2, "text-anchor": "end" }, spanText));
   if (!known.length) {
     svg.append(text({ x: W / 2, y: H / 2, "text-anchor": "middle" }, "no requests yet"));
     return;
