@@ -11,10 +11,10 @@ from __future__ import annotations
 from importlib import resources
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exo_master.http.errors import ApiError
+from exo_master.http.errors import error_body
 
 ASSET_PREFIX = "/dashboard/"
 _TYPES = {
@@ -55,7 +55,9 @@ def dashboard_routes() -> list[Route]:
     async def asset(request: Request) -> Response:
         found = assets.get(request.path_params["name"])
         if found is None:
-            raise ApiError(404, "no such dashboard file", "invalid_request_error", code="not_found")
+            return JSONResponse(
+                error_body("no such dashboard file", "invalid_request_error", code="not_found"), 404
+            )
         return Response(found[0], media_type=found[1], headers=_HEADERS)
 
     return [
