@@ -62,7 +62,7 @@ from rich.console import RenderableType
 
 from exo_master.exoctl import compact, discover, keys, render, service
 from exo_master.exoctl.client import connected
-from exo_master.exoctl.watch import console, print_json, show
+from exo_master.exoctl.watch import console, print_json, show, sized_by_terminal
 from protocol.cluster_view import ClusterView, TaskStatus
 from protocol.version import version_line
 
@@ -150,7 +150,9 @@ def _api(ctx: typer.Context, api: str | None) -> str:
 def _layout(
     full: Callable[[ClusterView], RenderableType], narrow: Callable[[ClusterView], RenderableType], wide: bool
 ) -> Callable[[ClusterView], RenderableType]:
-    return full if wide else compact.fitted(full, narrow, console().width)
+    if wide or not sized_by_terminal():
+        return full
+    return compact.fitted(full, narrow, console().width)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -233,7 +235,7 @@ def tasks(
         else:
             out = console(wide)
             full = render.tasks_table(rows, wanted)
-            fit = wide or compact.fits(full, out.width)
+            fit = wide or not sized_by_terminal() or compact.fits(full, out.width)
             out.print(full if fit else compact.tasks_compact(rows, wanted))
 
 

@@ -26,13 +26,18 @@ PIPED = 200  # columns of piped output
 WIDE = 1000  # `--wide`: a table never needs more, and rich pads no line past the table's own width
 
 
+def sized_by_terminal() -> bool:
+    """A terminal (or $COLUMNS) sets the width; piped output keeps the full layout for scripts."""
+    return sys.stdout.isatty() or bool(os.environ.get("COLUMNS"))
+
+
 def console(wide: bool = False) -> Console:
     # Piped output (scripts, logs, CI) gets room for every column instead of rich's 80, unless
     # $COLUMNS says how wide to be (rich reads it). `--wide` never shrinks a column: the terminal
     # wraps the long lines instead.
     if wide:
         return Console(width=WIDE)
-    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=PIPED)
+    return Console() if sized_by_terminal() else Console(width=PIPED)
 
 
 def print_json(document: Any) -> None:
