@@ -1,23 +1,26 @@
 """Discovery with real processes on this host only: the master advertises on loopback
 (`--advertise`), a worker with no `--master` finds it by mDNS on 127.0.0.1 and joins, `exoctl
-discover` lists it, and a worker holding another master key refuses to join."""
+discover` lists it, and a worker holding another master key refuses to join (exit codes and the
+refusal line itself: `tests/protocol/test_discovery.py`)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from exo_master.devtools.launcher import wait_for
+from exo_master.exoctl.cli import app as exoctl_app
+from exo_worker.bus_auth import load_client_curve
+from exo_worker.daemon import app as worker_app
+from exo_worker.discover import find_master
 from protocol import keys
+from protocol.discovery import DiscoveryError
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
-BIN = Path(sys.prefix) / "bin"
 
 
 def test_a_worker_without_master_joins_by_discovery_and_checks_the_key(
@@ -34,25 +37,34 @@ def test_a_worker_without_master_joins_by_discovery_and_checks_the_key(
     assert cluster.keys is not None
     assert joined[0]["master_key"] == keys.fingerprint(keys.load_public(cluster.keys.master_public))
 
-    listed = subprocess.run(
-        [str(BIN / "exoctl"), "discover", "--interface", "127.0.0.1", "--timeout", "2", "--json"],
-        capture_output=True, text=True, timeout=30, check=True,
-    )  # fmt: skip
+    # exoctl discover (in-process: the same browse, without another interpreter start).
+    listed = CliRunner().invoke(
+        exoctl_app, ["discover", "--interface", "127.0.0.1", "--timeout", "5", "--json"]
+    )
+    assert listed.exit_code == 0, listed.output
     mine = [m for m in json.loads(listed.stdout)["masters"] if m["cluster"] == cluster_name]
     assert len(mine) == 1 and mine[0]["bus_port"] == cluster.bus_port
     assert mine[0]["api"] == cluster.api_url and mine[0]["session"] == cluster.session
 
-    # A worker that trusts another master key never connects: one line, exit code 2.
+    # A worker that trusts another master key never connects: exo-worker logs this one line and
+    # exits 2 (`worker.no_master`). Checked here on the worker's own discovery step.
     other_public, _ = keys.generate(tmp_path / "other", "other")
-    _, secret = cluster.keys.worker("node2")
-    impostor = subprocess.run(
-        [str(BIN / "exo-worker"), "--cluster", cluster_name, "--mdns-interface", "127.0.0.1",
-         "--node-id", "node2", "--secret-key", str(secret), "--master-key", str(other_public),
-         "--log-format", "json"],
-        capture_output=True, text=True, timeout=60,
+    _, secret = cluster.keys.worker("node2", authorize=False)
+    wary = load_client_curve(secret, other_public)
+    with pytest.raises(DiscoveryError, match="refusing to join it"):
+        find_master(cluster_name, 10, ["127.0.0.1"], wary)
+    trusting = load_client_curve(secret, cluster.keys.master_public)
+    address, advert = find_master(cluster_name, 10, ["127.0.0.1"], trusting)
+    assert (address.host, address.port, advert.session) == ("127.0.0.1", cluster.bus_port, cluster.session)
+
+
+def test_a_worker_that_finds_no_master_says_so_in_one_line_and_exits_2() -> None:
+    result = CliRunner().invoke(
+        worker_app,
+        ["--cluster", f"none-{uuid.uuid4().hex[:8]}", "--mdns-interface", "127.0.0.1",
+         "--discover-timeout", "0.5", "--log-format", "json"],
     )  # fmt: skip
-    assert impostor.returncode == 2, impostor.stdout + impostor.stderr
-    assert "refusing to join it" in impostor.stdout + impostor.stderr
-    wait_for(lambda: cluster.state() is not None, 5, "the master")
-    state = cluster.state()
-    assert state is not None and [n["node_id"] for n in state["nodes"]] == ["node1"]
+    assert result.exit_code == 2, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [line["event"] for line in lines] == ["worker.no_master"]
+    assert "pass --master HOST:PORT" in lines[0]["error"]
