@@ -48,6 +48,8 @@ def plan_advertiser(
         return None, "--no-advertise"
     if settings.wanted is None and is_loopback(bus_host):
         return None, "the bus listens on loopback only (--advertise to announce it anyway)"
+    if ":" in bus_host and bus_host != "::":
+        return None, "the announcement covers IPv4 buses only (workers need --master)"
     interfaces = interfaces_for("127.0.0.1" if bus_host.lower() == "localhost" else bus_host)
     addresses = lan_addresses() if interfaces is None else interfaces
     if not addresses:

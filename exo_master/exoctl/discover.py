@@ -12,6 +12,8 @@ from exo_master.exoctl.watch import console, print_json
 from protocol.discovery import Advert
 from protocol.mdns import browse
 
+SETTLE = 1.5  # after the first master answers, the time the others get to answer too
+
 
 def discover_table(adverts: list[Advert]) -> Table:
     table = Table(title=f"masters on the LAN · {len(adverts)} found")
@@ -27,7 +29,10 @@ def discover_table(adverts: list[Advert]) -> Table:
 
 def discover(
     timeout: Annotated[
-        float, typer.Option("--timeout", min=0.1, help="Seconds to listen for answers.")
+        float,
+        typer.Option(
+            "--timeout", min=0.1, help="Seconds to wait for a first answer (then 1.5 s more for the others)."
+        ),
     ] = 3.0,
     interface: Annotated[
         list[str],
@@ -37,7 +42,7 @@ def discover(
 ) -> None:
     """List the exo masters announcing themselves on the LAN (mDNS): cluster, address, key."""
     try:
-        adverts = browse(timeout, interface or None, settle=timeout)
+        adverts = browse(timeout, interface or None, settle=SETTLE)
     except OSError as exc:
         typer.echo(f"exoctl: cannot listen for mDNS answers: {exc}", err=True)
         raise typer.Exit(2) from None

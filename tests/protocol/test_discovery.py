@@ -97,6 +97,7 @@ def test_a_loopback_master_advertises_only_when_asked() -> None:
     assert forced.interfaces == ["127.0.0.1"] and forced.advert.addresses == ("127.0.0.1",)
     bound, _ = plan(None, "10.1.2.3")
     assert bound is not None and bound.interfaces == ["10.1.2.3"]
+    assert plan(None, "fd00::2")[0] is None  # IPv4 announcements only
     everywhere, _ = plan(None, "0.0.0.0")
     if everywhere is not None:  # every interface: the host's own LAN addresses, never loopback
         assert everywhere.interfaces is None
