@@ -1,8 +1,10 @@
 """The dashboard in a real browser: Debian's chromium driven by playwright, against a sim cluster.
 
 The page asks for the API key, shows both nodes alive, shows a killed worker turn dead, and
-streams a chat reply piece by piece. With EXO_UPDATE_SCREENSHOT=1 the final screenshot is written
-to docs/dashboard.png (the README shows it); otherwise into the test's temporary directory.
+streams a chat reply piece by piece. Its forms place and delete instances through the placement
+API (answered here by an in-memory stand-in with that API's shapes). With EXO_UPDATE_SCREENSHOT=1
+the final screenshot is written to docs/dashboard.png (the README shows it); otherwise into the
+test's temporary directory.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
-from exo_master.devtools.launcher import LocalCluster
+from exo_master.devtools.launcher import LocalCluster, free_port, wait_for
+from exo_master.http.dashboard import dashboard_routes
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +43,7 @@ KEY = "dashboard-test-key"
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "dashboard.png"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     playwright_api = pytest.importorskip("playwright.sync_api")
     if not CHROMIUM.exists():
@@ -126,3 +134,75 @@ def test_the_dashboard_shows_nodes_a_dead_node_and_a_streamed_chat(
         for loader in loaders:
             loader.join(timeout=30)
     assert [p for p in problems if p] == [], problems
+
+
+class FakePlacements:
+    """/v1/instances as the placement API answers it, in memory: enough to drive the page's forms."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict[str, Any]] = {}
+
+    async def list(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": list(self.rows.values())})
+
+    async def place(self, request: Request) -> Response:
+        body = await request.json()
+        if body["model"] == "too-big":
+            error = {"message": "1 replica(s) of 'too-big' do not fit (none would): n1: needs 90 GB"}
+            return JSONResponse({"error": error}, 409)
+        ident = f"{body['model']}-{len(self.rows) + 1}"
+        self.rows[ident] = {
+            "id": ident, "model": body["model"], "status": "loading", "managed": True,
+            "replicas": body["replicas"], "ready": 0, "reason": "",
+            "instances": [{"instance_id": "n1/p.0", "node_id": "n1", "state": "loading", "progress": 0.4}],
+        }  # fmt: skip
+        return JSONResponse(self.rows[ident], 201)
+
+    async def delete(self, request: Request) -> Response:
+        row = self.rows.pop(request.path_params["ident"])
+        return JSONResponse({**row, "status": "draining"})
+
+
+def test_the_instance_forms_place_and_delete_through_the_placement_api(browser: Any) -> None:
+    fake = FakePlacements()
+
+    async def events(request: Request) -> Response:
+        return Response(status_code=503)  # the page keeps retrying; this test is about the forms
+
+    app = Starlette(
+        routes=[
+            *dashboard_routes(),
+            Route("/v1/cluster/state", lambda _: Response("{}", media_type="application/json")),
+            Route("/v1/events", events),
+            Route("/v1/instances", fake.list, methods=["GET"]),
+            Route("/v1/instances", fake.place, methods=["POST"]),
+            Route("/v1/instances/{ident}", fake.delete, methods=["DELETE"]),
+        ]
+    )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    page = browser.new_page()
+    try:
+        wait_for(lambda: server.started, 15, "the fake master")
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.locator("#place-form").wait_for(state="visible", timeout=15_000)
+        page.fill("#place-model", "smollm2")
+        page.fill("#place-replicas", "2")
+        page.click("#place-form button[type=submit]")
+        row = page.locator('#placements tr[data-placement="smollm2-1"]')
+        row.wait_for(timeout=15_000)
+        assert "0/2" in row.inner_text() and "n1 40%" in row.inner_text()
+        page.fill("#place-model", "too-big")
+        page.click("#place-form button[type=submit]")
+        page.wait_for_function(
+            "() => document.querySelector('#place-result').textContent.includes('do not fit')", timeout=15_000
+        )
+        row.locator("button").click()
+        row.wait_for(state="detached", timeout=15_000)
+        assert fake.rows == {}
+    finally:
+        page.close()
+        server.should_exit = True
+        thread.join(timeout=30)

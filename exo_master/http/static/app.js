@@ -3,12 +3,11 @@
 import { Unauthorized, apiKey, follow, json, setApiKey } from "./api.js";
 import { drawChart } from "./charts.js";
 import { setupChat } from "./chat.js";
-import { deleteInstance, setupInstances } from "./instances.js";
+import { setupInstances } from "./instances.js";
 
 const $ = (id) => document.getElementById(id);
 const stats = [];
 const KEEP = 150;
-let canManage = false;
 
 function age(seconds) {
   if (seconds < 10) return `${seconds.toFixed(1)}s`;
@@ -53,12 +52,11 @@ function fill(tbody, rows, columns, empty) {
   tbody.replaceChildren(...rows);
 }
 
-// Memory and backend come with the worker's heartbeat once it reports them: shown when present.
+// Memory and backend come with the worker's heartbeat (0 and "" from workers that do not report
+// them, or masters that do not carry them yet): shown when present.
 function memory(node) {
-  const total = node.memory_total_bytes ?? node.memory_total;
-  const free = node.memory_available_bytes ?? node.memory_available;
-  if (total === undefined) return "-";
-  return free === undefined ? bytes(total) : `${bytes(free)} free of ${bytes(total)}`;
+  if (!node.memory_total) return "-";
+  return node.memory_available ? `${bytes(node.memory_available)} free of ${bytes(node.memory_total)}` : bytes(node.memory_total);
 }
 
 function loadBar(row) {
@@ -99,7 +97,7 @@ function drawState(state, updateModels) {
     tr.dataset.state = n.alive ? "alive" : "dead";
     tr.append(
       cell(n.node_id, "id"), cell(badge(n.alive ? "alive" : "dead")), cell(`${age(n.last_heartbeat_age)} ago`),
-      cell(n.address), cell(memory(n)), cell(n.backend ?? "-"), cell(n.instances.join(", "), "id"),
+      cell(n.address), cell(memory(n)), cell(n.backend || "-"), cell(n.instances.join(", "), "id"),
     );
     return tr;
   }), 7, "no worker has joined yet");
@@ -107,24 +105,14 @@ function drawState(state, updateModels) {
   fill($("instances").tBodies[0], state.instances.map((i) => {
     const tr = document.createElement("tr");
     tr.dataset.instance = i.instance_id;
-    const status = i.status === "loading" && i.load_progress !== undefined
-      ? badge(`loading ${Math.round(100 * i.load_progress)}%`) : badge(i.status);
+    const status = badge(i.status);
     if (i.error) status.title = i.error;
-    const actions = document.createElement("span");
-    if (canManage) {
-      const remove = document.createElement("button");
-      remove.type = "button";
-      remove.className = "quiet";
-      remove.textContent = "Delete";
-      remove.addEventListener("click", () => deleteInstance(i.instance_id).catch((e) => alert(e.message)));
-      actions.append(remove);
-    }
     tr.append(
       cell(i.instance_id, "id"), cell(i.model), cell(status), cell(loadBar(i)), cell(String(i.queued), "num"),
-      cell(cacheShare(i), "num"), cell(String(i.completed), "num"), cell(String(i.failed), "num"), cell(actions),
+      cell(cacheShare(i), "num"), cell(String(i.completed), "num"), cell(String(i.failed), "num"),
     );
     return tr;
-  }), 9, "no instance yet");
+  }), 8, "no instance yet");
 
   fill($("flight").tBodies[0], state.in_flight.map((t) => {
     const tr = document.createElement("tr");
@@ -172,8 +160,9 @@ function main() {
       if (why === "unauthorized") askForKey("API key needed");
     });
     setupInstances({
-      form: $("place-form"), model: $("place-model"), replicas: $("place-replicas"), result: $("place-result"),
-    }, () => {}).then((ok) => { canManage = ok; });
+      form: $("place-form"), table: $("placements"), model: $("place-model"), replicas: $("place-replicas"),
+      result: $("place-result"),
+    });
   };
   $("key-button").addEventListener("click", () => askForKey(apiKey() ? "change the key" : "enter a key"));
   $("key-form").addEventListener("submit", (event) => {
