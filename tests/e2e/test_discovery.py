@@ -6,6 +6,8 @@ refusal line itself: `tests/protocol/test_discovery.py`)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -14,13 +16,13 @@ from typer.testing import CliRunner
 
 from exo_master.exoctl.cli import app as exoctl_app
 from exo_worker.bus_auth import load_client_curve
-from exo_worker.daemon import app as worker_app
 from exo_worker.discover import find_master
 from protocol import keys
 from protocol.discovery import DiscoveryError
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
+BIN = Path(sys.prefix) / "bin"
 
 
 def test_a_worker_without_master_joins_by_discovery_and_checks_the_key(
@@ -59,12 +61,14 @@ def test_a_worker_without_master_joins_by_discovery_and_checks_the_key(
 
 
 def test_a_worker_that_finds_no_master_says_so_in_one_line_and_exits_2() -> None:
-    result = CliRunner().invoke(
-        worker_app,
-        ["--cluster", f"none-{uuid.uuid4().hex[:8]}", "--mdns-interface", "127.0.0.1",
-         "--discover-timeout", "0.5", "--log-format", "json"],
+    # A process of its own: the daemon configures logging for the whole interpreter.
+    result = subprocess.run(
+        [str(BIN / "exo-worker"), "--cluster", f"none-{uuid.uuid4().hex[:8]}", "--mdns-interface",
+         "127.0.0.1", "--discover-timeout", "0.5", "--log-format", "json"],
+        capture_output=True, text=True, timeout=60,
     )  # fmt: skip
-    assert result.exit_code == 2, result.output
-    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert result.returncode == 2, result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    lines = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert [line["event"] for line in lines] == ["worker.no_master"]
     assert "pass --master HOST:PORT" in lines[0]["error"]
