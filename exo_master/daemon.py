@@ -8,9 +8,8 @@ import random
 import re
 import resource
 import signal
-import socket
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
@@ -18,6 +17,7 @@ import typer
 import uvicorn
 import zmq
 
+from exo_master.bus.advertise import AdvertiseSettings, announce, plan_advertiser
 from exo_master.bus.curve import SETUP_HINT, MasterCurve, is_loopback, load_master_curve
 from exo_master.bus.sockets import MasterBus
 from exo_master.core import CoreConfig, MasterCore
@@ -28,13 +28,20 @@ from exo_master.http.bounds import ApiLimits
 from exo_master.http.connection_cap import ConnectionCap, default_max_connections, raise_nofile_limit
 from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.http.transport import coalescing_http_protocol
+from exo_master.http.dashboard import dashboard_routes
+from exo_master.http.events import EventHub
+from exo_master.http.live_stats import LiveStats
+from exo_master.http.server import QuietServer, event_loop_factory
+from exo_master.http.server import bind_http as _bind_http  # a name tests replace
 from exo_master.runtime import MasterRuntime
+from protocol.discovery import DEFAULT_CLUSTER, check_cluster
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.version import version_line
 
 log = structlog.get_logger("exo_master")
-app = typer.Typer(add_completion=True, help=__doc__)
+# click's plain help: option names are never cut and flags show no "<bool>" (rich's panel did both).
+app = typer.Typer(add_completion=True, help=__doc__, rich_markup_mode=None)
 
 
 def _print_version(value: bool) -> None:
@@ -51,42 +58,17 @@ def _check_session(value: str | None) -> str | None:
     return value
 
 
+def _usage(check: Callable[[str], str], value: str) -> str:
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 def _check_policy(value: str) -> str:
     if value not in POLICY_NAMES:
         raise typer.BadParameter(f"choose one of {', '.join(POLICY_NAMES)}")
     return value
-
-
-class _QuietServer(uvicorn.Server):
-    """uvicorn without its own signal handling: the daemon owns SIGINT/SIGTERM for every task."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop where installed (Linux and macOS: a dependency there), else asyncio's own loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def _bind_http(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # IPPROTO_TCP, not 0: accepted sockets inherit the protocol, and asyncio sets TCP_NODELAY only on
-    # sockets whose proto is IPPROTO_TCP. Without it uvicorn's separate header and body writes meet
-    # Nagle and the client's delayed ACK: ~40 ms on every keep-alive request after the first.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 SHUTDOWN_REASON = "the master is shutting down"
@@ -105,6 +87,7 @@ async def serve(
     api_keys: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
     max_connections: int | None = None,
+    advertise: AdvertiseSettings | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken or unsafe (2)."""
     bus_host = bus_host or host
@@ -141,12 +124,14 @@ async def serve(
     limits = limits or ApiLimits()
     inference = InferenceMetrics()
     api = Api(runtime, limits, inference)
-    app_ = secure_app(
-        build_app(runtime, extra_routes=[metrics_route(runtime, inference)], api=api), api_keys, cors_origins
-    )
+    stats = LiveStats(inference)
+    runtime.effect_observers.append(stats.on_effect)
+    events = EventHub(runtime, stats)
+    routes = [metrics_route(runtime, inference), events.route(), *dashboard_routes()]
+    app_ = secure_app(build_app(runtime, extra_routes=routes, api=api), api_keys, cors_origins)
     if not api_keys and not is_loopback(host):
         log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
-    server = _QuietServer(
+    server = QuietServer(
         uvicorn.Config(
             app_,
             host=host,
@@ -176,8 +161,18 @@ async def serve(
         asyncio.create_task(runtime.run_sender(), name="bus-out"),
         asyncio.create_task(runtime.run_ticker(tick_period), name="ticker"),
         *([asyncio.create_task(curve.watch(), name="bus-auth")] if curve is not None else []),
+        asyncio.create_task(events.run(), name="events"),
         asyncio.create_task(server.serve(sockets=[http_socket]), name="http"),
     ]
+    advertiser, advertising = plan_advertiser(
+        advertise or AdvertiseSettings(wanted=False, cluster=DEFAULT_CLUSTER),
+        bus_host,
+        bus_port,
+        api_port,
+        curve.fingerprint if curve is not None else None,
+        config.session,
+    )
+    announcing = asyncio.create_task(announce(advertiser), name="mdns") if advertiser else None
     log.info(
         "master.started",
         api=f"http://{host}:{api_port}",
@@ -196,6 +191,7 @@ async def serve(
             if curve is not None
             else "first come, first served: on a plaintext bus any local process may claim any node id"
         ),
+        discovery=advertising,
     )
     stopper = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -213,6 +209,7 @@ async def serve(
     # Open requests end first, cleanly: a stream gets an error event and [DONE], a waiting
     # non-streaming request a 503; only then does uvicorn stop and close the connections.
     open_requests = api.shutdown(SHUTDOWN_REASON)
+    events.close()  # event streams end too, or uvicorn would wait for them
     log.info("master.stopping", open_requests=open_requests)
     server.should_exit = True
     with contextlib.suppress(asyncio.TimeoutError):
@@ -220,6 +217,11 @@ async def serve(
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, stopper, return_exceptions=True)
+    if announcing is not None and advertiser is not None:
+        announcing.cancel()
+        await asyncio.gather(announcing, return_exceptions=True)
+        with contextlib.suppress(asyncio.TimeoutError, OSError):
+            await asyncio.wait_for(advertiser.stop(), timeout=2)  # a goodbye, so browsers forget us
     bus.close()
     log.info("master.stopped")
     return 1 if crashed else 0
@@ -310,19 +312,41 @@ def run(
         False, "--insecure", envvar="EXO_INSECURE", help="Allow a plaintext bus on a non-loopback address."
     ),
     api_key: list[str] = typer.Option(
-        [], "--api-key", envvar="EXO_API_KEY", help="Bearer key the HTTP API requires (repeatable)."
+        [],
+        "--api-key",
+        envvar="EXO_API_KEY",
+        metavar="KEY",
+        help="Bearer key the HTTP API requires (repeatable).",
     ),
     api_keys_file: Path | None = typer.Option(
         None, envvar="EXO_API_KEYS_FILE", help="File of API keys, one per line."
     ),
     cors_origin: list[str] = typer.Option(
-        [], "--cors-origin", envvar="EXO_CORS_ORIGIN", help="Browser origin allowed by CORS (repeatable)."
+        [],
+        "--cors-origin",
+        envvar="EXO_CORS_ORIGIN",
+        metavar="ORIGIN",
+        help="Browser origin allowed by CORS (repeatable).",
     ),
     session: str | None = typer.Option(
         None,
         envvar="EXO_SESSION",
         callback=_check_session,
         help="Session id of this run (default: random). Shown in /v1/cluster/state.",
+    ),
+    advertise: bool | None = typer.Option(
+        None,
+        "--advertise/--no-advertise",
+        envvar="EXO_ADVERTISE",
+        show_default=False,
+        help="Announce the master on the LAN (mDNS) so workers find it without --master. "
+        "Default: on unless the bus listens on loopback only.",
+    ),
+    cluster: str = typer.Option(
+        DEFAULT_CLUSTER,
+        envvar="EXO_CLUSTER",
+        callback=lambda v: _usage(check_cluster, v),
+        help="Cluster name in the announcement; workers pick a master with --cluster NAME.",
     ),
     version: bool = typer.Option(
         False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
@@ -373,6 +397,7 @@ def run(
                 api_keys=api_keys,
                 cors_origins=cors_origin,
                 max_connections=max_connections,
+                advertise=AdvertiseSettings(wanted=advertise, cluster=cluster),
             )
         )
     raise typer.Exit(code)

@@ -1,9 +1,11 @@
 """exo-worker: the worker daemon (one per machine, or several for tests) and its command line.
 
     exo-worker --master 127.0.0.1:52416 --engine sim --instances 2
+    exo-worker --cluster home --secret-key w.key_secret --master-key master.key   (found by mDNS)
 
-It connects to the master (binding nothing), loads its instances while heartbeating their status,
-logs "worker.ready" once every instance is ready, and serves assignments until SIGINT/SIGTERM.
+Without `--master` it looks for the master on the LAN (`exo_worker.discover`). It connects to
+the master (binding nothing), loads its instances while heartbeating their status, logs
+"worker.ready" once every instance is ready, and serves assignments until SIGINT/SIGTERM.
 
 This module is the process: flags and their checks, logging, keys, the engine, signals. The worker
 it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worker`.
@@ -24,6 +26,7 @@ import typer
 
 from exo_worker.bus import parse_master_address
 from exo_worker.bus_auth import load_client_curve
+from exo_worker.discover import find_master
 from exo_worker.engine import ModelLoadError
 from exo_worker.engine_choice import (
     DEFAULT_MODEL,
@@ -32,12 +35,14 @@ from exo_worker.engine_choice import (
     served_model_id,
 )
 from exo_worker.worker import EXIT_BAD_KEYS, EXIT_MODEL_LOAD, WorkerConfig, WorkerDaemon
+from protocol.discovery import DiscoveryError, check_cluster
 from protocol.ids import NodeId
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.version import version_line
 
 log = structlog.get_logger("exo_worker.daemon")
+EXIT_NO_MASTER = 2  # no --master and none found (or none to trust) on the LAN
 
 
 def default_node_id() -> str:
@@ -72,7 +77,9 @@ async def _serve(daemon: WorkerDaemon) -> int:
 
 
 app = typer.Typer(
-    add_completion=True, help="exo-worker: serve model instances to an exo-master over the bus."
+    add_completion=True,
+    rich_markup_mode=None,  # click's plain help: option names whole, flags without "<bool>"
+    help="exo-worker: serve model instances to an exo-master over the bus.",
 )
 
 
@@ -85,8 +92,38 @@ def _print_version(value: bool) -> None:
 @app.command()
 def serve(
     master: Annotated[
-        str, typer.Option("--master", envvar="EXO_MASTER", help="Master bus address HOST:BUS_PORT.")
-    ],
+        str | None,
+        typer.Option(
+            "--master",
+            envvar="EXO_MASTER",
+            show_default=False,
+            help="Master bus address HOST:BUS_PORT. Default: find the master on the LAN (mDNS).",
+        ),
+    ] = None,
+    cluster: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster",
+            envvar="EXO_CLUSTER",
+            show_default=False,
+            help="Without --master: join the master of this cluster (needed when several answer).",
+        ),
+    ] = None,
+    discover_timeout: Annotated[
+        float,
+        typer.Option(
+            "--discover-timeout", envvar="EXO_DISCOVER_TIMEOUT", min=0.1, help="Seconds to look for a master."
+        ),
+    ] = 10.0,
+    mdns_interface: Annotated[
+        list[str],
+        typer.Option(
+            "--mdns-interface",
+            envvar="EXO_MDNS_INTERFACE",
+            metavar="ADDRESS",
+            help="Look for the master from this local address only (repeatable; default: all).",
+        ),
+    ] = [],  # noqa: B006 (typer reads the default, never mutates it)
     node_id: Annotated[
         str | None,
         typer.Option("--node-id", envvar="EXO_NODE_ID", help="Default: hostname plus a short random suffix."),
@@ -157,9 +194,14 @@ def serve(
     """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
     # Usage errors first: they are typer's to report, before logging is set up.
     try:
-        address = parse_master_address(master)
+        address = parse_master_address(master) if master is not None else None
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--master") from exc
+    if cluster is not None:
+        try:
+            check_cluster(cluster)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--cluster") from exc
     node = NodeId(_check_node_id(node_id if node_id is not None else default_node_id()))
     configure_logging(log_format, log_level)
     model_name = model or DEFAULT_MODEL[engine]
@@ -169,6 +211,20 @@ def serve(
     except KeyFileError as exc:
         log.error("worker.bad_keys", error=str(exc))
         raise typer.Exit(EXIT_BAD_KEYS) from None
+    if address is None:
+        try:
+            address, advert = find_master(cluster, discover_timeout, mdns_interface or None, curve)
+        except DiscoveryError as exc:
+            log.error("worker.no_master", error=str(exc))
+            raise typer.Exit(EXIT_NO_MASTER) from None
+        log.info(
+            "worker.discovered",
+            joined=advert.name,
+            cluster=advert.cluster,
+            master=str(address),
+            master_key=advert.key,
+            session=advert.session,
+        )
     try:
         if prompt_cache_bytes is None and engine is EngineName.MLX:
             from exo_worker.prompt_cache import default_budget_bytes

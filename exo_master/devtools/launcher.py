@@ -143,6 +143,9 @@ class ClusterSpec:
     curve: bool = True  # CURVE keys on the bus (made here); False: plaintext, loopback only
     keys_dir: Path | None = None  # default: log_dir/keys, else a temporary directory
     api_key: str | None = None  # passed to the master as --api-key and sent by state()
+    # Workers find the master by mDNS (no --master): the master advertises this cluster name on
+    # loopback (--advertise), the workers look for it there only (--mdns-interface 127.0.0.1).
+    discovery_cluster: str | None = None
 
 
 class ClusterKeys:
@@ -218,6 +221,7 @@ class LocalCluster:
                 "--log-format", s.log_format,
                 *self._master_security_args(),
                 "--session", self.session,
+                *(["--advertise", "--cluster", s.discovery_cluster] if s.discovery_cluster else []),
                 *s.master_args,
             ],
         )  # fmt: skip
@@ -236,9 +240,13 @@ class LocalCluster:
     ) -> subprocess.Popen[bytes]:
         """Start a worker (with its own authorized key when the cluster runs CURVE and `with_keys`)."""
         s = self.spec
+        if s.discovery_cluster:
+            where = ["--cluster", s.discovery_cluster, "--mdns-interface", "127.0.0.1"]
+        else:
+            where = ["--master", s.worker_master or f"{s.host}:{self.bus_port}"]
         args = [
             "exo_worker.daemon",
-            "--master", s.worker_master or f"{s.host}:{self.bus_port}",
+            *where,
             "--node-id", node_id,
             "--engine", s.engine,
             "--instances", str(s.instances_per_worker),

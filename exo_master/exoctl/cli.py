@@ -10,6 +10,10 @@ shell completion.
     exoctl tasks [--status S] [--limit N]               live tasks first, then recently ended ones
     exoctl cancel TASK_ID                               cancel a live task
     exoctl keys generate NAME [--dir DIR]               a CURVE keypair for the bus
+    exoctl discover [--timeout S]                       the masters announcing themselves on the LAN
+    exoctl service install|uninstall|status master|worker [--print] [DAEMON OPTIONS...]
+                                                        run a daemon in the background (launchd,
+                                                        systemd --user)
 
 With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a bearer token).
 
@@ -50,14 +54,16 @@ The commands are here; the HTTP client and its exit codes are in `exoctl.client`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
+from rich.console import RenderableType
 
-from exo_master.exoctl import keys, render
+from exo_master.exoctl import compact, discover, keys, render, service
 from exo_master.exoctl.client import connected
-from exo_master.exoctl.watch import console, print_json, show
-from protocol.cluster_view import TaskStatus
+from exo_master.exoctl.watch import console, print_json, show, sized_by_terminal
+from protocol.cluster_view import ClusterView, TaskStatus
 from protocol.version import version_line
 
 DEFAULT_API = "http://127.0.0.1:52415"
@@ -66,12 +72,16 @@ DEFAULT_API = "http://127.0.0.1:52415"
 app = typer.Typer(
     add_completion=True,
     no_args_is_help=True,
+    # click's plain help: option names are never cut and flags show no "<bool>" (rich's panel did both).
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
-    help="Inspect and steer an exo master: load, nodes, tasks, cancel.",
+    help="Inspect and steer an exo master: load, nodes, tasks, cancel, discover, service.",
 )
 
 
 app.add_typer(keys.app, name="keys")
+app.add_typer(service.app, name="service")
+app.command("discover")(discover.discover)
 
 
 # ---- options ------------------------------------------------------------------------------------
@@ -100,6 +110,9 @@ Watch = Annotated[
     ),
 ]
 Interval = Annotated[float, typer.Option("--interval", "-n", min=0.05, help="Seconds between refreshes.")]
+Wide = Annotated[
+    bool, typer.Option("--wide", help="Every column, however wide (default: a compact layout when narrow).")
+]
 Count = Annotated[
     int, typer.Option("--count", min=0, help="With --watch: stop after N refreshes (0: until Ctrl-C).")
 ]
@@ -134,6 +147,14 @@ def _api(ctx: typer.Context, api: str | None) -> str:
     return ctx.obj if isinstance(ctx.obj, str) else DEFAULT_API
 
 
+def _layout(
+    full: Callable[[ClusterView], RenderableType], narrow: Callable[[ClusterView], RenderableType], wide: bool
+) -> Callable[[ClusterView], RenderableType]:
+    if wide or not sized_by_terminal():
+        return full
+    return compact.fitted(full, narrow, console().width)
+
+
 # ---- commands -----------------------------------------------------------------------------------
 
 
@@ -147,18 +168,20 @@ def load(
     count: Count = 0,
     timeout: Timeout = 5.0,
     api_key: ApiKey = None,
+    wide: Wide = False,
 ) -> None:
     """Per instance: in-flight (confirmed), pending (ledger), queued, capacity and totals."""
     with connected(_api(ctx, api), timeout, api_key) as client:
         show(
             client.state,
-            render.load_table,
+            _layout(render.load_table, compact.load_compact, wide),
             render.load_json,
             render.load_line,
             as_json,
             watch,
             interval,
             count,
+            wide,
         )
 
 
@@ -172,18 +195,20 @@ def nodes(
     count: Count = 0,
     timeout: Timeout = 5.0,
     api_key: ApiKey = None,
+    wide: Wide = False,
 ) -> None:
     """Worker nodes: address, last heartbeat, alive/dead, subscription, instances, sequence gaps."""
     with connected(_api(ctx, api), timeout, api_key) as client:
         show(
             client.state,
-            render.nodes_table,
+            _layout(render.nodes_table, compact.nodes_compact, wide),
             render.nodes_json,
             render.nodes_line,
             as_json,
             watch,
             interval,
             count,
+            wide,
         )
 
 
@@ -198,6 +223,7 @@ def tasks(
     as_json: AsJson = False,
     timeout: Timeout = 5.0,
     api_key: ApiKey = None,
+    wide: Wide = False,
 ) -> None:
     """Tasks (live ones first, then recently ended, newest first): id, kind, model, instance, status, age."""
     wanted = str(status) if status is not None else None
@@ -207,7 +233,10 @@ def tasks(
         if as_json:
             print_json(render.tasks_json(rows))
         else:
-            console().print(render.tasks_table(rows, wanted))
+            out = console(wide)
+            full = render.tasks_table(rows, wanted)
+            fit = wide or not sized_by_terminal() or compact.fits(full, out.width)
+            out.print(full if fit else compact.tasks_compact(rows, wanted))
 
 
 @app.command()

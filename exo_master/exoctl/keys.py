@@ -19,7 +19,9 @@ import typer
 
 from protocol.keys import KeyFileError, default_keys_dir, fingerprint, generate, load_public
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CURVE keys for the bus.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="CURVE keys for the bus."
+)
 
 
 @app.command("generate")

@@ -16,8 +16,8 @@ from rich.text import Text
 
 from protocol.cluster_view import ClusterView, InstanceRow, NodeRow, TaskRow
 
-_INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
-_TASK_STYLE = {
+INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
+TASK_STYLE = {
     "queued": "yellow",
     "pending": "cyan",
     "running": "green",
@@ -91,7 +91,7 @@ def affinity_summary(view: ClusterView) -> str:
 
 
 def _instance_status(row: InstanceRow) -> Text:
-    return Text(row.status, style=_INSTANCE_STYLE.get(row.status, ""))
+    return Text(row.status, style=INSTANCE_STYLE.get(row.status, ""))
 
 
 def not_ready_reason(row: InstanceRow, nodes: dict[str, NodeRow]) -> str:
@@ -296,7 +296,7 @@ def tasks_table(tasks: list[TaskRow], status: str | None = None) -> Table:
             row.kind,
             row.model,
             row.instance_id or "-",
-            Text(row.status, style=_TASK_STYLE.get(row.status, "")),
+            Text(row.status, style=TASK_STYLE.get(row.status, "")),
             format_age(row.age),
         ]
         if with_errors:

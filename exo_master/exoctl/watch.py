@@ -22,10 +22,22 @@ from rich.text import Text
 from exo_master.exoctl.client import ApiFailure, Unreachable
 from protocol.cluster_view import ClusterView
 
+PIPED = 200  # columns of piped output
+WIDE = 1000  # `--wide`: a table never needs more, and rich pads no line past the table's own width
 
-def console() -> Console:
-    # Piped output (scripts, logs, CI) gets room for every column instead of rich's 80.
-    return Console() if sys.stdout.isatty() else Console(width=200)
+
+def sized_by_terminal() -> bool:
+    """A terminal (or $COLUMNS) sets the width; piped output keeps the full layout for scripts."""
+    return sys.stdout.isatty() or bool(os.environ.get("COLUMNS"))
+
+
+def console(wide: bool = False) -> Console:
+    # Piped output (scripts, logs, CI) gets room for every column instead of rich's 80, unless
+    # $COLUMNS says how wide to be (rich reads it). `--wide` never shrinks a column: the terminal
+    # wraps the long lines instead.
+    if wide:
+        return Console(width=WIDE)
+    return Console() if sized_by_terminal() else Console(width=PIPED)
 
 
 def print_json(document: Any) -> None:
@@ -41,6 +53,7 @@ def show(
     watch: bool,
     interval: float,
     count: int,
+    wide: bool = False,
 ) -> None:
     """Fetch once and print; with `watch`, keep refreshing until Ctrl-C or `count` refreshes.
 
@@ -53,7 +66,7 @@ def show(
         if as_json:
             print_json(document(view))
         else:
-            console().print(table(view))
+            console(wide).print(table(view))
         return
     try:
         if as_json:
@@ -61,7 +74,7 @@ def show(
                 view, fetch, lambda v: json.dumps(document(v), separators=(",", ":")), interval, count
             )
         elif sys.stdout.isatty():
-            _watch_live(view, fetch, table, interval, count)
+            _watch_live(view, fetch, table, interval, count, wide)
         else:
             _watch_lines(view, fetch, lambda v: line(v, time.strftime("%H:%M:%S")), interval, count)
     except KeyboardInterrupt:
@@ -110,9 +123,10 @@ def _watch_live(
     table: Callable[[ClusterView], RenderableType],
     interval: float,
     count: int,
+    wide: bool,
 ) -> None:
     last = first
-    with Live(console=console(), auto_refresh=False) as live:
+    with Live(console=console(wide), auto_refresh=False) as live:
         for item in _refreshes(first, fetch, interval, count):
             header = Text(f"every {interval:g}s · {time.strftime('%H:%M:%S')} · Ctrl-C to stop", style="dim")
             if isinstance(item, Exception):

@@ -2,10 +2,10 @@
 
 A pure ASGI check (not a BaseHTTPMiddleware): one header lookup and a constant-time comparison
 per request, no extra task or body wrapping on the hot route. Every path except the open ones
-(`/health`, `/ready`) needs `Authorization: Bearer KEY` or, as Anthropic's clients send it,
-`x-api-key: KEY`; anything else gets a 401 in the shape of the surface asked (OpenAI's
-`invalid_api_key`, Anthropic's `authentication_error`, Ollama's `{"error"}`). Keys are only ever
-compared, never logged or shown.
+(`/health`, `/ready`, and the dashboard's static files at `/` and `/dashboard/`) needs
+`Authorization: Bearer KEY` or, as Anthropic's clients send it, `x-api-key: KEY`; anything else
+gets a 401 in the shape of the surface asked (OpenAI's `invalid_api_key`, Anthropic's
+`authentication_error`, Ollama's `{"error"}`). Keys are only ever compared, never logged or shown.
 
 CORS (Starlette's CORSMiddleware) is added only for the origins given, outside the key check, so a
 browser's preflight (which carries no credentials) is answered and the 401s carry CORS headers too.
@@ -23,7 +23,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from exo_master.http.errors import ApiError, ErrorStyle, error_payload
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+OPEN_PATHS = frozenset({"/health", "/ready", "/"})
+# The dashboard's static files hold no data: the page asks for the key and sends it to the API.
+OPEN_PREFIX = "/dashboard/"
 _MISSING = ApiError(
     401,
     "Incorrect or missing API key: send the header 'Authorization: Bearer KEY' (or 'x-api-key: KEY').",
@@ -94,7 +96,8 @@ class ApiKeyAuth:
         return ok
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        path = scope["path"]
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIX):
             await self.app(scope, receive, send)
             return
         authorization = api_key = None

@@ -35,6 +35,14 @@ def fenced_blocks(text: str) -> list[tuple[str, str]]:
     return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```$", text, re.M | re.S)]
 
 
+def _without_comment(line: str) -> str:
+    """The command without a trailing `  # comment` (one outside any quotes)."""
+    head, sep, _ = line.partition(" # ")
+    if sep and head.count("'") % 2 == 0 and head.count('"') % 2 == 0:
+        return head.rstrip()
+    return line
+
+
 def shell_commands(text: str) -> list[str]:
     """The exoctl and curl commands of the sh blocks, continuation lines joined."""
     commands = []
@@ -44,8 +52,8 @@ def shell_commands(text: str) -> list[str]:
         for line in body.replace("\\\n", " ").splitlines():
             line = line.strip()
             if line.startswith(("exoctl", "curl")):
-                commands.append(line)
-    return commands
+                commands.append(_without_comment(line))
+    return list(dict.fromkeys(commands))  # a command printed in two sections runs once
 
 
 def python_snippets(text: str) -> list[str]:
@@ -67,6 +75,8 @@ def _env(cluster: LocalCluster) -> dict[str, str]:
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
         # `exoctl keys generate` writes under $XDG_CONFIG_HOME/exo/keys: never the user's own.
         "XDG_CONFIG_HOME": str(cluster.spec.log_dir),
+        # `exoctl service ...` looks under $HOME: never the user's own services.
+        "HOME": str(cluster.spec.log_dir),
     }
 
 
@@ -87,6 +97,10 @@ def test_each_readme_command_works_as_printed(cluster: LocalCluster, command: st
         command += " --count 2 --interval 0.1"
     if command.startswith("curl"):
         command += " --silent --show-error --fail-with-body"  # exit 22 on any HTTP error
+    if command.startswith("exoctl service install"):
+        command += " --print"  # the file it would write, without starting a service on this machine
+    if command.startswith("exoctl discover"):
+        command += " --interface 127.0.0.1 --timeout 1"  # this host only: no mDNS on the LAN
     result = subprocess.run(
         ["bash", "-c", command], env=_env(cluster), capture_output=True, text=True, timeout=120
     )
@@ -151,7 +165,9 @@ def test_the_load_table_says_why_an_instance_is_not_ready(start_cluster: Cluster
 
     def table() -> str | None:
         result = subprocess.run(
-            [str(BIN / "exoctl"), "load", "--api", cluster.api_url],
+            # --wide: the full table, whose `why not ready` column this checks, at any width
+            # (pytest's children inherit COLUMNS=80, which would pick the compact layout).
+            [str(BIN / "exoctl"), "load", "--wide", "--api", cluster.api_url],
             capture_output=True,
             text=True,
             timeout=60,
