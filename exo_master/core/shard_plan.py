@@ -27,18 +27,14 @@ on the order of the candidates.
 
 from __future__ import annotations
 
-import enum
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.sharding import Sharding
+
 _KV_BYTES_PER_VALUE = 2  # fp16 / bf16 keys and values
-
-
-class Sharding(enum.StrEnum):
-    TENSOR = "tensor"
-    PIPELINE = "pipeline"
 
 
 @dataclass(frozen=True, slots=True)
