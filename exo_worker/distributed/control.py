@@ -97,7 +97,9 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
 
 
 Command = Insert | Step | Remove | CacheInsert | Reset | Warmup
-Message = Hello | Start | Beat | Insert | Step | Remove | CacheInsert | Reset | Warmup | Close | Abort | Failed
+Message = (
+    Hello | Start | Beat | Insert | Step | Remove | CacheInsert | Reset | Warmup | Close | Abort | Failed
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
@@ -126,8 +128,10 @@ class Leader:
     failure, or cannot be sent to; every other follower is then told to abort.
     """
 
-    def __init__(self, endpoint: str, ranks: int, loss_timeout: float, on_lost: Callable[[str], None]) -> None:
-        self._ctx = zmq.Context.instance()
+    def __init__(
+        self, endpoint: str, ranks: int, loss_timeout: float, on_lost: Callable[[str], None]
+    ) -> None:
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._router = self._ctx.socket(zmq.ROUTER)
         self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown or gone peer raises, never drops
         self._router.setsockopt(zmq.LINGER, 0)
@@ -293,7 +297,7 @@ class FollowerLink:
 
     def __init__(self, endpoint: str, rank: int) -> None:
         self.rank = rank
-        self._socket = zmq.Context.instance().socket(zmq.DEALER)
+        self._socket: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._socket.setsockopt(zmq.LINGER, 500)
         self._socket.connect(endpoint)
 

@@ -51,7 +51,7 @@ class ShardedEngine(MlxEngine):
         self.spec = spec
         self._leader: Leader | None = None
         self._lost_reason: str | None = None
-        self._lost_event: asyncio.Event | None = None
+        self._lost_event = asyncio.Event()  # bound to the loop that first waits on it
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- loss ------------------------------------------------------------------------------
@@ -62,14 +62,13 @@ class ShardedEngine(MlxEngine):
 
     async def wait_lost(self) -> str:
         """Return (the reason) once the instance has lost a rank."""
-        assert self._lost_event is not None, "load() first"
         await self._lost_event.wait()
         assert self._lost_reason is not None
         return self._lost_reason
 
     def _on_lost(self, reason: str) -> None:  # on the leader thread
         self._lost_reason = reason
-        if self._loop is not None and self._lost_event is not None:
+        if self._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                 self._loop.call_soon_threadsafe(self._lost_event.set)
 
@@ -82,7 +81,6 @@ class ShardedEngine(MlxEngine):
         if self._model is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._lost_event = asyncio.Event()
         if self._leader is None:
             try:
                 self._leader = Leader(
@@ -154,7 +152,11 @@ class ShardedEngine(MlxEngine):
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
         report("ready", 1.0)
         self._log.info(
-            "shard.ready", rank=0, ranks=self.spec.size, sharding=self.spec.sharding.value, layers=local_layers
+            "shard.ready",
+            rank=0,
+            ranks=self.spec.size,
+            sharding=self.spec.sharding.value,
+            layers=local_layers,
         )
 
     # ---- run -------------------------------------------------------------------------------
@@ -165,7 +167,6 @@ class ShardedEngine(MlxEngine):
         if isinstance(params, TextGenerationParams) and params.seed is None:
             # Every rank samples with this seed's key, so a sampled token is the same everywhere.
             params = msgspec.structs.replace(params, seed=secrets.randbits(62))
-        assert self._lost_event is not None, "load() first"
         running = asyncio.ensure_future(super().run(params, on_text, cancel))
         lost = asyncio.ensure_future(self._lost_event.wait())
         try:

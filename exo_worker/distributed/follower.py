@@ -75,7 +75,9 @@ class _MlxWork:
                 assert mirror is not None, f"{type(command).__name__} before Start"
                 mirror.apply(command)  # type: ignore[arg-type]
         except Exception as exc:  # the ring, the loader and lockstep checks raise many kinds
-            self.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            self.error = (
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            )
             log.error("shard.rank_failed", rank=self._spec.rank, error=self.error)
         finally:
             if mirror is not None and self.error is None:
@@ -122,7 +124,9 @@ def run_follower(model_path: str, spec: ShardSpec) -> int:
                 log.error("shard.rank_lost", rank=spec.rank, reason="rank 0 never answered")
                 return EXIT_RANK_LOST
             if last_seen is not None and now - last_seen > spec.loss_timeout:
-                log.error("shard.rank_lost", rank=spec.rank, reason=f"rank 0 silent for {now - last_seen:.1f} s")
+                log.error(
+                    "shard.rank_lost", rank=spec.rank, reason=f"rank 0 silent for {now - last_seen:.1f} s"
+                )
                 return EXIT_RANK_LOST
     finally:
         link.close()

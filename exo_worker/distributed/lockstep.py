@@ -148,7 +148,11 @@ class ShardedBatchScheduler(BatchScheduler):
         self._send = send
         self._on_failure = on_failure
         super().__init__(
-            model, tokenizer, max_batch=max_batch, prompt_cache=prompt_cache, default_sampling=default_sampling
+            model,
+            tokenizer,
+            max_batch=max_batch,
+            prompt_cache=prompt_cache,
+            default_sampling=default_sampling,
         )
 
     def _new_generator(self) -> Any:
@@ -194,7 +198,9 @@ class Mirror:
         elif isinstance(command, CacheInsert):
             cache = self._held.pop(tuple(command.tokens), None)
             if cache is None:
-                raise LockstepError(f"rank 0 cached a sequence of {len(command.tokens)} tokens this rank lacks")
+                raise LockstepError(
+                    f"rank 0 cached a sequence of {len(command.tokens)} tokens this rank lacks"
+                )
             self.prompt_cache.insert(command.tokens, cache)
         elif isinstance(command, Reset):
             self._generator.close()

@@ -18,7 +18,7 @@ from protocol.sharding import Sharding
 
 
 def parse_hosts(text: str) -> tuple[str, ...]:
-    """"h0:p0,h1:p1,..." -> addresses in rank order. ValueError with one readable line when malformed."""
+    """ "h0:p0,h1:p1,..." -> addresses in rank order. ValueError with one readable line when malformed."""
     hosts = tuple(part.strip() for part in text.split(",") if part.strip())
     if len(hosts) < 2:
         raise ValueError(f"a sharded instance needs at least 2 ring addresses HOST:PORT, got {text!r}")
@@ -97,5 +97,7 @@ def init_group(spec: ShardSpec) -> Any:
     finally:
         os.unlink(f.name)
     if group.size() != spec.size or group.rank() != spec.rank:
-        raise RuntimeError(f"the ring came up as rank {group.rank()} of {group.size()}, not {spec.rank} of {spec.size}")
+        raise RuntimeError(
+            f"the ring came up as rank {group.rank()} of {group.size()}, not {spec.rank} of {spec.size}"
+        )
     return group

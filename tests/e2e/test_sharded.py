@@ -1,0 +1,168 @@
+"""One instance over several rank processes (MLX ring on loopback), on tiny offline llamas.
+
+- the greedy answers of a tensor-sharded (3 ranks) and a pipeline-sharded (2 ranks) instance equal
+  the single-node answers, with the prompts batched together;
+- through a master: a cancelled stream frees every rank (the next answer is still exact), and a
+  rank killed mid-stream ends the stream with a clean error while every other rank exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from exo_master.devtools.launcher import free_port
+from exo_worker.mlx_engine import MlxEngine
+from protocol.ids import ModelId
+from protocol.messages import ChatMessage, TextGenerationParams
+from tests.e2e.conftest import ClusterFactory
+from tests.support.tiny_model import build_tiny_model
+
+pytestmark = [pytest.mark.e2e, pytest.mark.mlx]
+
+PROMPTS = ["What is the capital of France?", "Hello, world!", "Small models are fast"]
+EXIT_RANK_LOST = 3
+
+
+@pytest.fixture(scope="module")
+def tiny3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 heads, 3 KV heads, intermediate 192: splits 3 ways by tensor; 3 layers."""
+    shape = {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96}
+    return build_tiny_model(
+        tmp_path_factory.mktemp("tiny3") / "tiny3",
+        whole_characters=True,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        **shape,
+    )
+
+
+def single_node(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
+    engine = MlxEngine(model, max_batch=4, prompt_cache_bytes=0)
+
+    async def answer(prompt: str) -> str:
+        pieces: list[str] = []
+        params = TextGenerationParams(
+            model=ModelId("m"),
+            messages=(ChatMessage(role="user", content=prompt),),
+            max_tokens=max_tokens,
+            temperature=0.0,
+        )
+        await engine.run(params, pieces.append, threading.Event())
+        return "".join(pieces)
+
+    async def main() -> list[str]:
+        await engine.load()
+        return [await answer(p) for p in prompts]
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.close()
+
+
+def ring(k: int) -> tuple[list[str], str]:
+    hosts = ",".join(f"127.0.0.1:{free_port()}" for _ in range(k))
+    return ["--hosts", hosts, "--control", f"127.0.0.1:{free_port()}"], hosts
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:  # only ours, by PID
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def sharded_answers(
+    processes: list[subprocess.Popen[bytes]], model: Path, sharding: str, k: int, max_tokens: int
+) -> list[str]:
+    args, _ = ring(k)
+    common = [sys.executable, "-m", "exo_worker.distributed.generate", "--model", str(model), *args]
+    common += ["--sharding", sharding, "--loss-timeout", "5", "--join-timeout", "120"]
+    for rank in range(1, k):
+        processes.append(subprocess.Popen([*common, "--rank", str(rank)], stderr=subprocess.DEVNULL))
+    prompts = [a for p in PROMPTS for a in ("--prompt", p)]
+    lead = subprocess.run(
+        [*common, "--rank", "0", *prompts, "--max-tokens", str(max_tokens), "--concurrent"],
+        capture_output=True,
+        timeout=180,
+        check=False,
+    )
+    assert lead.returncode == 0, lead.stderr.decode()[-2000:]
+    lines = [json.loads(line) for line in lead.stdout.decode().splitlines()]
+    for follower in processes:  # rank 0 closed the instance: every follower ends, cleanly
+        assert follower.wait(timeout=15) == 0
+    return [line["text"] for line in lines if "text" in line]
+
+
+def test_tensor_parallel_three_ways_answers_like_one_node(
+    tiny3_dir: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    expected = single_node(tiny3_dir, PROMPTS, 12)
+    assert all(expected)
+    assert sharded_answers(processes, tiny3_dir, "tensor", 3, 12) == expected
+
+
+def test_pipeline_two_ways_answers_like_one_node(
+    tiny_model_dir: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    expected = single_node(tiny_model_dir, PROMPTS, 12)
+    assert sharded_answers(processes, tiny_model_dir, "pipeline", 2, 12) == expected
+
+
+def test_cancel_frees_every_rank_and_a_killed_rank_ends_the_instance(
+    start_cluster: ClusterFactory, tiny3_dir: Path, processes: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    expected = single_node(tiny3_dir, PROMPTS[:1], 12)[0]
+    cluster = start_cluster(workers=0, engine="mlx", model=str(tiny3_dir), max_concurrency=4)
+    _, hosts = ring(3)
+    flags = ["--shard-hosts", hosts, "--sharding", "tensor", "--shard-timeout", "3"]
+    for rank in (1, 2):
+        log = (tmp_path / f"rank{rank}.log").open("wb")
+        cmd = [sys.executable, "-m", "exo_worker.daemon", "--engine", "mlx", "--model", str(tiny3_dir)]
+        processes.append(subprocess.Popen([*cmd, "--shard-rank", str(rank), *flags], stdout=log, stderr=log))
+    lead = cluster.start_worker("node1", extra_args=["--shard-rank", "0", *flags])
+    cluster.wait_ready(1, timeout=120)
+
+    url = f"{cluster.api_url}/v1/chat/completions"
+    body = {
+        "model": tiny3_dir.name,
+        "messages": [{"role": "user", "content": PROMPTS[0]}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    assert httpx.post(url, json=body, timeout=60).json()["choices"][0]["message"]["content"] == expected
+
+    # A stream closed mid-way is cancelled: rank 0 removes it from its batch and so must every
+    # follower, or the next step's collectives would not match (a hang or an error).
+    long = {**body, "max_tokens": 1500, "stream": True}
+    with httpx.stream("POST", url, json=long, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    again = httpx.post(url, json=body, timeout=60)
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == expected
+
+    # kill -9 one follower mid-stream: the client gets an error event, every other rank exits.
+    with httpx.stream("POST", url, json=long, timeout=60) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+        processes[0].kill()
+        killed = time.monotonic()
+        rest = [line for line in lines if line]
+    assert rest[-1] == "data: [DONE]"
+    assert '"error"' in rest[-2] and "lost" in rest[-2]
+    assert time.monotonic() - killed < 10
+    assert processes[1].wait(timeout=10) == EXIT_RANK_LOST
+    assert lead.wait(timeout=10) == EXIT_RANK_LOST
