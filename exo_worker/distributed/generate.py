@@ -25,6 +25,7 @@ from exo_worker.distributed.topology import ShardSpec, parse_hosts
 from exo_worker.engine import EngineError, ModelLoadError
 from exo_worker.mlx_engine import MlxEngine
 from protocol.ids import ModelId
+from protocol.logs import LogFormat, configure_logging
 from protocol.messages import ChatMessage, TextGenerationParams
 from protocol.sharding import Sharding
 
@@ -95,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--max-batch", type=int, default=4)
     parser.add_argument("--concurrent", action="store_true")
+    parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
+    configure_logging(LogFormat.AUTO, args.log_level)  # to stderr: stdout carries the answers
 
     from exo_worker.models import resolve_model
 

@@ -1,9 +1,11 @@
 """One instance over several rank processes (MLX ring on loopback), on tiny offline llamas.
 
-- the greedy answers of a tensor-sharded (3 ranks) and a pipeline-sharded (2 ranks) instance equal
-  the single-node answers, with the prompts batched together;
-- through a master: a cancelled stream frees every rank (the next answer is still exact), and a
-  rank killed mid-stream ends the stream with a clean error while every other rank exits.
+- the greedy answers of a tensor-sharded instance (3 ranks, the prompts batched together) equal the
+  single-node answers;
+- through a master, a pipeline-sharded instance (3 ranks, a layer each) answers like one node; a
+  cancelled stream frees every rank (the next answer is still exact); a rank killed mid-stream ends
+  the stream with a clean error and every other rank exits.
+SmolLM2 (tensor 3, pipeline 2) is compared the same way by scripts/bench_sharding.py (make bench).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from tests.support.tiny_model import build_tiny_model
 pytestmark = [pytest.mark.e2e, pytest.mark.mlx]
 
 PROMPTS = ["What is the capital of France?", "Hello, world!", "Small models are fast"]
-EXIT_RANK_LOST = 3
+EXIT_RANK_LOST, EXIT_RANK_FAILED = 3, 4
 
 
 @pytest.fixture(scope="module")
@@ -115,20 +117,13 @@ def test_tensor_parallel_three_ways_answers_like_one_node(
     assert sharded_answers(processes, tiny3_dir, "tensor", 3, 12) == expected
 
 
-def test_pipeline_two_ways_answers_like_one_node(
-    tiny_model_dir: Path, processes: list[subprocess.Popen[bytes]]
-) -> None:
-    expected = single_node(tiny_model_dir, PROMPTS, 12)
-    assert sharded_answers(processes, tiny_model_dir, "pipeline", 2, 12) == expected
-
-
-def test_cancel_frees_every_rank_and_a_killed_rank_ends_the_instance(
+def test_pipeline_three_ways_through_the_master_cancels_and_survives_nothing_when_a_rank_dies(
     start_cluster: ClusterFactory, tiny3_dir: Path, processes: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
     expected = single_node(tiny3_dir, PROMPTS[:1], 12)[0]
     cluster = start_cluster(workers=0, engine="mlx", model=str(tiny3_dir), max_concurrency=4)
     _, hosts = ring(3)
-    flags = ["--shard-hosts", hosts, "--sharding", "tensor", "--shard-timeout", "3"]
+    flags = ["--shard-hosts", hosts, "--sharding", "pipeline", "--shard-timeout", "3"]  # a layer each
     for rank in (1, 2):
         log = (tmp_path / f"rank{rank}.log").open("wb")
         cmd = [sys.executable, "-m", "exo_worker.daemon", "--engine", "mlx", "--model", str(tiny3_dir)]
@@ -164,5 +159,6 @@ def test_cancel_frees_every_rank_and_a_killed_rank_ends_the_instance(
     assert rest[-1] == "data: [DONE]"
     assert '"error"' in rest[-2] and "lost" in rest[-2]
     assert time.monotonic() - killed < 10
-    assert processes[1].wait(timeout=10) == EXIT_RANK_LOST
+    # The other follower is told to abort, unless its own collective failed first.
+    assert processes[1].wait(timeout=10) in {EXIT_RANK_LOST, EXIT_RANK_FAILED}
     assert lead.wait(timeout=10) == EXIT_RANK_LOST
