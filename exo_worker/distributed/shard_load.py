@@ -35,8 +35,9 @@ def _stage_class() -> type:
     class PipelineStage(nn.Module):
         """Layers [start, end) of a Llama-family model; activations flow from rank r to rank r+1."""
 
-        def __init__(self, inner: Any, group: Any, start: int, end: int) -> None:
+        def __init__(self, inner: Any, group: Any, start: int, end: int, recv_dtype: Any) -> None:
             super().__init__()
+            self.recv_dtype = recv_dtype  # what the previous stage's layers output
             self.embed_tokens = inner.embed_tokens
             self.norm = inner.norm
             self.layers = inner.layers[start:end]
@@ -50,8 +51,8 @@ def _stage_class() -> type:
             if cache is None:
                 cache = [None] * len(self.layers)
             mask = create_attention_mask(h, cache[0])
-            if self.rank > 0:  # the previous stage's output; `h` only gives the shape and dtype
-                h = mx.distributed.recv_like(h, self.rank - 1, group=self.group)
+            if self.rank > 0:  # the previous stage's output, of the embedding's shape
+                h = mx.distributed.recv(h.shape, self.recv_dtype, self.rank - 1, group=self.group)
             for layer, layer_cache in zip(self.layers, cache, strict=True):
                 h = layer(h, mask, cache=layer_cache)
             if self.rank < self.size - 1:
@@ -78,6 +79,21 @@ def check_pipeline_model(model: Any) -> None:
         raise ModelLoadError("pipeline sharding does not support sliding-window attention layers yet")
 
 
+def _boundary_dtype(inner: Any, start: int) -> Any:
+    """The dtype of the hidden state entering layer `start` (what the previous rank sends).
+
+    It is not the embedding's: e.g. SmolLM2's fp16 embedding meets fp32 norm weights in the first
+    layer, so every layer outputs fp32. MLX is lazy, so running the earlier layers on a dummy token
+    only builds a graph: its dtype is known without computing (or reading) anything.
+    """
+    import mlx.core as mx
+
+    h = inner.embed_tokens(mx.zeros((1, 1), dtype=mx.int32))
+    for layer in inner.layers[:start]:
+        h = layer(h, None, cache=None)
+    return h.dtype
+
+
 def load_shard(path: str, spec: ShardSpec, group: Any) -> tuple[Any, Any, int]:
     """This rank's (model, tokenizer, number of local layers). Every rank must call it together."""
     import mlx.core as mx
@@ -96,7 +112,7 @@ def load_shard(path: str, spec: ShardSpec, group: Any) -> tuple[Any, Any, int]:
     model, config = load_model(Path(path), lazy=True)
     check_pipeline_model(model)
     start, end = spec.layer_range(len(model.model.layers))
-    model.model = _stage_class()(model.model, group, start, end)
+    model.model = _stage_class()(model.model, group, start, end, _boundary_dtype(model.model, start))
     mx.eval(model.parameters())  # reads this rank's layers only: the others are gone
     tokenizer = load_tokenizer(Path(path), eos_token_ids=config.get("eos_token_id"))
     # Every rank has its weights before the first step (a rank still loading would stall a step).
