@@ -37,15 +37,26 @@ EXIT_RANK_LOST, EXIT_RANK_FAILED = 3, 4
 
 @pytest.fixture(scope="module")
 def tiny3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 heads, 3 KV heads, intermediate 192: splits 3 ways by tensor; 3 layers."""
+    """6 heads, 3 KV heads, intermediate 192: splits 3 ways by tensor; 3 layers.
+
+    Its embedding is stored in float16 (the rest float32), like SmolLM2's quantized one: the
+    hidden state entering a layer is then not of the embedding's dtype, which a pipeline stage
+    receiving activations must get right."""
+    import mlx.core as mx
+
     shape = {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96}
-    return build_tiny_model(
+    directory = build_tiny_model(
         tmp_path_factory.mktemp("tiny3") / "tiny3",
         whole_characters=True,
         intermediate_size=192,
         num_hidden_layers=3,
         **shape,
     )
+    weights = mx.load(str(directory / "model.safetensors"))
+    assert isinstance(weights, dict)
+    weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"].astype(mx.float16)
+    mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
+    return directory
 
 
 def single_node(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
