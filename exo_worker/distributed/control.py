@@ -44,8 +44,16 @@ class Hello(msgspec.Struct, frozen=True, tag="hello"):
 
 
 class Start(msgspec.Struct, frozen=True, tag="start"):
+    """The batch settings every rank must share: its BatchGenerator's, and the prompt-cache budget."""
+
     max_batch: int
     cache_bytes_per_layer: int
+    # rank 0's BatchGenerator settings (0 / None: the library's default), so a follower's generator
+    # prefills in the same chunks and batches as rank 0's whatever rank 0's scheduler chose.
+    completion_batch_size: int = 0
+    prefill_batch_size: int = 0
+    prefill_step_size: int = 0
+    max_kv_size: int | None = None
 
 
 class Beat(msgspec.Struct, frozen=True, tag="beat"):

@@ -26,7 +26,7 @@ import msgspec
 
 from exo_worker import sampling_defaults
 from exo_worker.batch_scheduler import one_line
-from exo_worker.distributed.control import Leader, Start, Warmup
+from exo_worker.distributed.control import Leader, Warmup
 from exo_worker.distributed.lockstep import BroadcastingPromptCache, ShardedBatchScheduler, warm_up
 from exo_worker.distributed.shard_load import load_shard
 from exo_worker.distributed.topology import ShardSpec, init_group
@@ -127,10 +127,6 @@ class ShardedEngine(MlxEngine):
             if not getattr(tokenizer, "has_chat_template", False):
                 raise ModelLoadError(f"cannot load model {self._source}: its tokenizer has no chat_template")
             per_layer = self._cache_bytes // max(1, local_layers)
-            leader.send(Start(max_batch=self._max_batch, cache_bytes_per_layer=per_layer))
-            report("warming up", 0.8)
-            leader.send(Warmup())
-            warm_up(model, tokenizer)
             prompt_cache = BroadcastingPromptCache(per_layer * local_layers, leader.send)
             scheduler = ShardedBatchScheduler(
                 model,
@@ -141,6 +137,10 @@ class ShardedEngine(MlxEngine):
                 on_failure=lambda exc: leader.lose(f"a step failed on rank 0: {one_line(exc)}"),
                 default_sampling=sampling_defaults.for_model(self._source),
             )
+            leader.send(scheduler.start(per_layer))
+            report("warming up", 0.8)
+            leader.send(Warmup())
+            warm_up(model, tokenizer)
         except ModelLoadError:
             leader.lose("rank 0 could not load")
             raise

@@ -49,14 +49,26 @@ class LockstepError(RuntimeError):
     """A follower's state does not match rank 0's: the instance cannot go on."""
 
 
-def new_generator(model: Any, tokenizer: Any, max_batch: int) -> Any:
-    """The BatchGenerator of a sharded instance, built alike on every rank (as BatchScheduler's)."""
+def generator_settings(generator: Any) -> dict[str, Any]:
+    """The settings of rank 0's BatchGenerator that a follower's must copy (for `Start`)."""
+    return {
+        "completion_batch_size": generator.completion_batch_size,
+        "prefill_batch_size": generator.prefill_batch_size,
+        "prefill_step_size": generator.prefill_step_size,
+        "max_kv_size": generator.max_kv_size,
+    }
+
+
+def follower_generator(model: Any, tokenizer: Any, start: Start) -> Any:
+    """A follower's BatchGenerator: rank 0's settings (from `Start`), the same stop tokens."""
     from mlx_lm.generate import BatchGenerator
 
     eos = [[token] for token in sorted(tokenizer.eos_token_ids)]
-    return BatchGenerator(
-        model, stop_tokens=eos, completion_batch_size=max_batch, prefill_batch_size=max_batch
-    )
+    optional: dict[str, Any] = {"max_kv_size": start.max_kv_size}
+    for name in ("completion_batch_size", "prefill_batch_size", "prefill_step_size"):
+        if getattr(start, name):
+            optional[name] = getattr(start, name)
+    return BatchGenerator(model, stop_tokens=eos, **optional)
 
 
 def warm_up(model: Any, tokenizer: Any) -> None:
@@ -73,7 +85,7 @@ class BroadcastingGenerator:
     """A BatchGenerator that tells the followers about every operation, in order."""
 
     def __init__(self, inner: Any, send: Send, on_failure: Callable[[BaseException], None]) -> None:
-        self._inner = inner
+        self.inner = inner
         self._send = send
         self._on_failure = on_failure
         self.pending: sampling_defaults.Sampling | None = None  # set by the scheduler's admit()
@@ -88,7 +100,7 @@ class BroadcastingGenerator:
         samplers: list[Any],
     ) -> list[int]:
         assert len(prompts) == 1 and self.pending is not None, "one admission at a time"
-        uids: list[int] = self._inner.insert(
+        uids: list[int] = self.inner.insert(
             prompts, max_tokens=max_tokens, caches=caches, all_tokens=all_tokens, samplers=samplers
         )
         self._send(
@@ -107,18 +119,18 @@ class BroadcastingGenerator:
     def next(self) -> Any:
         self._send(Step())  # first: the followers must enter the step's collectives too
         try:
-            return self._inner.next()
+            return self.inner.next()
         except Exception as exc:  # after a failed collective the ranks are out of step for good
             self._on_failure(exc)
             raise
 
     def remove(self, uids: list[int], return_prompt_caches: bool = False) -> Any:
         self._send(Remove(uids=list(uids), keep_cache=return_prompt_caches))
-        return self._inner.remove(uids, return_prompt_caches=return_prompt_caches)
+        return self.inner.remove(uids, return_prompt_caches=return_prompt_caches)
 
     def close(self) -> None:
         self._send(Reset())
-        self._inner.close()
+        self.inner.close()
 
 
 class BroadcastingPromptCache(PromptCache):
@@ -156,8 +168,14 @@ class ShardedBatchScheduler(BatchScheduler):
         )
 
     def _new_generator(self) -> Any:
-        inner = new_generator(self._model, self._tokenizer, self.max_batch)
-        return BroadcastingGenerator(inner, self._send, self._on_failure)
+        # The base class builds the generator (its settings are the scheduler's business); the
+        # followers copy them from `start()`.
+        return BroadcastingGenerator(super()._new_generator(), self._send, self._on_failure)
+
+    def start(self, cache_bytes_per_layer: int) -> Start:
+        """The `Start` message that makes a follower's batch like this one."""
+        settings = generator_settings(self._generator.inner)
+        return Start(max_batch=self.max_batch, cache_bytes_per_layer=cache_bytes_per_layer, **settings)
 
     def admit(self, request: GenRequest) -> None:
         generator: BroadcastingGenerator = self._generator
@@ -178,9 +196,9 @@ class Mirror:
     def __init__(self, model: Any, tokenizer: Any, start: Start, local_layers: int) -> None:
         self._model = model
         self._tokenizer = tokenizer
-        self._max_batch = start.max_batch
+        self._start = start
         self.prompt_cache = PromptCache(start.cache_bytes_per_layer * local_layers)
-        self._generator = new_generator(model, tokenizer, start.max_batch)
+        self._generator = follower_generator(model, tokenizer, start)
         # KV caches of sequences that left the batch in the last step or removal, by their tokens:
         # rank 0 says which of them go into the prompt cache (CacheInsert), in its order.
         self._held: dict[tuple[int, ...], Any] = {}
@@ -204,7 +222,7 @@ class Mirror:
             self.prompt_cache.insert(command.tokens, cache)
         elif isinstance(command, Reset):
             self._generator.close()
-            self._generator = new_generator(self._model, self._tokenizer, self._max_batch)
+            self._generator = follower_generator(self._model, self._tokenizer, self._start)
             self._held.clear()
         elif isinstance(command, Warmup):
             warm_up(self._model, self._tokenizer)

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from exo_worker import sampling_defaults
-from exo_worker.distributed.control import Message, Start
+from exo_worker.distributed.control import Message
 from exo_worker.distributed.lockstep import BroadcastingPromptCache, Mirror, ShardedBatchScheduler
 from exo_worker.engine import ProgressSink
 from exo_worker.mlx_engine import MlxEngine
@@ -47,9 +47,6 @@ class MirroredEngine(MlxEngine):
 
         model, tokenizer = mlx_lm.load(self._source)[:2]
         layers = len(model.layers)
-        self.mirror = Mirror(
-            model, tokenizer, Start(max_batch=3, cache_bytes_per_layer=BUDGET_PER_LAYER), layers
-        )
         prompt_cache = BroadcastingPromptCache(BUDGET_PER_LAYER * layers, self._send)
         scheduler = ShardedBatchScheduler(
             model,
@@ -60,6 +57,7 @@ class MirroredEngine(MlxEngine):
             on_failure=self.failures.append,
             default_sampling=sampling_defaults.CONSERVATIVE,
         )
+        self.mirror = Mirror(model, tokenizer, scheduler.start(BUDGET_PER_LAYER), layers)
         assert self._thread is not None
         self._thread.attach(scheduler)
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
