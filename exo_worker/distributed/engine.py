@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 import msgspec
+import zmq
 
 from exo_worker import sampling_defaults
 from exo_worker.batch_scheduler import one_line
@@ -84,9 +85,9 @@ class ShardedEngine(MlxEngine):
         if self._leader is None:
             try:
                 self._leader = Leader(
-                    self.spec.control_endpoint, self.spec.size, self.spec.loss_timeout, self._on_lost
+                    self.spec.control_bind, self.spec.size, self.spec.loss_timeout, self._on_lost
                 )
-            except Exception as exc:  # zmq.ZMQError: the control port is taken or not ours
+            except (OSError, zmq.ZMQError) as exc:  # the port is taken, the host is not ours or unknown
                 raise ModelLoadError(f"cannot listen on {self.spec.control_endpoint}: {exc}") from exc
         loading = asyncio.ensure_future(super().load(progress))
         lost = asyncio.ensure_future(self._lost_event.wait())

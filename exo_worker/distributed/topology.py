@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -66,6 +67,12 @@ class ShardSpec:
             return f"tcp://{self.control}"
         host, _, port = self.hosts[0].rpartition(":")
         return f"tcp://{host}:{int(port) + 1}"
+
+    @property
+    def control_bind(self) -> str:
+        """Where rank 0 binds: the control endpoint with its host resolved (ZeroMQ binds addresses)."""
+        host, _, port = self.control_endpoint.removeprefix("tcp://").rpartition(":")
+        return f"tcp://{socket.gethostbyname(host)}:{port}"
 
     def layer_range(self, num_layers: int) -> tuple[int, int]:
         """This rank's pipeline layers [start, end)."""
