@@ -169,3 +169,28 @@ def test_a_failed_follower_ends_the_instance_and_a_missing_one_times_out() -> No
         assert lost.wait(5) and "rank 1 failed" in (lead.lost or "")
     finally:
         lead.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [
+        (["--shard-rank", "1"], "--shard-rank and --shard-hosts go together"),
+        (["--shard-rank", "1", "--shard-hosts", "a:1"], "at least 2"),
+        (["--shard-rank", "5", "--shard-hosts", "a:1,b:2"], "outside"),
+        (["--master", "h:1", "--shard-rank", "0", "--shard-hosts", "a:1,b:2"], "--engine mlx"),
+        ([], "--master is required"),
+    ],
+)
+def test_bad_shard_flags_are_usage_errors(args: list[str], why: str) -> None:
+    import structlog
+    from typer.testing import CliRunner
+
+    from exo_worker.daemon import app
+
+    saved = structlog.get_config()
+    try:
+        result = CliRunner().invoke(app, args)
+    finally:
+        structlog.configure(**saved)
+    assert result.exit_code == 2, result.output
+    assert why in " ".join(result.output.replace("│", " ").split())  # unwrap typer's error panel
