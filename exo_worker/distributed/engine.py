@@ -92,14 +92,18 @@ class ShardedEngine(MlxEngine):
         loading = asyncio.ensure_future(super().load(progress))
         lost = asyncio.ensure_future(self._lost_event.wait())
         try:
-            await asyncio.wait({loading, lost}, return_when=asyncio.FIRST_COMPLETED)
+            timeout = self.spec.load_timeout
+            await asyncio.wait({loading, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not loading.done() and self._lost_reason is None:
+                self._leader.lose(f"the sharded load did not finish within {timeout:.0f} s")
+                await asyncio.wait({lost}, timeout=5)  # the leader thread declares it at once
         finally:
             lost.cancel()
             if not loading.done():
                 loading.cancel()
                 loading.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if self._lost_reason is not None:
-            raise ModelLoadError(f"sharded load failed: {self._lost_reason}")
+        if self._lost_reason is not None or loading.cancelled():
+            raise ModelLoadError(f"sharded load failed: {self._lost_reason or 'timed out'}")
         loading.result()
 
     def _load_blocking(self, report: ProgressSink) -> None:

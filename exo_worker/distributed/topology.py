@@ -46,15 +46,18 @@ class ShardSpec:
     split: tuple[int, ...] = ()  # pipeline: layers per rank; () = even
     # A rank silent this long is lost (heartbeats go every tenth of it).
     loss_timeout: float = 10.0
-    # How long rank 0 waits for every follower to join (their model load included).
+    # How long rank 0 waits for every follower to say hello (a follower, for rank 0's first word).
     join_timeout: float = 300.0
+    # How long rank 0's load may take in all (the ring's set-up, every rank's weights, warm-up):
+    # a ring that never comes up (a firewall, a wrong address) fails the load instead of hanging.
+    load_timeout: float = 900.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < len(self.hosts):
             raise ValueError(f"rank {self.rank} is outside 0..{len(self.hosts) - 1}")
         if self.split and (len(self.split) != len(self.hosts) or min(self.split) < 1):
             raise ValueError(f"the layer split {list(self.split)} needs {len(self.hosts)} counts >= 1")
-        if self.loss_timeout <= 0 or self.join_timeout <= 0:
+        if min(self.loss_timeout, self.join_timeout, self.load_timeout) <= 0:
             raise ValueError("timeouts must be > 0")
 
     @property
