@@ -102,7 +102,7 @@ class ShardedEngine(MlxEngine):
             if not loading.done():
                 loading.cancel()
                 loading.add_done_callback(lambda t: t.cancelled() or t.exception())
-        if self._lost_reason is not None or loading.cancelled():
+        if self._lost_reason is not None or not loading.done():
             raise ModelLoadError(f"sharded load failed: {self._lost_reason or 'timed out'}")
         loading.result()
 
