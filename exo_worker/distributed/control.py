@@ -213,13 +213,8 @@ class Leader:
                 events = dict(poller.poll(timeout=int(interval * 1000)))
                 if self._router in events:
                     self._receive()
-                if self._inbox in events:
-                    while True:
-                        try:
-                            frame = self._inbox.recv(zmq.NOBLOCK)
-                        except zmq.Again:
-                            break
-                        self._forward(frame)
+                if self._inbox in events or self._stop.is_set():  # at the stop: what was sent before it
+                    self._drain_inbox()
                 if self._stop.is_set():
                     break
                 now = time.monotonic()
@@ -230,6 +225,14 @@ class Leader:
         finally:
             self._router.close(linger=500)  # a last Close / Abort gets its chance to leave
             self._inbox.close(linger=0)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                frame = self._inbox.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._forward(frame)
 
     def _receive(self) -> None:
         while True:
