@@ -102,6 +102,8 @@ class ShardedEngine(MlxEngine):
             if not loading.done():
                 loading.cancel()
                 loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+        if loading.done() and not loading.cancelled() and loading.exception() is not None:
+            loading.result()  # rank 0's own load error says more than the loss it caused
         if self._lost_reason is not None or not loading.done():
             raise ModelLoadError(f"sharded load failed: {self._lost_reason or 'timed out'}")
         loading.result()
