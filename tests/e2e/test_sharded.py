@@ -173,3 +173,15 @@ def test_pipeline_three_ways_through_the_master_cancels_and_survives_nothing_whe
     # The other follower is told to abort, unless its own collective failed first.
     assert processes[1].wait(timeout=10) in {EXIT_RANK_LOST, EXIT_RANK_FAILED}
     assert lead.wait(timeout=10) == EXIT_RANK_LOST
+
+
+def test_a_rank_whose_peers_never_come_gives_up_in_bounded_time(tiny_model_dir: Path) -> None:
+    args, _ = ring(2)
+    common = [sys.executable, "-m", "exo_worker.distributed.generate", "--model", str(tiny_model_dir), *args]
+    common += ["--join-timeout", "1", "--sharding", "pipeline"]
+    lead = subprocess.run(
+        [*common, "--rank", "0", "--prompt", "hi"], capture_output=True, timeout=60, check=False
+    )
+    assert lead.returncode == 2 and "ranks [1] did not join within 1 s" in lead.stderr.decode()
+    follower = subprocess.run([*common, "--rank", "1"], capture_output=True, timeout=60, check=False)
+    assert follower.returncode == EXIT_RANK_LOST and "rank 0 never answered" in follower.stderr.decode()
