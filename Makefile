@@ -30,17 +30,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-# The placement core's decision cost (pure, in-process), then every end-to-end benchmark with real
-# processes on loopback next to sglang-router: docs/BENCHMARKS.md and bench/results/*.json.
 # A 30-minute mixed soak (cancels, disconnects, worker restarts, fake-node floods): RSS and fds of
 # every process every 15 s, in bench/results/soak.json and a table. Not part of make test.
 soak: $(STAMP)
 	nice -n 10 $(PY) scripts/soak.py --minutes $${SOAK_MINUTES:-30}
 
+# The placement core's decision cost (pure, in-process), then every end-to-end benchmark with real
+# processes on loopback next to sglang-router: docs/BENCHMARKS.md and bench/results/*.json; then one
+# node against 2- and 3-way shards of SmolLM2 (bench/results/sharding.json).
 bench: $(STAMP)
 	$(PIP) install --quiet -e '.[bench]'
 	$(PY) scripts/bench_placement.py
 	$(PY) scripts/bench_all.py
+	$(PY) scripts/bench_sharding.py
 
 # The whole thing on its built-in default: SmolLM2-135M-Instruct, a master and two MLX workers,
 # a demo burst, then serving on http://127.0.0.1:52415 until Ctrl-C. Other ports:

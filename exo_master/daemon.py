@@ -26,13 +26,13 @@ from exo_master.http.api import Api, build_app
 from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.http.bounds import ApiLimits
 from exo_master.http.connection_cap import ConnectionCap, default_max_connections, raise_nofile_limit
-from exo_master.http.inference_metrics import InferenceMetrics
-from exo_master.http.transport import coalescing_http_protocol
 from exo_master.http.dashboard import dashboard_routes
 from exo_master.http.events import EventHub
+from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.http.live_stats import LiveStats
 from exo_master.http.server import QuietServer, event_loop_factory
 from exo_master.http.server import bind_http as _bind_http  # a name tests replace
+from exo_master.http.transport import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
 from protocol.discovery import DEFAULT_CLUSTER, check_cluster
 from protocol.keys import KeyFileError

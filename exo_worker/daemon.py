@@ -14,12 +14,15 @@ it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worke
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import secrets
 import signal
 import socket
+import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, NoReturn
 
 import structlog
 import typer
@@ -27,6 +30,8 @@ import typer
 from exo_worker.bus import parse_master_address
 from exo_worker.bus_auth import load_client_curve
 from exo_worker.discover import find_master
+from exo_worker.distributed.cli import EXIT_SHARD_LOST, ShardedFactory, shard_spec
+from exo_worker.distributed.topology import ShardSpec
 from exo_worker.engine import ModelLoadError
 from exo_worker.engine_choice import (
     DEFAULT_MODEL,
@@ -39,6 +44,7 @@ from protocol.discovery import DiscoveryError, check_cluster
 from protocol.ids import NodeId
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
+from protocol.sharding import Sharding
 from protocol.version import version_line
 
 log = structlog.get_logger("exo_worker.daemon")
@@ -64,14 +70,25 @@ def _positive(value: float) -> float:
     return value
 
 
-async def _serve(daemon: WorkerDaemon) -> int:
+async def _serve(daemon: WorkerDaemon, lost: Callable[[], Coroutine[Any, Any, str]] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM, or until `lost` returns (a sharded instance lost a rank)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watch: asyncio.Task[str] | None = None
+    if lost is not None:
+        watch = asyncio.create_task(lost(), name="shard-lost")
+        watch.add_done_callback(lambda _: stop.set())
     try:
-        return await daemon.run(stop)
+        code = await daemon.run(stop)
+        if watch is not None and watch.done() and not watch.cancelled():
+            log.error("worker.shard_lost", reason=watch.result())
+            return EXIT_SHARD_LOST
+        return code
     finally:
+        if watch is not None:
+            watch.cancel()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
@@ -97,7 +114,10 @@ def serve(
             "--master",
             envvar="EXO_MASTER",
             show_default=False,
-            help="Master bus address HOST:BUS_PORT. Default: find the master on the LAN (mDNS).",
+            help=(
+                "Master bus address HOST:BUS_PORT. Default: find the master on the LAN (mDNS). "
+                "Not for --shard-rank > 0."
+            ),
         ),
     ] = None,
     cluster: Annotated[
@@ -186,6 +206,47 @@ def serve(
         Path | None,
         typer.Option("--master-key", envvar="EXO_MASTER_KEY", help="The master's public key (NAME.key)."),
     ] = None,
+    shard_rank: Annotated[
+        int | None,
+        typer.Option(
+            "--shard-rank",
+            envvar="EXO_SHARD_RANK",
+            min=0,
+            help="Preview: this worker is rank R of a sharded instance (0 talks to the master).",
+        ),
+    ] = None,
+    shard_hosts: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-hosts",
+            envvar="EXO_SHARD_HOSTS",
+            help="MLX ring addresses h0:p0,h1:p1,... (index = rank).",
+        ),
+    ] = None,
+    sharding: Annotated[Sharding, typer.Option("--sharding", envvar="EXO_SHARDING")] = Sharding.TENSOR,
+    shard_layers: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-layers", envvar="EXO_SHARD_LAYERS", help="Pipeline: layers per rank, e.g. 20,10."
+        ),
+    ] = None,
+    shard_control: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-control",
+            envvar="EXO_SHARD_CONTROL",
+            help="HOST:PORT of rank 0's control socket. Default: rank 0's ring port + 1.",
+        ),
+    ] = None,
+    shard_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shard-timeout",
+            envvar="EXO_SHARD_TIMEOUT",
+            callback=_positive,
+            help="Seconds of silence after which a rank counts as lost.",
+        ),
+    ] = 10.0,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
@@ -193,6 +254,14 @@ def serve(
 ) -> None:
     """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
     # Usage errors first: they are typer's to report, before logging is set up.
+    spec = shard_spec(shard_rank, shard_hosts, sharding, shard_layers, shard_control, shard_timeout)
+    if spec is not None and spec.rank > 0:
+        configure_logging(log_format, log_level)
+        _follow(model or DEFAULT_MODEL[EngineName.MLX], spec)
+    if spec is not None and (engine is not EngineName.MLX or instances != 1):
+        raise typer.BadParameter(
+            "a sharded worker runs --engine mlx with one instance", param_hint="--engine"
+        )
     try:
         address = parse_master_address(master) if master is not None else None
     except ValueError as exc:
@@ -237,6 +306,15 @@ def serve(
             max_concurrency=max_concurrency,
             prompt_cache_bytes=prompt_cache_bytes,
         )
+        if spec is not None:
+            from exo_worker.models import resolve_model
+
+            factory = sharded = ShardedFactory(
+                resolve_model(model_name),
+                spec,
+                max_batch=max_concurrency,
+                prompt_cache_bytes=prompt_cache_bytes,
+            )
     except ModelLoadError as exc:
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
@@ -268,7 +346,33 @@ def serve(
     except ModelLoadError as exc:  # an engine constructor may check its model path eagerly
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
-    raise typer.Exit(asyncio.run(_serve(daemon)))
+    if spec is None:
+        raise typer.Exit(asyncio.run(_serve(daemon)))
+    _lead(daemon, sharded)
+
+
+def _follow(model: str, spec: ShardSpec) -> NoReturn:
+    from exo_worker.distributed.follower import follower_main
+    from exo_worker.models import resolve_model
+
+    try:
+        path = resolve_model(model)
+    except ModelLoadError as exc:
+        log.error("worker.model_load_failed", model=model, error=str(exc))
+        raise typer.Exit(EXIT_MODEL_LOAD) from None
+    follower_main(path, spec)
+
+
+def _lead(daemon: WorkerDaemon, sharded: ShardedFactory) -> NoReturn:
+    """Rank 0: serve, then end the process the hard way when a rank was lost (see follower.py)."""
+    engine = sharded.engine
+    assert engine is not None
+    code = asyncio.run(_serve(daemon, engine.wait_lost))
+    if code != EXIT_SHARD_LOST:
+        sharded.close()  # tells the followers to close
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def main() -> None:

@@ -62,8 +62,13 @@ def _train_tokenizer() -> Tokenizer:
     return tokenizer
 
 
-def build_tiny_model(directory: Path) -> Path:
-    """Write a tiny llama into `directory` (created if missing) and return it."""
+def build_tiny_model(directory: Path, *, whole_characters: bool = False, **shape: int) -> Path:
+    """Write a tiny llama into `directory` (created if missing) and return it.
+
+    `shape` overrides config fields (e.g. num_attention_heads=6, num_key_value_heads=3,
+    hidden_size=96, intermediate_size=192 for a model that tensor-shards 3 ways).
+    `whole_characters`: the tokens that decode to part of a UTF-8 character get zeroed embeddings
+    too (so greedy never picks them), and the text streams as it is generated."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.models.llama import Model, ModelArgs
@@ -90,11 +95,17 @@ def build_tiny_model(directory: Path) -> Path:
         "tie_word_embeddings": True,
         "bos_token_id": bos_id,
         "eos_token_id": eos_id,
+        **shape,
     }
     mx.random.seed(SEED)
     model = Model(ModelArgs.from_dict(config))
     embedding = model.model.embed_tokens.weight
-    model.model.embed_tokens.weight = embedding * (mx.arange(vocab_size) != eos_id)[:, None]
+    never = [eos_id]
+    if whole_characters:
+        never += [i for i in range(vocab_size) if "\ufffd" in tokenizer.decode([i])]
+    keep = mx.ones((vocab_size,))
+    keep[mx.array(never)] = 0
+    model.model.embed_tokens.weight = embedding * keep[:, None]
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), weights, metadata={"format": "mlx"})
 
