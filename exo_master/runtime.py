@@ -29,9 +29,21 @@ from exo_master.core.events import (
     TaskRejected,
     WorkerEffect,
 )
+from exo_master.core.instances.desired import PlacementSpec
+from exo_master.core.instances.records import InstanceEvent
+from exo_master.core.instances.rule import Plan
 from protocol import codec
 from protocol.ids import TaskId
-from protocol.messages import AssignTask, CancelTask, FetchOutput, MasterHeartbeat, TaskAck, TaskParams
+from protocol.messages import (
+    AssignTask,
+    CancelTask,
+    FetchOutput,
+    LoadInstance,
+    MasterHeartbeat,
+    TaskAck,
+    TaskParams,
+    UnloadInstance,
+)
 
 log = structlog.get_logger("exo_master")
 # What msgspec raises for a value msgpack cannot hold (an int beyond 64 bits, an unsupported type).
@@ -135,6 +147,16 @@ class MasterRuntime:
     def tick(self) -> None:
         self._dispatch(self.core.tick(self.clock()))
 
+    def place_instances(self, spec: PlacementSpec) -> Plan:
+        result, effects = self.core.place_instances(spec, self.clock())
+        self._dispatch(effects)
+        return result
+
+    def delete_instances(self, placement_id: str) -> bool:
+        found, effects = self.core.delete_instances(placement_id, self.clock())
+        self._dispatch(effects)
+        return found
+
     # ---- outputs --------------------------------------------------------------------------------
 
     def _dispatch(self, effects: list[Effect]) -> None:
@@ -142,10 +164,25 @@ class MasterRuntime:
             for observe in self.effect_observers:
                 observe(effect)
             match effect:
-                case AssignTask() | CancelTask() | FetchOutput() | TaskAck():
+                case (
+                    AssignTask()
+                    | CancelTask()
+                    | FetchOutput()
+                    | TaskAck()
+                    | LoadInstance()
+                    | UnloadInstance()
+                ):
                     self._outbox.put_nowait((codec.node_topic(effect.node_id), effect))
                 case MasterHeartbeat():
                     self._outbox.put_nowait((codec.BROADCAST_TOPIC, effect))
+                case InstanceEvent():
+                    log.info(
+                        f"instance.{effect.what}",
+                        placement=effect.placement_id,
+                        instance_id=effect.instance_id or None,
+                        node_id=effect.node_id or None,
+                        detail=effect.detail or None,
+                    )
                 case _:
                     if isinstance(effect, TaskPlaced):
                         self._log_placement(effect)

@@ -12,15 +12,18 @@ import enum
 
 import msgspec
 
+from exo_master.core.instances.records import InstanceEvent
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
     CancelTask,
     FetchOutput,
     FinishReason,
+    LoadInstance,
     MasterHeartbeat,
     TaskAck,
     TaskParams,
+    UnloadInstance,
     Usage,
     WorkerMessage,
 )
@@ -110,5 +113,8 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
-WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck
-Effect = ClientEffect | WorkerEffect
+WorkerEffect = (
+    AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | LoadInstance | UnloadInstance
+)
+# InstanceEvent: a step of an instance's life (placed, loading, ready, draining...), for the log.
+Effect = ClientEffect | WorkerEffect | InstanceEvent

@@ -9,6 +9,7 @@ ineligible and displace tasks), then one `Scheduler.settle` that re-places and d
     tasks       TaskBook: every count that depends on a task's status, changed in one place
     scheduling  eligibility, candidate pools, placement, settling (re-place, drain, strand)
     reconcile   heartbeats: the worker's snapshot made true in the projection
+    instances/  where models live: desired placements, LoadInstance / UnloadInstance, healing
     liveness    silent nodes, instances that go away, unconfirmed assignments
     view        the read-only rows served on /v1/cluster/state
 """
@@ -30,6 +31,11 @@ from exo_master.core.events import (
     TaskQueued,
     TaskRejected,
 )
+from exo_master.core.instances.controller import InstanceController
+from exo_master.core.instances.core_side import SchedulerSide
+from exo_master.core.instances.desired import PlacementSpec
+from exo_master.core.instances.records import ControllerConfig
+from exo_master.core.instances.rule import Plan
 from exo_master.core.invariants import check_invariants
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
 from exo_master.core.liveness import Liveness
@@ -57,7 +63,7 @@ from protocol.messages import (
 
 
 class MasterCore:
-    def __init__(self, config: CoreConfig | None = None) -> None:
+    def __init__(self, config: CoreConfig | None = None, instances: ControllerConfig | None = None) -> None:
         self.config = config or CoreConfig()
         self.stats = CoreStats()
         self.state = ClusterState()
@@ -71,6 +77,9 @@ class MasterCore:
         self.reconciler = Reconciler(
             self.config, self.state, self.book, self.scheduler, self.liveness, self.output, self._out
         )
+        # Where models live (exo_master.core.instances): fed heartbeats and ticks, below.
+        side = SchedulerSide(self.state, self.book, self.scheduler)
+        self.instances = InstanceController(side, instances)
         self._next_heartbeat = float("-inf")
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -87,6 +96,8 @@ class MasterCore:
                 self.liveness.set_subscribed(event.node_id, False)
             case WorkerHeartbeat():
                 self.reconciler.heartbeat(event, now)
+                self.instances.heartbeat(event, now)
+                self._out.extend(self.instances.reconcile(now))
             case TaskAccepted():
                 self.liveness.seen(event.node_id, now)
                 self._accepted(event)
@@ -109,6 +120,7 @@ class MasterCore:
                 MasterHeartbeat(session=self.config.session, interval=self.config.heartbeat_interval)
             )
         self.liveness.check_nodes(now)
+        self._out.extend(self.instances.reconcile(now))
         expired = self.liveness.expire_unconfirmed(now)
         self.output.tick(now)
         self.scheduler.expire_waiting(now)
@@ -130,6 +142,21 @@ class MasterCore:
             self._out.append(assign_message(task))
             resend[task_id] = now + self.config.assign_resend
         return self._flush()
+
+    # ---- instance placement (the controller's commands, with their effects) ---------------------
+
+    def place_instances(self, spec: PlacementSpec, now: float) -> tuple[Plan, list[Effect]]:
+        """Place a model's replicas if they all fit (else the plan says why, per node)."""
+        result = self.instances.place(spec, now)
+        self._out.extend(self.instances.reconcile(now))
+        return result, self._flush()
+
+    def delete_instances(self, placement_id: str, now: float) -> tuple[bool, list[Effect]]:
+        """Drain and unload a placement's replicas; False when no such placement exists."""
+        found = self.instances.delete(placement_id, now)
+        self._out.extend(self.instances.reconcile(now))
+        self.scheduler.settle(now)
+        return found, self._flush()
 
     # ---- public queries (what the shells and tests may read) ------------------------------------
 

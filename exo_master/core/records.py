@@ -28,6 +28,7 @@ class InstanceRecord:
     completed: int = 0
     failed: int = 0
     retired: bool = False  # being removed: never eligible again
+    draining: bool = False  # being unloaded by the instance controller: finishes what it has
 
 
 @dataclass(slots=True)

@@ -70,6 +70,7 @@ class Scheduler:
             and node.subscribed
             and inst.status is InstanceStatus.READY
             and not inst.retired
+            and not inst.draining
         )
 
     def may_serve(self, inst: InstanceRecord, kind: TaskKind) -> bool:
@@ -78,6 +79,7 @@ class Scheduler:
             kind in inst.kinds
             and inst.status is not InstanceStatus.FAILED
             and not inst.retired
+            and not inst.draining
             and self.state.node_alive(inst)
         )
 

@@ -62,7 +62,7 @@ def build_view(
             node_id=inst.node_id,
             model=inst.model,
             kinds=[str(k) for k in inst.kinds],
-            status=str(inst.status) if state.node_alive(inst) else "dead",
+            status=("draining" if inst.draining else str(inst.status)) if state.node_alive(inst) else "dead",
             in_flight=len(inst.confirmed),
             pending=book.ledger.pending(inst.instance_id),
             queued=book.queues.depth_for_model(inst.model),
