@@ -26,7 +26,9 @@ from exo_master.http.auth import ApiKeyError, read_keys, secure_app
 from exo_master.http.bounds import ApiLimits
 from exo_master.http.fastpath import coalescing_http_protocol
 from exo_master.http.inference_metrics import InferenceMetrics
+from exo_master.http.instances import instance_routes
 from exo_master.runtime import MasterRuntime
+from exo_master.state_file import instance_config, restore_desired
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.version import version_line
@@ -102,6 +104,7 @@ async def serve(
     insecure: bool = False,
     api_keys: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
+    state_dir: Path | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken or unsafe (2)."""
     bus_host = bus_host or host
@@ -129,14 +132,25 @@ async def serve(
         )
         bus.close()
         return 2
-    runtime = MasterRuntime(MasterCore(config), bus)
+    runtime = MasterRuntime(MasterCore(config, instance_config(config)), bus)
+    save = restore_desired(runtime, state_dir)
+    if save is False:
+        bus.close()
+        http_socket.close()
+        return 2
     from exo_master.http.metrics import metrics_route
 
     limits = limits or ApiLimits()
     inference = InferenceMetrics()
     api = Api(runtime, limits, inference)
     app_ = secure_app(
-        build_app(runtime, extra_routes=[metrics_route(runtime, inference)], api=api), api_keys, cors_origins
+        build_app(
+            runtime,
+            extra_routes=[metrics_route(runtime, inference), *instance_routes(runtime, save)],
+            api=api,
+        ),
+        api_keys,
+        cors_origins,
     )
     if not api_keys and not is_loopback(host):
         log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
@@ -297,6 +311,12 @@ def run(
     cors_origin: list[str] = typer.Option(
         [], "--cors-origin", envvar="EXO_CORS_ORIGIN", help="Browser origin allowed by CORS (repeatable)."
     ),
+    state_dir: Path | None = typer.Option(
+        None,
+        "--state-dir",
+        envvar="EXO_STATE_DIR",
+        help="Keep the instance placements here (instances.json) and restore them on restart.",
+    ),
     session: str | None = typer.Option(
         None,
         envvar="EXO_SESSION",
@@ -350,6 +370,7 @@ def run(
                 insecure=insecure,
                 api_keys=api_keys,
                 cors_origins=cors_origin,
+                state_dir=state_dir,
             )
         )
     raise typer.Exit(code)

@@ -229,11 +229,13 @@ class Api:
 
     def _live_models(self) -> set[str]:
         view = self.runtime.core.view(self.runtime.clock(), task_limit=0)
-        return {
+        served = {
             row.model
             for row in view.instances
             if row.status in (InstanceStatus.READY, InstanceStatus.LOADING)
         }
+        # Placed models are listed too, while their replicas load (exo_master.core.instances).
+        return served | {spec.model for spec in self.runtime.core.instances.specs()}
 
     def _model_object(self, model: str) -> dict[str, object]:
         return {"id": model, "object": "model", "created": int(self.started), "owned_by": "exo"}
