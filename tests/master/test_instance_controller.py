@@ -99,7 +99,7 @@ class Cluster:
         return self.ctl.reconcile(self.now)
 
     def states(self) -> dict[str, tuple[str, str]]:
-        return {iid: (r.node_id, r.state.value) for iid, r in self.ctl.replicas.items()}
+        return {iid.rpartition("/")[2]: (r.node_id, r.state.value) for iid, r in self.ctl.replicas.items()}
 
 
 def loads(out: Sequence[object]) -> list[tuple[str, str]]:
@@ -107,14 +107,14 @@ def loads(out: Sequence[object]) -> list[tuple[str, str]]:
 
 
 def unloads(out: Sequence[object]) -> list[str]:
-    return [c.instance_id for c in out if isinstance(c, UnloadInstance)]
+    return [c.instance_id.rpartition("/")[2] for c in out if isinstance(c, UnloadInstance)]
 
 
 def test_two_replicas_over_three_nodes_load_on_two_distinct_nodes_and_become_ready() -> None:
     c = Cluster("a", "b", "c")
     c.step()
     out = c.place(2)
-    assert loads(out) == [("a", "p.0"), ("b", "p.1")]
+    assert loads(out) == [("a", "a/p.0"), ("b", "b/p.1")]
     c.obey(out, InstanceStatus.LOADING)
     c.step()
     assert c.states() == {"p.0": ("a", "loading"), "p.1": ("b", "loading")}
@@ -130,7 +130,7 @@ def test_a_replica_on_a_dead_node_comes_back_on_the_third_node() -> None:
     c.step()
     c.core.alive[NodeId("a")] = False
     out = c.step()
-    assert loads(out) == [("c", "p.2")]
+    assert loads(out) == [("c", "c/p.2")]
     assert "p.0" not in c.states()
     c.obey(out)
     c.step()
@@ -141,7 +141,7 @@ def test_a_failed_load_backs_off_that_node_and_retries_elsewhere_later() -> None
     c = Cluster("a", "b", backoff_initial=3.0)
     c.step()
     out = c.place(1)
-    assert loads(out) == [("a", "p.0")]
+    assert loads(out) == [("a", "a/p.0")]
     c.obey(out, InstanceStatus.FAILED)
     out = c.step()
     failed_at = c.now
@@ -150,7 +150,7 @@ def test_a_failed_load_backs_off_that_node_and_retries_elsewhere_later() -> None
     attempts: list[tuple[str, str]] = []
     while not attempts:
         attempts = loads(c.step())
-    assert attempts == [("b", "p.1")]  # a backs off (6 s), b is free
+    assert attempts == [("b", "b/p.1")]  # a backs off (6 s), b is free
     assert c.now == failed_at + 3.0  # the placement waited its own backoff (3 s)
 
 
@@ -172,12 +172,12 @@ def test_delete_drains_until_in_flight_tasks_finish_then_unloads() -> None:
     c.step()
     c.obey(c.place(1))
     c.step()
-    c.core.busy[InstanceId("p.0")] = 2
+    c.core.busy[InstanceId("a/p.0")] = 2
     c.ctl.delete("p", c.now)
-    assert c.core.draining == {"p.0"}
+    assert c.core.draining == {"a/p.0"}
     assert unloads(c.step()) == []
     assert c.states() == {"p.0": ("a", "draining")}
-    c.core.busy[InstanceId("p.0")] = 0
+    c.core.busy[InstanceId("a/p.0")] = 0
     out = c.step()
     assert unloads(out) == ["p.0"]
     c.obey(out)
@@ -190,7 +190,7 @@ def test_a_drain_ends_after_its_grace_period_even_with_tasks_in_flight() -> None
     c.step()
     c.obey(c.place(1))
     c.step()
-    c.core.busy[InstanceId("p.0")] = 1
+    c.core.busy[InstanceId("a/p.0")] = 1
     c.ctl.delete("p", c.now)
     assert [unloads(c.step()) for _ in range(3)] == [[], [], ["p.0"]]
 
@@ -242,7 +242,7 @@ def test_reconcile_is_idempotent_and_resends_a_load_until_the_node_reports_it() 
     c.place(1)
     assert loads(c.ctl.reconcile(c.now)) == []  # same instant: nothing new
     resent = [loads(c.step()) for _ in range(4)]
-    assert resent == [[], [("a", "p.0")], [], [("a", "p.0")]]
+    assert resent == [[], [("a", "a/p.0")], [], [("a", "a/p.0")]]
 
 
 def test_memory_of_a_loading_replica_counts_before_the_node_reports_it_used() -> None:

@@ -233,7 +233,8 @@ class InstanceController:
 
     def _start(self, record: PlacementRecord, node_id: NodeId, need: int, now: float) -> None:
         spec = record.spec
-        instance_id = InstanceId(f"{spec.placement_id}.{record.next_index}")
+        # In the node's namespace (NODE/...): the bus accepts reports of a node's own instances only.
+        instance_id = InstanceId(f"{node_id}/{spec.placement_id}.{record.next_index}")
         record.next_index += 1
         replica = Replica(
             instance_id=instance_id,
