@@ -10,6 +10,7 @@ shell completion.
     exoctl tasks [--status S] [--limit N]               live tasks first, then recently ended ones
     exoctl cancel TASK_ID                               cancel a live task
     exoctl keys generate NAME [--dir DIR]               a CURVE keypair for the bus
+    exoctl instances place|list|show|delete|preview     where models live (see exoctl.instances)
 
 With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a bearer token).
 
@@ -54,7 +55,7 @@ from typing import Annotated
 
 import typer
 
-from exo_master.exoctl import keys, render
+from exo_master.exoctl import instances, keys, render
 from exo_master.exoctl.client import connected
 from exo_master.exoctl.watch import console, print_json, show
 from protocol.cluster_view import TaskStatus
@@ -72,6 +73,7 @@ app = typer.Typer(
 
 
 app.add_typer(keys.app, name="keys")
+app.add_typer(instances.app, name="instances")
 
 
 # ---- options ------------------------------------------------------------------------------------

@@ -6,6 +6,9 @@ of reloading; a placement that fits nowhere is a 409 naming each node's reason."
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +40,11 @@ def _workers(tmp_path: Path) -> dict[str, object]:
         ],
         "master_args": ["--state-dir", str(tmp_path / "state")],
     }
+
+
+def _exoctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "exo_master.exoctl.cli", "--api", cluster.api_url, *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _get(cluster: LocalCluster, path: str) -> Any:
@@ -92,11 +100,22 @@ def test_two_replicas_heal_onto_the_third_node_and_survive_a_master_restart(
     assert len(set(asyncio.run(burst(cluster.api_url, 8, max_tokens=4)))) == 2
 
 
-def test_a_delete_lets_requests_in_flight_finish_then_unloads(
+def test_a_delete_lets_requests_in_flight_finish_and_what_fits_nowhere_is_a_409(
     start_cluster: ClusterFactory, tmp_path: Path
 ) -> None:
     cluster = start_cluster(**_workers(tmp_path))
-    placed = cluster.place("sim-model", replicas=1)
+    refused = _exoctl(cluster, "instances", "place", "big")
+    assert refused.returncode == 1 and "node1: not enough memory" in refused.stderr
+    response = httpx.post(f"{cluster.api_url}/v1/instances", json={"model": "big"}, timeout=5)
+    assert response.status_code == 409
+    reasons = response.json()["error"]["reasons"]
+    assert set(reasons) == {"node1", "node2", "node3"}
+    assert all(why.startswith("not enough memory for one replica: needs 6.0 GiB") for why in reasons.values())
+
+    done = _exoctl(cluster, "instances", "place", "sim-model", "--wait", "--json")
+    assert done.returncode == 0, done.stderr
+    placed = json.loads(done.stdout)
+    assert placed["status"] == "ready"
     body = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 60}
 
     async def delete_during_requests() -> list[httpx.Response]:
@@ -107,9 +126,9 @@ def test_a_delete_lets_requests_in_flight_finish_then_unloads(
             return sum(i["in_flight"] for i in state["instances"]) == 4
 
         await asyncio.to_thread(wait_for, running, 30, "4 requests running")
+        deleted = await asyncio.to_thread(_exoctl, cluster, "instances", "delete", placed["id"])
+        assert deleted.returncode == 0 and "draining" in deleted.stdout, deleted.stderr
         async with httpx.AsyncClient(base_url=cluster.api_url) as http:
-            deleted = await http.delete(f"/v1/instances/{placed['id']}")
-            assert deleted.status_code == 200 and deleted.json()["status"] == "draining"
             refused = await http.post("/v1/chat/completions", json=body)
             assert refused.status_code in (404, 503), refused.text  # no new request on a draining one
         return await requests
