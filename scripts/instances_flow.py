@@ -128,12 +128,13 @@ def main(
         _step("master restart: adopted, 0 loads", t)
 
         t = time.monotonic()
-        refused = httpx.post(
-            f"{cluster.api_url}/v1/instances", json={"model": model, "replicas": 40}, timeout=10
-        )
+        # Workers on one machine each see all of its memory: ask for more than any node has by
+        # wanting a full context in each of 4,096 slots (hundreds of GiB of KV headroom).
+        too_big = {"model": model, "max_concurrency": 4096}
+        refused = httpx.post(f"{cluster.api_url}/v1/instances", json=too_big, timeout=10)
         if refused.status_code != 409:
             _fail(f"expected a 409, got {refused.status_code}")
-        _step("40 replicas: 409", t, refused.json()["error"]["message"][:160])
+        _step("4,096 slots: 409", t, refused.json()["error"]["message"][:160])
 
         t = time.monotonic()
         during = pool.submit(asyncio.run, _ask(cluster.api_url, model, 4, max_tokens * 4))
