@@ -225,9 +225,11 @@ class InstanceController:
             self._start(record, node_id, result.need, now)
         if not result.complete:
             reasons = "; ".join(f"{n}: {why}" for n, why in result.reasons.items()) or "no nodes"
-            record.reason = f"{missing - len(result.chosen)} replica(s) do not fit: {reasons}"
+            reason = f"{missing - len(result.chosen)} replica(s) do not fit: {reasons}"
             record.retry_at = now + self.config.backoff_initial
-            self._event(now, spec.placement_id, "waiting", detail=record.reason)
+            if reason != record.reason:  # a step when the situation changes, not every retry
+                record.reason = reason
+                self._event(now, spec.placement_id, "waiting", detail=reason)
 
     # ---- transitions and commands ---------------------------------------------------------------
 
