@@ -266,3 +266,16 @@ def test_a_returning_node_with_an_extra_replica_gets_it_drained_not_the_healed_o
     out = c.step()
     assert unloads(out) == ["p.0"]
     assert c.states()["p.1"][1] == ReplicaState.READY
+
+
+def test_a_node_the_core_forgets_is_forgotten_here_too() -> None:
+    c = Cluster("a", "b")
+    c.step()
+    assert set(c.ctl.nodes) == {"a", "b"}
+    del c.core.alive[NodeId("b")]  # dead too long: the core dropped it
+    c.step()
+    assert set(c.ctl.nodes) == {"a"}
+    # A node the core refused (its node table is full) is not recorded either.
+    c.memory[NodeId("z")], c.held[NodeId("z")] = GIB, {}
+    c.beat("z")
+    assert set(c.ctl.nodes) == {"a"}

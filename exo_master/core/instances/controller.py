@@ -89,6 +89,8 @@ class InstanceController:
     # ---- actual state ---------------------------------------------------------------------------
 
     def heartbeat(self, msg: WorkerHeartbeat, now: float) -> None:
+        if self.core.node_alive(msg.node_id) is None:
+            return  # the core refused the node (too many): so do we, and our table stays bounded
         info = self.nodes.get(msg.node_id)
         if info is None:
             info = self.nodes[msg.node_id] = NodeInfo(node_id=msg.node_id)
@@ -163,6 +165,8 @@ class InstanceController:
     # ---- the reconcile step ---------------------------------------------------------------------
 
     def reconcile(self, now: float) -> list[Command | InstanceEvent]:
+        for node_id in [n for n in self.nodes if self.core.node_alive(n) is None]:
+            del self.nodes[node_id]  # the core forgot it (dead too long): so do we
         for replica in list(self.replicas.values()):
             self._check(replica, now)
         for record in list(self.placements.values()):
@@ -342,8 +346,7 @@ class InstanceController:
         for info in list(self.nodes.values()):
             alive = self.core.node_alive(info.node_id)
             if alive is None:
-                del self.nodes[info.node_id]  # the core forgot it: so do we
-                continue
+                continue  # forgotten by the core; dropped at the next reconcile
             on_node = [r for r in self.replicas.values() if r.node_id == info.node_id]
             # Placed but not loaded yet: the node's available memory does not show it yet.
             coming = sum(
