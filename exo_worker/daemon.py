@@ -1,9 +1,12 @@
 """exo-worker: the worker daemon (one per machine, or several for tests) and its command line.
 
-    exo-worker --master 127.0.0.1:52416 --engine sim --instances 2
+    exo-worker --master 127.0.0.1:52416 --engine sim                       # serves what is placed
+    exo-worker --master 127.0.0.1:52416 --engine sim --model sim-model --instances 2
 
-It connects to the master (binding nothing), loads its instances while heartbeating their status,
-logs "worker.ready" once every instance is ready, and serves assignments until SIGINT/SIGTERM.
+It connects to the master (binding nothing) and heartbeats what it is (memory, backend, the models
+it holds). Without --model it loads only what the master places (LoadInstance); with --model it
+loads that model's instances itself (unmanaged), logs "worker.ready" once every instance is ready,
+and serves assignments until SIGINT/SIGTERM.
 
 This module is the process: flags and their checks, logging, keys, the engine, signals. The worker
 it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worker`.
