@@ -96,8 +96,7 @@ class MasterCore:
                 self.liveness.set_subscribed(event.node_id, False)
             case WorkerHeartbeat():
                 self.reconciler.heartbeat(event, now)
-                self.instances.heartbeat(event, now)
-                self._out.extend(self.instances.reconcile(now))
+                self.instances.heartbeat(event, now)  # observed now; acted on at the next tick
             case TaskAccepted():
                 self.liveness.seen(event.node_id, now)
                 self._accepted(event)

@@ -68,7 +68,9 @@ def test_a_placed_replica_serves_and_a_deleted_one_drains_before_it_unloads() ->
     assert not [e for e in submit(core, "t2", 2.0) if isinstance(e, TaskPlaced)]
     assert core.view(2.0).instances[0].status == "draining"
     # t1 ends (the worker's snapshot no longer lists it as active): the replica unloads.
-    effects = core.handle(beat("a", ready(load)), 3.0)
+    core.handle(beat("a", ready(load)), 3.0)
+    effects = core.tick(3.0)
     assert [e.instance_id for e in effects if isinstance(e, UnloadInstance)] == [load.instance_id]
     core.handle(beat("a"), 4.0)
+    core.tick(4.0)
     assert core.instances.placements == {} and core.instances.replicas == {}

@@ -46,6 +46,7 @@ class InstanceController:
         self.events: deque[InstanceEvent] = deque(maxlen=self.config.max_events)
         self.revision = 0  # +1 whenever desired state changes: the shell saves it then
         self._hold_until = float("-inf")
+        self._next_prune = float("-inf")
         self._out: list[Command | InstanceEvent] = []
 
     # ---- desired state --------------------------------------------------------------------------
@@ -165,8 +166,10 @@ class InstanceController:
     # ---- the reconcile step ---------------------------------------------------------------------
 
     def reconcile(self, now: float) -> list[Command | InstanceEvent]:
-        for node_id in [n for n in self.nodes if self.core.node_alive(n) is None]:
-            del self.nodes[node_id]  # the core forgot it (dead too long): so do we
+        if now >= self._next_prune:  # O(nodes): once a resend period, not on every heartbeat
+            self._next_prune = now + self.config.resend
+            for node_id in [n for n in self.nodes if self.core.node_alive(n) is None]:
+                del self.nodes[node_id]  # the core forgot it (dead too long): so do we
         for replica in list(self.replicas.values()):
             self._check(replica, now)
         for record in list(self.placements.values()):
