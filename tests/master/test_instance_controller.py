@@ -177,6 +177,8 @@ def test_delete_drains_until_in_flight_tasks_finish_then_unloads() -> None:
     assert c.core.draining == {"a/p.0"}
     assert unloads(c.step()) == []
     assert c.states() == {"p.0": ("a", "draining")}
+    steps = [(e.what, e.instance_id) for e in c.out if isinstance(e, InstanceEvent)]
+    assert ("deleting", "") in steps and ("draining", "a/p.0") in steps  # each step is logged
     c.core.busy[InstanceId("a/p.0")] = 0
     out = c.step()
     assert unloads(out) == ["p.0"]

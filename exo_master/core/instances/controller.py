@@ -74,7 +74,7 @@ class InstanceController:
             record.deleting = True
             self.revision += 1
             self._event(now, placement_id, "deleting")
-            self.reconcile(now)
+            self._converge(record, now)  # drains now; the commands go out with the next reconcile
         return True
 
     def restore(self, specs: tuple[PlacementSpec, ...], now: float) -> None:
