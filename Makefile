@@ -52,7 +52,7 @@ BUS_PORT ?=
 run: $(STAMP)
 	@echo "==> preparing the default model (SmolLM2-135M-Instruct; converted once, then cached)"
 	@$(PY) -m exo_worker.models prepare smollm2
-	@$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6 $(strip \
+	@$(PY) scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --place 2 --demo 6 $(strip \
 		$(if $(API_PORT),--api-port $(API_PORT)) $(if $(BUS_PORT),--bus-port $(BUS_PORT)))
 
 clean:

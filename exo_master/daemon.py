@@ -34,6 +34,7 @@ from exo_master.http.server import QuietServer, event_loop_factory
 from exo_master.http.server import bind_http as _bind_http  # a name tests replace
 from exo_master.http.transport import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
+from exo_master.state_file import instance_config, restore_desired
 from protocol.discovery import DEFAULT_CLUSTER, check_cluster
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
@@ -88,6 +89,7 @@ async def serve(
     cors_origins: Sequence[str] = (),
     max_connections: int | None = None,
     advertise: AdvertiseSettings | None = None,
+    state_dir: Path | None = None,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken or unsafe (2)."""
     bus_host = bus_host or host
@@ -115,10 +117,16 @@ async def serve(
         )
         bus.close()
         return 2
-    runtime = MasterRuntime(MasterCore(config), bus)
+    runtime = MasterRuntime(MasterCore(config, instance_config(config)), bus)
     nofile, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     cap = ConnectionCap(max_connections or default_max_connections(nofile))
     runtime.connection_cap = cap
+    save = restore_desired(runtime, state_dir)
+    if save is False:
+        bus.close()
+        http_socket.close()
+        return 2
+    runtime.save_desired = save
     from exo_master.http.metrics import metrics_route
 
     limits = limits or ApiLimits()
@@ -328,6 +336,12 @@ def run(
         metavar="ORIGIN",
         help="Browser origin allowed by CORS (repeatable).",
     ),
+    state_dir: Path | None = typer.Option(
+        None,
+        "--state-dir",
+        envvar="EXO_STATE_DIR",
+        help="Keep the instance placements here (instances.json) and restore them on restart.",
+    ),
     session: str | None = typer.Option(
         None,
         envvar="EXO_SESSION",
@@ -398,6 +412,7 @@ def run(
                 cors_origins=cors_origin,
                 max_connections=max_connections,
                 advertise=AdvertiseSettings(wanted=advertise, cluster=cluster),
+                state_dir=state_dir,
             )
         )
     raise typer.Exit(code)

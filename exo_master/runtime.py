@@ -29,6 +29,9 @@ from exo_master.core.events import (
     TaskRejected,
     WorkerEffect,
 )
+from exo_master.core.instances.desired import PlacementSpec
+from exo_master.core.instances.records import InstanceEvent
+from exo_master.core.instances.rule import Plan
 from exo_master.http.connection_cap import ConnectionCap
 from protocol import codec
 from protocol.cluster_view import ClusterView, TaskStatus
@@ -38,10 +41,12 @@ from protocol.messages import (
     CancelTask,
     FetchOutput,
     InstanceStatus,
+    LoadInstance,
     MasterHeartbeat,
     NodeRefused,
     TaskAck,
     TaskParams,
+    UnloadInstance,
 )
 
 log = structlog.get_logger("exo_master")
@@ -113,6 +118,8 @@ class MasterRuntime:
         self._outbox: asyncio.Queue[tuple[bytes, WorkerEffect]] = asyncio.Queue()
         self.decision_observers: list[DecisionObserver] = []
         self.effect_observers: list[Callable[[Effect], None]] = []
+        # Called with every placement after /v1/instances changes them (--state-dir keeps them).
+        self.save_desired: Callable[[tuple[PlacementSpec, ...]], None] | None = None
         self.connection_cap: ConnectionCap | None = None  # the API's (set by the daemon), for /metrics
 
     # ---- reads for the shells (HTTP, metrics) ----------------------------------------------------
@@ -128,7 +135,9 @@ class MasterRuntime:
     def served_models(self) -> list[str]:
         """The models some live instance serves or is loading, sorted."""
         live = (InstanceStatus.READY, InstanceStatus.LOADING)
-        return sorted({row.model for row in self.view().instances if row.status in live})
+        served = {row.model for row in self.view().instances if row.status in live}
+        # Placed models are listed too, while their replicas load (exo_master.core.instances).
+        return sorted(served | {spec.model for spec in self.core.instances.specs()})
 
     # ---- inputs ---------------------------------------------------------------------------------
 
@@ -162,6 +171,16 @@ class MasterRuntime:
     def tick(self) -> None:
         self._dispatch(self.core.tick(self.clock()))
 
+    def place_instances(self, spec: PlacementSpec) -> Plan:
+        result, effects = self.core.place_instances(spec, self.clock())
+        self._dispatch(effects)
+        return result
+
+    def delete_instances(self, placement_id: str) -> bool:
+        found, effects = self.core.delete_instances(placement_id, self.clock())
+        self._dispatch(effects)
+        return found
+
     # ---- outputs --------------------------------------------------------------------------------
 
     def _dispatch(self, effects: list[Effect]) -> None:
@@ -169,10 +188,26 @@ class MasterRuntime:
             for observe in self.effect_observers:
                 observe(effect)
             match effect:
-                case AssignTask() | CancelTask() | FetchOutput() | TaskAck() | NodeRefused():
+                case (
+                    AssignTask()
+                    | CancelTask()
+                    | FetchOutput()
+                    | TaskAck()
+                    | NodeRefused()
+                    | LoadInstance()
+                    | UnloadInstance()
+                ):
                     self._outbox.put_nowait((codec.node_topic(effect.node_id), effect))
                 case MasterHeartbeat():
                     self._outbox.put_nowait((codec.BROADCAST_TOPIC, effect))
+                case InstanceEvent():
+                    log.info(
+                        f"instance.{effect.what}",
+                        placement=effect.placement_id,
+                        instance_id=effect.instance_id or None,
+                        node_id=effect.node_id or None,
+                        detail=effect.detail or None,
+                    )
                 case _:
                     if isinstance(effect, TaskPlaced):
                         self._log_placement(effect)

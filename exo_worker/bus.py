@@ -319,9 +319,7 @@ class WorkerBus:
             self._malformed(str(exc))
             return False
         body = envelope.body
-        if not isinstance(
-            body, AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
-        ):
+        if not isinstance(body, MasterMessage):
             self._malformed(f"unexpected {type(body).__name__} from {envelope.origin}")
             return False
         if isinstance(body, MasterHeartbeat):

@@ -1,11 +1,14 @@
 """exo-worker: the worker daemon (one per machine, or several for tests) and its command line.
 
-    exo-worker --master 127.0.0.1:52416 --engine sim --instances 2
+    exo-worker --master 127.0.0.1:52416 --engine sim                       # serves what is placed
+    exo-worker --master 127.0.0.1:52416 --engine sim --model sim-model --instances 2
     exo-worker --cluster home --secret-key w.key_secret --master-key master.key   (found by mDNS)
 
-Without `--master` it looks for the master on the LAN (`exo_worker.discover`). It connects to
-the master (binding nothing), loads its instances while heartbeating their status, logs
-"worker.ready" once every instance is ready, and serves assignments until SIGINT/SIGTERM.
+Without `--master` it looks for the master on the LAN (`exo_worker.discover`). It connects to the
+master (binding nothing) and heartbeats what it is (memory, backend, the models it holds). Without
+--model it loads only what the master places (LoadInstance); with --model it loads that model's
+instances itself (unmanaged), logs "worker.ready" once every instance is ready, and serves
+assignments until SIGINT/SIGTERM.
 
 This module is the process: flags and their checks, logging, keys, the engine, signals. The worker
 it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worker`.
@@ -37,11 +40,20 @@ from exo_worker.engine_choice import (
     DEFAULT_MODEL,
     EngineName,
     build_engine_factory,
+    build_model_engines,
     served_model_id,
 )
-from exo_worker.worker import EXIT_BAD_KEYS, EXIT_MODEL_LOAD, WorkerConfig, WorkerDaemon
+from exo_worker.local_models import (
+    DEFAULT_SIM_MODELS,
+    SimModel,
+    mlx_backend,
+    mlx_catalog,
+    parse_sim_model,
+    parse_size,
+)
+from exo_worker.worker import EXIT_BAD_KEYS, EXIT_MODEL_LOAD, NodeFacts, WorkerConfig, WorkerDaemon
 from protocol.discovery import DiscoveryError, check_cluster
-from protocol.ids import NodeId
+from protocol.ids import ModelId, NodeId
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.sharding import Sharding
@@ -151,7 +163,33 @@ def serve(
     engine: Annotated[EngineName, typer.Option("--engine", envvar="EXO_ENGINE")] = EngineName.SIM,
     model: Annotated[
         str | None,
-        typer.Option("--model", envvar="EXO_MODEL", help='Default: "sim-model" (sim) or "smollm2" (mlx).'),
+        typer.Option(
+            "--model",
+            envvar="EXO_MODEL",
+            help='Declare this model\'s instances here (e.g. "sim-model", "smollm2", a directory); '
+            "shown as unmanaged. Without it the worker loads only what the master places.",
+        ),
+    ] = None,
+    sim_memory: Annotated[
+        str,
+        typer.Option("--sim-memory", envvar="EXO_SIM_MEMORY", help="Sim engine: the node memory it reports."),
+    ] = "16GiB",
+    sim_models: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--sim-model",
+            envvar="EXO_SIM_MODELS",
+            help="Sim engine: a model it holds, NAME=SIZE[:LOAD_SECONDS] (repeatable). "
+            "Default: sim-model=1GiB:0.5.",
+        ),
+    ] = None,
+    models_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--models-dir",
+            envvar="EXO_MODELS_DIR",
+            help="MLX engine: model directories the master may place here (default: the exo cache).",
+        ),
     ] = None,
     instances: Annotated[int, typer.Option("--instances", envvar="EXO_INSTANCES", min=1)] = 1,
     max_concurrency: Annotated[
@@ -272,8 +310,14 @@ def serve(
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--cluster") from exc
     node = NodeId(_check_node_id(node_id if node_id is not None else default_node_id()))
+    try:
+        sim_catalog = {m.name: m for m in map(parse_sim_model, sim_models or DEFAULT_SIM_MODELS)}
+        sim_bytes = parse_size(sim_memory)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     configure_logging(log_format, log_level)
-    model_name = model or DEFAULT_MODEL[engine]
+    # A sharded instance is declared by its rank 0 (the master does not place those yet).
+    model_name = model if spec is None else (model or DEFAULT_MODEL[EngineName.MLX])
     structlog.contextvars.bind_contextvars(node_id=node)
     try:
         curve = load_client_curve(secret_key, master_key)
@@ -299,16 +343,21 @@ def serve(
             from exo_worker.prompt_cache import default_budget_bytes
 
             prompt_cache_bytes = default_budget_bytes(instances)
-        factory = build_engine_factory(
-            engine,
-            model_name,
-            sim_tokens_per_s,
-            max_concurrency=max_concurrency,
-            prompt_cache_bytes=prompt_cache_bytes,
+        factory = (
+            build_engine_factory(
+                engine,
+                model_name,
+                sim_tokens_per_s,
+                max_concurrency=max_concurrency,
+                prompt_cache_bytes=prompt_cache_bytes,
+            )
+            if model_name is not None
+            else None
         )
         if spec is not None:
             from exo_worker.models import resolve_model
 
+            assert model_name is not None  # a sharded worker always names its model (above)
             factory = sharded = ShardedFactory(
                 resolve_model(model_name),
                 spec,
@@ -318,10 +367,14 @@ def serve(
     except ModelLoadError as exc:
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
+    facts = _node_facts(engine, sim_catalog, sim_bytes, models_dir)
+    model_engines = build_model_engines(
+        engine, facts.catalog, sim_catalog, sim_tokens_per_s, prompt_cache_bytes=prompt_cache_bytes
+    )
     config = WorkerConfig(
         node_id=node,
         master=address,
-        model=served_model_id(model_name),
+        model=served_model_id(model_name) if model_name is not None else None,
         instances=instances,
         max_concurrency=max_concurrency,
         capacity=capacity,
@@ -342,7 +395,7 @@ def serve(
         key=curve.keypair.fingerprint if curve is not None else None,
     )
     try:
-        daemon = WorkerDaemon(config, factory)
+        daemon = WorkerDaemon(config, factory, model_engines, facts)
     except ModelLoadError as exc:  # an engine constructor may check its model path eagerly
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
@@ -373,6 +426,21 @@ def _lead(daemon: WorkerDaemon, sharded: ShardedFactory) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _node_facts(
+    engine: EngineName, sim_catalog: dict[ModelId, SimModel], sim_bytes: int, models_dir: Path | None
+) -> NodeFacts:
+    if engine is EngineName.SIM:
+        catalog = {name: m.local() for name, m in sim_catalog.items()}
+        return NodeFacts(backend="sim", catalog=catalog, memory_total=sim_bytes)
+    try:  # the built-in model is converted once, here, so a placement never waits on it
+        from exo_worker.models import prepare_smollm2
+
+        prepare_smollm2()
+    except (ImportError, ModelLoadError) as exc:
+        log.warning("worker.builtin_model_unavailable", error=str(exc))
+    return NodeFacts(backend=mlx_backend(), catalog=mlx_catalog(models_dir))
 
 
 def main() -> None:

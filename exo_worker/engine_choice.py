@@ -7,9 +7,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from exo_worker.engine import Engine, ModelLoadError
+from exo_worker.local_models import SimModel
 from protocol.ids import InstanceId, ModelId
+from protocol.messages import LocalModel
 
 EngineFactory = Callable[[InstanceId], Engine]
+ModelEngineFactory = Callable[[ModelId, InstanceId, int], Engine]
 
 
 class EngineName(enum.StrEnum):
@@ -53,3 +56,32 @@ def build_engine_factory(
     return lambda instance_id: MlxEngine(
         path, label=model, max_batch=max_concurrency, prompt_cache_bytes=prompt_cache_bytes
     )
+
+
+def build_model_engines(
+    engine: EngineName,
+    catalog: dict[ModelId, LocalModel],
+    sim_models: dict[ModelId, SimModel],
+    sim_tokens_per_s: float,
+    *,
+    prompt_cache_bytes: int | None = None,
+) -> ModelEngineFactory:
+    """Engines for the models the master places here (LoadInstance): any model in the catalog."""
+    if engine is EngineName.SIM:
+        from exo_worker.sim_engine import SimEngine
+
+        def sim(model: ModelId, instance_id: InstanceId, slots: int) -> Engine:
+            return SimEngine(sim_tokens_per_s, seed_salt="", load_delay_s=sim_models[model].load_seconds)
+
+        return sim
+
+    def mlx(model: ModelId, instance_id: InstanceId, slots: int) -> Engine:
+        try:
+            from exo_worker.mlx_engine import MlxEngine
+        except ImportError as exc:
+            raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
+        # The daemon prepared the built-in model at start, so every catalog entry is a directory.
+        path = catalog[model].path
+        return MlxEngine(path, label=str(model), max_batch=slots, prompt_cache_bytes=prompt_cache_bytes)
+
+    return mlx

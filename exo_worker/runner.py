@@ -64,6 +64,8 @@ class Runner:
         capacity: float = 1.0,
         max_queue: int = 1024,
         final_lru_size: int = 1024,
+        placement: str = "",
+        memory_bytes: int = 0,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -78,6 +80,11 @@ class Runner:
         self._final_lru_size = final_lru_size
         self.status = InstanceStatus.LOADING
         self.error: str | None = None
+        # Placed by the master (its placement id; "" when declared with --model), the memory the
+        # instance holds, and how far its load has got (heartbeats carry all three).
+        self.placement = placement
+        self.memory_bytes = memory_bytes
+        self.progress = 0.0
         # Indexes by status: live tasks (queued or running) in acceptance order; the queued ones in
         # FIFO order; the ended ones, least recently used first (bounded). Chunks live in `_outputs`.
         self._live: dict[TaskId, WorkerTask] = {}
@@ -93,14 +100,17 @@ class Runner:
         """Load the engine: status loading -> ready, or failed (and ModelLoadError re-raised)."""
         self.status, self.error = InstanceStatus.LOADING, None
         try:
-            await self.engine.load()
+            await self.engine.load(self._on_progress)
         except ModelLoadError as exc:
             self.status, self.error = InstanceStatus.FAILED, str(exc)
             raise
         except Exception as exc:  # a backend bug: still report the instance as failed, then surface it
             self.status, self.error = InstanceStatus.FAILED, f"{type(exc).__name__}: {exc}"
             raise
-        self.status = InstanceStatus.READY
+        self.status, self.progress = InstanceStatus.READY, 1.0
+
+    def _on_progress(self, what: str, fraction: float) -> None:
+        self.progress = min(max(fraction, 0.0), 1.0)
 
     async def shutdown(self, grace: float = 2.0) -> None:
         """Refuse new work, cancel everything, give running tasks `grace` seconds to end cleanly."""
@@ -208,6 +218,9 @@ class Runner:
             prompt_cache=(
                 self.engine.prompt_cache_stats() if isinstance(self.engine, ReportsPromptCache) else None
             ),
+            memory_bytes=self.memory_bytes,
+            progress=self.progress,
+            placement=self.placement,
         )
 
     # ---- the moves ---------------------------------------------------------------------------

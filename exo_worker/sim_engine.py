@@ -98,7 +98,11 @@ class SimEngine:
         if progress is not None:
             progress("loading simulated model", 0.0)
         if self._load_delay_s > 0:
-            await asyncio.sleep(self._load_delay_s)  # simulated load time
+            steps = 10  # the simulated load time, in steps, so heartbeats show it progress
+            for step in range(1, steps + 1):
+                await asyncio.sleep(self._load_delay_s / steps)
+                if progress is not None and step < steps:
+                    progress("loading simulated model", step / steps)
         if self._load_error is not None:
             raise ModelLoadError(self._load_error)
         if progress is not None:

@@ -10,24 +10,29 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 
 from exo_worker.bus import MasterAddress, WorkerBus
 from exo_worker.bus_auth import ClientCurve
 from exo_worker.engine import ModelLoadError
-from exo_worker.engine_choice import EngineFactory
+from exo_worker.engine_choice import EngineFactory, ModelEngineFactory
+from exo_worker.instance_host import InstanceHost
+from exo_worker.local_models import machine_memory
 from exo_worker.runner import Runner, RunnerGroup
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import (
     AssignTask,
     CancelTask,
     FetchOutput,
+    LoadInstance,
+    LocalModel,
     MasterHeartbeat,
     MasterMessage,
     NodeRefused,
     TaskAck,
+    UnloadInstance,
     WorkerHeartbeat,
 )
 
@@ -44,7 +49,9 @@ EXIT_BAD_KEYS = 2
 class WorkerConfig:
     node_id: NodeId
     master: MasterAddress
-    model: ModelId
+    # The model this worker declares itself (--model: unmanaged instances); None: it loads only
+    # what the master places (LoadInstance).
+    model: ModelId | None
     instances: int = 1
     max_concurrency: int = 4
     capacity: float = 1.0
@@ -64,10 +71,25 @@ class WorkerConfig:
         return InstanceId(f"{self.node_id}/{index}")
 
 
+@dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What the node reports about itself besides its instances."""
+
+    backend: str = ""
+    catalog: dict[ModelId, LocalModel] = field(default_factory=dict)
+    memory_total: int | None = None  # None: the machine's memory; else simulated (--sim-memory)
+
+
 class WorkerDaemon:
     """Wires the bus shell to the runners and publishes heartbeat snapshots. `run()` is the daemon."""
 
-    def __init__(self, config: WorkerConfig, engine_factory: EngineFactory) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        engine_factory: EngineFactory | None,
+        model_engines: ModelEngineFactory | None = None,
+        facts: NodeFacts | None = None,
+    ) -> None:
         self.config = config
         self.bus = WorkerBus(
             node_id=config.node_id,
@@ -79,19 +101,30 @@ class WorkerDaemon:
             backoff_max=config.backoff_max,
             curve=config.curve,
         )
-        runners = [
-            Runner(
-                node_id=config.node_id,
-                instance_id=(instance_id := config.instance_id(i)),
-                model=config.model,
-                engine=engine_factory(instance_id),
-                send=self.bus.send,
-                max_concurrency=config.max_concurrency,
-                capacity=config.capacity,
-            )
-            for i in range(config.instances)
-        ]
+        declared = config.model
+        runners = (
+            [
+                Runner(
+                    node_id=config.node_id,
+                    instance_id=(instance_id := config.instance_id(i)),
+                    model=declared,
+                    engine=engine_factory(instance_id),
+                    send=self.bus.send,
+                    max_concurrency=config.max_concurrency,
+                    capacity=config.capacity,
+                )
+                for i in range(config.instances)
+            ]
+            if declared is not None and engine_factory is not None
+            else []
+        )
         self.runners = RunnerGroup(config.node_id, runners, self.bus.send)
+        self.facts = facts or NodeFacts()
+        self.host = (
+            InstanceHost(config.node_id, self.runners, self.bus.send, self.facts.catalog, model_engines)
+            if model_engines is not None
+            else None
+        )
         self.ready = asyncio.Event()
         self._address = socket.gethostname()
         self._last_session_snapshot = ""
@@ -101,11 +134,21 @@ class WorkerDaemon:
         self.refusal = ""
 
     def snapshot(self) -> WorkerHeartbeat:
+        if self.facts.memory_total is not None:  # simulated: what the placed instances hold is used
+            used = sum(r.memory_bytes for r in self.runners.runners.values())
+            total, available = self.facts.memory_total, max(0, self.facts.memory_total - used)
+        else:
+            total, available = machine_memory()
         return WorkerHeartbeat(
             node_id=self.config.node_id,
             instances=self.runners.reports(),
             address=self._address,
             master_session=self.bus.master_session,
+            memory_total=total,
+            memory_available=available,
+            backend=self.facts.backend,
+            host=self._address,
+            models=tuple(self.facts.catalog.values())[:256],
         )
 
     def _on_message(self, message: MasterMessage) -> None:
@@ -132,6 +175,8 @@ class WorkerDaemon:
             self.runners.handle_fetch(message)
         elif isinstance(message, TaskAck):
             self.runners.handle_ack(message)
+        elif isinstance(message, LoadInstance | UnloadInstance):
+            self._instance_command(message)
         elif isinstance(message, NodeRefused) and message.incarnation in ("", self.bus.incarnation):
             self.refusal = message.reason
             self.refused.set()
@@ -139,6 +184,22 @@ class WorkerDaemon:
             # A new (or restarted) master: give it our full state now rather than up to 1 s later.
             self._last_session_snapshot = message.session
             self.bus.send(self.snapshot())
+
+    def _instance_command(self, message: LoadInstance | UnloadInstance) -> None:
+        if self.host is None:
+            log.warning(
+                "instance.command_ignored",
+                command=type(message).__name__,
+                reason="no engine for placed models",
+            )
+            return
+        had = message.instance_id in self.runners.runners
+        if isinstance(message, LoadInstance):
+            self.host.load(message)
+        else:
+            self.host.unload(message)
+        if (message.instance_id in self.runners.runners) != had:
+            self.bus.send(self.snapshot())  # the master sees the change now, not at the next beat
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -176,6 +237,8 @@ class WorkerDaemon:
             refused.cancel()
             for handle in self._delayed:
                 handle.cancel()
+            if self.host is not None:
+                await self.host.shutdown()
             await self.runners.shutdown(self.config.shutdown_grace)
             for task in background:
                 task.cancel()

@@ -60,6 +60,10 @@ class NodeRow(msgspec.Struct, frozen=True, kw_only=True):
     last_heartbeat_age: float  # seconds
     instances: list[str]
     sequence_gaps: int = 0
+    # What the node reports about itself (0 / "" from workers that predate it).
+    memory_total: int = 0  # bytes
+    memory_available: int = 0
+    backend: str = ""  # mlx-metal | mlx-cpu | sim
 
 
 class TaskRow(msgspec.Struct, frozen=True, kw_only=True):

@@ -25,6 +25,7 @@ MAX_COUNT = 2**31 - 1  # chunk indices, chunk counts, token counts
 MAX_GAPS_PER_FETCH = 256  # missing output ranges named in one FetchOutput
 MAX_TOOLS = 128  # tool definitions in one request
 MAX_TOOL_CALLS = 64  # tool calls in one message or one answer
+MAX_LOCAL_MODELS = 256  # models one node reports holding on disk
 
 NodeIdField = Annotated[NodeId, msgspec.Meta(max_length=MAX_ID_CHARS)]
 InstanceIdField = Annotated[InstanceId, msgspec.Meta(max_length=MAX_ID_CHARS)]
@@ -180,6 +181,26 @@ class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     error: Reason | None = None
     # None: the engine keeps no prompt cache (the sim engine, or an older worker).
     prompt_cache: PromptCacheStats | None = None
+    # Memory the loaded instance holds (weights + caches), in bytes; 0 while unknown.
+    memory_bytes: _Count = 0
+    # While status is "loading": the fraction loaded so far (0..1).
+    progress: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.0
+    # The master's placement this instance belongs to (from LoadInstance); "" for an instance the
+    # worker declared itself (--model): the master shows it as unmanaged and never unloads it.
+    placement: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] = ""
+
+
+class LocalModel(msgspec.Struct, frozen=True, kw_only=True):
+    """A model a node holds on disk and can load without downloading anything."""
+
+    model: ModelIdField
+    path: Reason = ""
+    size_bytes: _Count = 0  # the weight files on disk
+    # What one instance needs in memory: the weights as loaded plus their runtime overhead, and
+    # the KV cache per token of context (from config.json: 2 x layers x kv_heads x head_dim x
+    # bytes per element). The master adds KV headroom for the slots it asks for.
+    weights_bytes: _Count = 0
+    kv_bytes_per_token: _Count = 0
 
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="WorkerHeartbeat", tag_field="type"):
@@ -188,6 +209,13 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="WorkerHear
     address: Reason = ""
     # Echo of the last master session the worker heard from; "" when none yet.
     master_session: Reason = ""
+    # What the node is: its memory (bytes; 0 = unknown, from an older worker), its backend
+    # ("mlx-metal", "mlx-cpu", "sim"), its host name and the models it can load.
+    memory_total: _Count = 0
+    memory_available: _Count = 0
+    backend: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    host: Reason = ""
+    models: Annotated[tuple[LocalModel, ...], msgspec.Meta(max_length=MAX_LOCAL_MODELS)] = ()
 
 
 class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAccepted", tag_field="type"):
@@ -287,5 +315,34 @@ class NodeRefused(msgspec.Struct, frozen=True, kw_only=True, tag="NodeRefused", 
     reason: str
 
 
-MasterMessage = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
+class LoadInstance(msgspec.Struct, frozen=True, kw_only=True, tag="LoadInstance", tag_field="type"):
+    """Load `model` as instance `instance_id` on this node. Idempotent: the master re-sends it until
+    the node's heartbeat reports the instance; a worker that has it already does nothing."""
+
+    node_id: NodeIdField
+    instance_id: InstanceIdField
+    model: ModelIdField
+    placement: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
+    max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] = 4
+    capacity: Annotated[float, msgspec.Meta(gt=0, le=MAX_CAPACITY)] = 1.0
+
+
+class UnloadInstance(msgspec.Struct, frozen=True, kw_only=True, tag="UnloadInstance", tag_field="type"):
+    """Unload this instance and free its memory. The master has drained it first (no new tasks, the
+    ones in flight finished or their grace ran out). Idempotent: unknown instances are ignored."""
+
+    node_id: NodeIdField
+    instance_id: InstanceIdField
+
+
+MasterMessage = (
+    AssignTask
+    | CancelTask
+    | MasterHeartbeat
+    | FetchOutput
+    | TaskAck
+    | NodeRefused
+    | LoadInstance
+    | UnloadInstance
+)
 Message = WorkerMessage | MasterMessage

@@ -2,6 +2,10 @@
 
     python scripts/local_cluster.py --workers 2 --engine sim
     python scripts/local_cluster.py --workers 2 --engine mlx --model smollm2 --demo 6
+    python scripts/local_cluster.py --workers 3 --engine mlx --place 2 --demo 6
+
+With --place N the workers start without a model and the master places N replicas of the model
+through its API (POST /v1/instances), as `exoctl instances place MODEL --replicas N` would.
 
 With --demo N it sends a burst of N concurrent chat requests once the cluster is ready, prints a
 line per answer as it arrives (which instance served it, how long it took, what it said), then
@@ -120,6 +124,12 @@ def main(
     model: str = typer.Option("", help="Model name (default: sim-model for sim, smollm2 for mlx)."),
     policy: str = typer.Option("least-loaded", help="Placement policy."),
     instances: int = typer.Option(1, min=1, help="Instances per worker."),
+    place: int = typer.Option(
+        0,
+        min=0,
+        help="Start workers without a model and place this many replicas of it through the API "
+        "(0: each worker declares the model itself).",
+    ),
     max_concurrency: int = typer.Option(4, min=1, help="Concurrent tasks per instance."),
     api_port: int = typer.Option(
         DEFAULT_API_PORT, envvar="EXO_API_PORT", min=1, max=65535, help="HTTP API port."
@@ -144,6 +154,7 @@ def main(
         max_concurrency=max_concurrency,
         api_port=api_port,
         bus_port=bus_port,
+        managed=place > 0,
     )
     try:
         check_ports(spec.host, api_port, bus_port)  # before anything exists: not even a log folder
@@ -151,7 +162,7 @@ def main(
         _port_in_use(exc, api_port, bus_port)
         raise typer.Exit(EXIT_PORT_IN_USE) from None
     log_dir = spec.log_dir = Path(tempfile.mkdtemp(prefix="exo-cluster-"))
-    failed = _run(LocalCluster(spec), demo, demo_max_tokens, ready_timeout, log_dir)
+    failed = _run(LocalCluster(spec), demo, demo_max_tokens, ready_timeout, log_dir, place)
     if failed:
         console.print(f"Logs kept in {log_dir}")
         raise typer.Exit(1)
@@ -165,7 +176,9 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _run(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: float, log_dir: Path) -> bool:
+def _run(
+    cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: float, log_dir: Path, place: int
+) -> bool:
     """Start, demo, serve until Ctrl-C/SIGTERM; stop every process. True when something failed."""
     spec = cluster.spec
     # SIGTERM as Ctrl-C, at any stage (even while starting): the processes started so far are stopped.
@@ -180,7 +193,7 @@ def _run(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: 
         if cluster.keys is not None:
             console.print(f"Bus encrypted with CURVE; the cluster's keys are in {cluster.keys.directory}")
         with contextlib.suppress(KeyboardInterrupt):
-            failed = _start_and_serve(cluster, demo, demo_max_tokens, ready_timeout)
+            failed = _start_and_serve(cluster, demo, demo_max_tokens, ready_timeout, place)
         # A second Ctrl-C must not cut the stop short and leave processes behind.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -188,11 +201,18 @@ def _run(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: 
     return failed
 
 
-def _start_and_serve(cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: float) -> bool:
+def _start_and_serve(
+    cluster: LocalCluster, demo: int, demo_max_tokens: int, ready_timeout: float, place: int
+) -> bool:
     spec = cluster.spec
     try:
         with console.status("waiting for every instance to be ready (model loading)..."):
             cluster.start(ready_timeout=ready_timeout)
+        if place and spec.model is not None:
+            console.print(f"Workers joined without a model; placing {place} replica(s) of {spec.model!r}...")
+            with console.status("waiting for the placed replicas to load..."):
+                placed = cluster.place(spec.model, place, timeout=ready_timeout)
+            console.print(f"Placed {placed['id']} on {', '.join(placed['nodes'])} (exoctl instances list)")
     except PortInUse as exc:  # taken between the check and the start
         _port_in_use(exc, cluster.api_port, cluster.bus_port)
         return True

@@ -13,17 +13,20 @@ import enum
 
 import msgspec
 
+from exo_master.core.instances.records import InstanceEvent
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import (
     AssignTask,
     CancelTask,
     FetchOutput,
     FinishReason,
+    LoadInstance,
     MasterHeartbeat,
     NodeRefused,
     TaskAck,
     TaskParams,
     ToolCall,
+    UnloadInstance,
     Usage,
     WorkerMessage,
 )
@@ -114,8 +117,18 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
-WorkerEffect = AssignTask | CancelTask | MasterHeartbeat | FetchOutput | TaskAck | NodeRefused
-Effect = ClientEffect | WorkerEffect
+WorkerEffect = (
+    AssignTask
+    | CancelTask
+    | MasterHeartbeat
+    | FetchOutput
+    | TaskAck
+    | NodeRefused
+    | LoadInstance
+    | UnloadInstance
+)
+# InstanceEvent: a step of an instance's life (placed, loading, ready, draining...), for the log.
+Effect = ClientEffect | WorkerEffect | InstanceEvent
 
 
 class Step:

@@ -19,7 +19,8 @@ Two facts decide what an instance may do:
 And an instance whose phase stops taking work (`TAKES_WORK`) gives back the assignments it has not
 confirmed, so they go elsewhere; what it confirmed stays until its heartbeat says otherwise.
 
-Extending it (master-placed instances: placing, draining, unloading, gone...): add the phases, their
+DRAINING is the first master-placed phase (`exo_master.core.instances` drains a replica it unloads).
+Extending it (master-placed instances: placing, unloading, gone...): add the phases, their
 rows in `PHASE_MOVES` and `AVAILABILITY` (the test checks every pair is listed), and the trigger
 that moves them; eligibility and the pools follow without another change.
 """
@@ -39,6 +40,9 @@ class Phase(enum.StrEnum):
     LOADING = "loading"  # its worker is loading the model
     READY = "ready"  # loaded: takes work
     FAILED = "failed"  # its worker could not load it (or it broke): no work, kept for display
+    # The master's instance controller is unloading it: no new work, what it runs finishes (its
+    # worker still reports it ready until it is unloaded, so a report does not bring it back).
+    DRAINING = "draining"
     RETIRED = "retired"  # the master is removing it: never eligible again, gone by the event's end
 
 
@@ -47,6 +51,7 @@ class PhaseTrigger(enum.StrEnum):
     REPORTED_READY = "reported-ready"
     REPORTED_FAILED = "reported-failed"
     RETIRE = "retire"  # no longer reported, changed hands, or its node was forgotten
+    DRAIN = "drain"  # the instance controller unloads it (a deleted placement, a stray replica)
 
 
 class Link(enum.StrEnum):
@@ -74,7 +79,10 @@ PHASE_MOVES: dict[tuple[Phase, PhaseTrigger], Phase] = {
     **{(p, PhaseTrigger.REPORTED_LOADING): Phase.LOADING for p in _LIVE_PHASES},
     **{(p, PhaseTrigger.REPORTED_READY): Phase.READY for p in _LIVE_PHASES},
     **{(p, PhaseTrigger.REPORTED_FAILED): Phase.FAILED for p in _LIVE_PHASES},
-    **{(p, PhaseTrigger.RETIRE): Phase.RETIRED for p in _LIVE_PHASES},
+    **{(p, PhaseTrigger.RETIRE): Phase.RETIRED for p in (*_LIVE_PHASES, Phase.DRAINING)},
+    **{(p, PhaseTrigger.DRAIN): Phase.DRAINING for p in (*_LIVE_PHASES, Phase.DRAINING)},
+    # Draining is final until the instance is gone: whatever its worker reports meanwhile.
+    **{(Phase.DRAINING, t): Phase.DRAINING for t in REPORTED.values()},
 }
 
 E, A, U = Availability.ELIGIBLE, Availability.AWAITED, Availability.UNAVAILABLE
@@ -86,6 +94,7 @@ AVAILABILITY: dict[tuple[Phase, Link], Availability] = {
     **{(p, Link.SILENT): U for p in Phase},
     **{(Phase.FAILED, link): U for link in (Link.SUBSCRIBED, Link.UNSUBSCRIBED)},
     **{(Phase.RETIRED, link): U for link in (Link.SUBSCRIBED, Link.UNSUBSCRIBED)},
+    **{(Phase.DRAINING, link): U for link in (Link.SUBSCRIBED, Link.UNSUBSCRIBED)},
 }
 
 TAKES_WORK = frozenset({Phase.READY})

@@ -12,6 +12,7 @@ ineligible and displace tasks), then one `Scheduler.settle` that re-places and d
     scheduling      placement and settling (re-place, drain, fail what is stranded)
     output          a task's text to its client whole and in order (reorder, fetch again)
     reconcile       heartbeats: the worker's snapshot made true in the projection
+    instances/      where models live: desired placements, LoadInstance / UnloadInstance, healing
     liveness        silent nodes, instances that go away, unconfirmed assignments
     view            the read-only rows served on /v1/cluster/state
 
@@ -39,6 +40,11 @@ from exo_master.core.events import (
     TaskQueued,
     TaskRejected,
 )
+from exo_master.core.instances.controller import InstanceController
+from exo_master.core.instances.core_side import SchedulerSide
+from exo_master.core.instances.desired import PlacementSpec
+from exo_master.core.instances.records import ControllerConfig
+from exo_master.core.instances.rule import Plan
 from exo_master.core.invariants import check_invariants
 from exo_master.core.ledger import PendingLedger
 from exo_master.core.lifecycle import CONFIRM, Cancel, Fail, TaskRecord, TaskStatus
@@ -67,7 +73,7 @@ from protocol.messages import (
 
 
 class MasterCore:
-    def __init__(self, config: CoreConfig | None = None) -> None:
+    def __init__(self, config: CoreConfig | None = None, instances: ControllerConfig | None = None) -> None:
         self.config = config or CoreConfig()
         self.stats = CoreStats()
         self.state = ClusterState()
@@ -80,6 +86,8 @@ class MasterCore:
         self.liveness = Liveness(self.config, self.book, self.candidates)
         self.output = OutputRelay(self.config, self.book, affinity)
         self.reconciler = Reconciler(self.config, self.book, self.candidates, self.liveness, self.output)
+        # Where models live (exo_master.core.instances): fed heartbeats and ticks, below.
+        self.instances = InstanceController(SchedulerSide(self.state, self.candidates), instances)
         self._next_heartbeat = float("-inf")
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -97,6 +105,7 @@ class MasterCore:
                 self.liveness.set_subscribed(event.node_id, False)
             case WorkerHeartbeat():
                 self.reconciler.heartbeat(event, step)
+                self.instances.heartbeat(event, now)  # observed now; acted on at the next tick
             case TaskAccepted():
                 self.liveness.seen(event.node_id, now)
                 self._accepted(event, step)
@@ -118,6 +127,7 @@ class MasterCore:
             self._next_heartbeat = now + self.config.heartbeat_interval
             step.emit(MasterHeartbeat(session=self.config.session, interval=self.config.heartbeat_interval))
         self.liveness.check_nodes(step)
+        self._instance_commands(step)
         expired = self.liveness.expire_unconfirmed(step)
         self.output.tick(step)
         self.scheduler.expire_waiting(step)
@@ -139,6 +149,28 @@ class MasterCore:
             step.emit(assign_message(task))
             resend[task_id] = now + self.config.assign_resend
         return step.effects
+
+    # ---- instance placement (the controller's commands, with their effects) ---------------------
+
+    def place_instances(self, spec: PlacementSpec, now: float) -> tuple[Plan, list[Effect]]:
+        """Place a model's replicas if they all fit (else the plan says why, per node)."""
+        step = Step(now)
+        result = self.instances.place(spec, now)
+        self._instance_commands(step)
+        return result, step.effects
+
+    def delete_instances(self, placement_id: str, now: float) -> tuple[bool, list[Effect]]:
+        """Drain and unload a placement's replicas; False when no such placement exists."""
+        step = Step(now)
+        found = self.instances.delete(placement_id, now)
+        self._instance_commands(step)
+        self.scheduler.settle(step)
+        return found, step.effects
+
+    def _instance_commands(self, step: Step) -> None:
+        """The controller's reconciling pass: its LoadInstance / UnloadInstance and logged steps."""
+        for effect in self.instances.reconcile(step.now):
+            step.emit(effect)
 
     # ---- public queries (what the shells and tests may read) ------------------------------------
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from exo_master.core.candidates import Candidates
 from exo_master.core.config import CoreConfig
 from exo_master.core.events import Step
-from exo_master.core.instance_state import REPORTED, move, phase_of, stops_taking_work
+from exo_master.core.instance_state import PHASE_MOVES, REPORTED, move, phase_of, stops_taking_work
 from exo_master.core.lifecycle import CONFIRM
 from exo_master.core.liveness import Liveness
 from exo_master.core.output import OutputRelay
@@ -92,7 +92,7 @@ class Reconciler:
         inst.prompt_cache = report.prompt_cache
         if (inst.kinds, inst.phase, inst.max_concurrency, inst.capacity) == (
             report.kinds,
-            phase_of(report.status),
+            PHASE_MOVES.get((inst.phase, REPORTED[report.status])),
             report.max_concurrency,
             report.capacity,
         ):

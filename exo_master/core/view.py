@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from itertools import chain, islice
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from exo_master.core.instance_state import Phase
 from exo_master.core.lifecycle import TaskRecord, TaskStatus
 from protocol.cluster_view import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
+from protocol.ids import NodeId
 
 if TYPE_CHECKING:
     from exo_master.core.master import MasterCore
@@ -54,6 +55,7 @@ def build_view(
             last_heartbeat_age=max(0.0, now - n.last_seen),
             instances=sorted(n.instances),
             sequence_gaps=gaps.get(n.node_id, 0),
+            **_facts(core, n.node_id),
         )
         for n in sorted(state.nodes.values(), key=lambda n: n.node_id)
     ]
@@ -118,3 +120,15 @@ def build_view(
         affinity_lookups=core.stats.affinity_lookups,
         affinity_hits=core.stats.affinity_hits,
     )
+
+
+def _facts(core: MasterCore, node_id: NodeId) -> dict[str, Any]:
+    """Memory and backend, as the node's last heartbeat told the instance controller."""
+    info = core.instances.nodes.get(node_id)
+    if info is None:
+        return {}
+    return {
+        "memory_total": info.memory_total,
+        "memory_available": info.memory_available,
+        "backend": info.backend,
+    }

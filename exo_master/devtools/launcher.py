@@ -32,6 +32,10 @@ import httpx
 
 from protocol import keys
 
+# The model a worker declares when the cluster is not managed and names none (exo-worker's own
+# default before workers could start without a model).
+_DEFAULT_MODEL = {"sim": "sim-model", "mlx": "smollm2"}
+
 
 class ClusterStartError(RuntimeError):
     pass
@@ -146,6 +150,9 @@ class ClusterSpec:
     # Workers find the master by mDNS (no --master): the master advertises this cluster name on
     # loopback (--advertise), the workers look for it there only (--mdns-interface 127.0.0.1).
     discovery_cluster: str | None = None
+    # True: workers start without --model and the master places models (POST /v1/instances);
+    # False: each worker declares `model` (default: the engine's default model) itself.
+    managed: bool = False
 
 
 class ClusterKeys:
@@ -256,8 +263,8 @@ class LocalCluster:
             "--log-format", s.log_format,
             *s.worker_args,
         ]  # fmt: skip
-        if s.model:
-            args += ["--model", s.model]
+        if not s.managed:
+            args += ["--model", s.model or _DEFAULT_MODEL[s.engine]]
         if self.keys is not None and with_keys:
             _, secret = self.keys.worker(node_id)
             args += ["--secret-key", str(secret), "--master-key", str(self.keys.master_public)]
@@ -277,8 +284,44 @@ class LocalCluster:
         self.wait_healthy(timeout=30)
         for i in range(self.spec.workers):
             self.start_worker(f"node{i + 1}")
-        self.wait_ready(self.spec.workers * self.spec.instances_per_worker, timeout=ready_timeout)
+        if self.spec.managed:
+            self.wait_nodes(self.spec.workers, timeout=ready_timeout)
+        else:
+            self.wait_ready(self.spec.workers * self.spec.instances_per_worker, timeout=ready_timeout)
         return self
+
+    def wait_nodes(self, nodes: int, timeout: float) -> dict[str, Any]:
+        """Until `nodes` live nodes are subscribed (workers without a model have no instance yet)."""
+
+        def joined() -> dict[str, Any] | None:
+            self._check_alive()
+            state = self.state()
+            live = [n for n in state["nodes"] if n["alive"] and n["subscribed"]] if state else []
+            return state if len(live) >= nodes else None
+
+        result: dict[str, Any] = wait_for(joined, timeout, f"{nodes} nodes")
+        return result
+
+    def place(self, model: str, replicas: int, timeout: float = 60.0) -> dict[str, Any]:
+        """POST /v1/instances and wait until every replica is ready; returns the placement."""
+        response = httpx.post(
+            f"{self.api_url}/v1/instances",
+            json={"model": model, "replicas": replicas},
+            headers=self.headers,
+            timeout=10,
+        )
+        if response.status_code != 201:
+            raise ClusterStartError(f"placing {model} failed ({response.status_code}): {response.text}")
+        placement_id = response.json()["id"]
+
+        def ready() -> dict[str, Any] | None:
+            self._check_alive()
+            got = httpx.get(f"{self.api_url}/v1/instances/{placement_id}", headers=self.headers, timeout=5)
+            body: dict[str, Any] = got.json()
+            return body if got.status_code == 200 and body["ready"] >= replicas else None
+
+        placed: dict[str, Any] = wait_for(ready, timeout, f"{replicas} ready replicas of {model}")
+        return placed
 
     @property
     def headers(self) -> dict[str, str]:

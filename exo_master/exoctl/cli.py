@@ -14,6 +14,7 @@ shell completion.
     exoctl service install|uninstall|status master|worker [--print] [DAEMON OPTIONS...]
                                                         run a daemon in the background (launchd,
                                                         systemd --user)
+    exoctl instances place|list|show|delete|preview     where models live (see exoctl.instances)
 
 With API keys on the master, pass `--api-key KEY` or set $EXO_API_KEY (sent as a bearer token).
 
@@ -60,7 +61,7 @@ from typing import Annotated
 import typer
 from rich.console import RenderableType
 
-from exo_master.exoctl import compact, discover, keys, render, service
+from exo_master.exoctl import compact, discover, instances, keys, render, service
 from exo_master.exoctl.client import connected
 from exo_master.exoctl.watch import console, print_json, show, sized_by_terminal
 from protocol.cluster_view import ClusterView, TaskStatus
@@ -82,6 +83,7 @@ app = typer.Typer(
 app.add_typer(keys.app, name="keys")
 app.add_typer(service.app, name="service")
 app.command("discover")(discover.discover)
+app.add_typer(instances.app, name="instances")
 
 
 # ---- options ------------------------------------------------------------------------------------

@@ -60,6 +60,16 @@ class MasterClient:
             raise ApiFailure(f"{self.base_url} answered the cancel with something that is not JSON")
         return body
 
+    def request_json(self, method: str, path: str, **kwargs: Any) -> Any:
+        """Any API call whose answer is a JSON document (the /v1/instances routes)."""
+        response = self._request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            raise ApiFailure(
+                f"{self.base_url} answered {method} {path} with something that is not JSON"
+            ) from None
+
     def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)

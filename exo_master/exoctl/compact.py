@@ -111,6 +111,7 @@ def nodes_compact(view: ClusterView) -> RenderableType:
     _id_column(table, "node", [row.node_id for row in view.nodes])
     table.add_column("state")
     table.add_column("heartbeat", justify="right")
+    table.add_column("memory", justify="right")  # used/total
     table.add_column("inst.", justify="right")
     table.add_column("gaps", justify="right")
     for row in view.nodes:
@@ -121,6 +122,7 @@ def nodes_compact(view: ClusterView) -> RenderableType:
             row.node_id,
             state,
             render.format_age(row.last_heartbeat_age),
+            render.node_memory(row),
             str(len(row.instances)),
             Text(str(row.sequence_gaps), style="yellow" if row.sequence_gaps else ""),
         )

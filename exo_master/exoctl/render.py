@@ -16,7 +16,13 @@ from rich.text import Text
 
 from protocol.cluster_view import ClusterView, InstanceRow, NodeRow, TaskRow
 
-INSTANCE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red", "dead": "bold red"}
+INSTANCE_STYLE = {
+    "ready": "green",
+    "loading": "yellow",
+    "draining": "magenta",
+    "failed": "red",
+    "dead": "bold red",
+}
 TASK_STYLE = {
     "queued": "yellow",
     "pending": "cyan",
@@ -242,6 +248,18 @@ def _ids(ids: list[str], shown: int = 4) -> str:
     return ", ".join(ids[:shown]) + f" (+{len(ids) - shown})"
 
 
+def gib(count: int) -> str:
+    return f"{count / 2**30:.1f}"
+
+
+def node_memory(row: NodeRow) -> str:
+    """'3.2/16.0 GiB' (used of total; used = total - available), '-' when the node does not say."""
+    if row.memory_total <= 0:
+        return "-"
+    used = max(0, row.memory_total - row.memory_available)
+    return f"{gib(used)}/{gib(row.memory_total)} GiB"
+
+
 def nodes_table(view: ClusterView) -> Table:
     alive = sum(1 for n in view.nodes if n.alive)
     table = Table(title=f"nodes · {alive}/{len(view.nodes)} alive")
@@ -250,6 +268,7 @@ def nodes_table(view: ClusterView) -> Table:
     table.add_column("heartbeat", justify="right")
     table.add_column("state")
     table.add_column("subscribed")
+    table.add_column("memory used/total", justify="right")
     table.add_column("instances")
     table.add_column("seq. gaps", justify="right")
     for row in view.nodes:
@@ -259,6 +278,7 @@ def nodes_table(view: ClusterView) -> Table:
             format_age(row.last_heartbeat_age) + " ago",
             _node_state(row),
             "yes" if row.subscribed else Text("no", style="yellow"),
+            node_memory(row),
             _ids(row.instances),
             Text(str(row.sequence_gaps), style="yellow" if row.sequence_gaps else ""),
         )

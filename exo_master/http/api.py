@@ -165,7 +165,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def api_routes(api: Api) -> list[ApiRoute]:
     """Every surface's routes; a new surface adds its module's `routes(api)` here."""
-    from exo_master.http import anthropic, cluster_routes, ollama, openai_routes, responses
+    from exo_master.http import anthropic, cluster_routes, instances, ollama, openai_routes, responses
 
     return [
         *openai_routes.routes(api),
@@ -173,6 +173,7 @@ def api_routes(api: Api) -> list[ApiRoute]:
         *anthropic.routes(api),
         *ollama.routes(api),
         *cluster_routes.routes(api),
+        *instances.routes(api),
     ]
 
 

@@ -62,7 +62,14 @@ def python_snippets(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    spec = ClusterSpec(workers=2, engine="sim", model="smollm2", log_dir=tmp_path_factory.mktemp("readme"))
+    # The sim workers also hold a "smollm2" the master can place (exoctl instances place smollm2).
+    spec = ClusterSpec(
+        workers=2,
+        engine="sim",
+        model="smollm2",
+        log_dir=tmp_path_factory.mktemp("readme"),
+        worker_args=["--sim-model", "smollm2=100MiB:0.2"],
+    )
     with LocalCluster(spec) as started:
         started.start()
         yield started

@@ -36,7 +36,7 @@ def test_only_a_ready_instance_on_a_subscribed_node_is_eligible() -> None:
     assert eligible == [(Phase.READY, Link.SUBSCRIBED)]
     # Nobody waits for an instance whose node is silent, or that failed or is leaving.
     for (phase, link), a in AVAILABILITY.items():
-        gone = link is Link.SILENT or phase in (Phase.FAILED, Phase.RETIRED)
+        gone = link is Link.SILENT or phase in (Phase.FAILED, Phase.DRAINING, Phase.RETIRED)
         assert (a is Availability.UNAVAILABLE) == gone, (phase, link)
 
 
@@ -51,6 +51,27 @@ def test_retirement_is_final_and_every_other_phase_can_retire() -> None:
         assert ((phase, PhaseTrigger.RETIRE) in PHASE_MOVES) == (phase is not Phase.RETIRED)
     for trigger in PhaseTrigger:
         assert (Phase.RETIRED, trigger) not in PHASE_MOVES
+
+
+def test_draining_holds_whatever_the_worker_reports_until_retired() -> None:
+    for trigger in REPORTED.values():
+        assert PHASE_MOVES[(Phase.DRAINING, trigger)] is Phase.DRAINING
+    for phase in (Phase.LOADING, Phase.READY, Phase.FAILED):
+        assert PHASE_MOVES[(phase, PhaseTrigger.DRAIN)] is Phase.DRAINING
+    assert PHASE_MOVES[(Phase.DRAINING, PhaseTrigger.RETIRE)] is Phase.RETIRED
+
+
+def test_a_draining_instance_leaves_the_pools_and_a_ready_report_does_not_bring_it_back() -> None:
+    core = _core(InstanceStatus.READY, subscribed=True)
+    inst = core.state.instances[instance_of(0)]
+    assert core.eligible(inst)
+    move(inst, PhaseTrigger.DRAIN)
+    core.candidates.reindex(inst)
+    assert not core.eligible(inst)
+    core.handle(heartbeat(0, report(0, status=InstanceStatus.READY)), 1.0)
+    assert inst.phase is Phase.DRAINING
+    pool = core.pool(MODEL, TaskKind.TEXT_GENERATION)
+    assert pool is None or inst.instance_id not in pool.members
 
 
 def test_an_unlisted_move_raises_and_leaves_the_phase() -> None:

@@ -474,6 +474,7 @@ async def test_subprocess_worker_serves_and_exits_cleanly_on_sigterm() -> None:
         env={
             "EXO_MASTER": f"127.0.0.1:{master.port}",  # options also come from the environment
             "EXO_NODE_ID": NODE,
+            "EXO_MODEL": "sim-model",  # without a model a worker loads only what the master places
             "EXO_INSTANCES": "2",
             "EXO_HEARTBEAT_INTERVAL": str(INTERVAL),
             "EXO_SIM_TOKENS_PER_S": "1000",
