@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache
+from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache, ReportsWork
 from exo_worker.output_log import OutputLog
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
@@ -222,6 +222,9 @@ class Runner:
             prompt_cache=(
                 self.engine.prompt_cache_stats() if isinstance(self.engine, ReportsPromptCache) else None
             ),
+            # Counted by the engine: a cancelled prompt still being stopped is still work here.
+            work=self.engine.work() if isinstance(self.engine, ReportsWork) else None,
+            context_length=self.engine.context_length if isinstance(self.engine, ReportsWork) else 0,
         )
 
     # ---- internals ---------------------------------------------------------------------------
@@ -253,7 +256,7 @@ class Runner:
             )
             final = self._finished(task_id, outcome.finish_reason, outcome.usage)
         except EngineError as exc:
-            final = self._failed(task_id, str(exc) or type(exc).__name__)
+            final = self._failed(task_id, str(exc) or type(exc).__name__, code=exc.code)
         except asyncio.CancelledError:
             # Hard-stopped at shutdown: still tell the master how it ended, then let it unwind.
             self._end_running(task, self._finished(task_id, FinishReason.CANCELLED, Usage()))
@@ -321,13 +324,16 @@ class Runner:
             chunks=self._outputs.count(task_id),
         )
 
-    def _failed(self, task_id: TaskId, reason: str, refused: bool = False) -> TaskFailed:
+    def _failed(
+        self, task_id: TaskId, reason: str, refused: bool = False, code: str | None = None
+    ) -> TaskFailed:
         return TaskFailed(
             node_id=self.node_id,
             task_id=task_id,
             instance_id=self.instance_id,
             reason=reason,
             refused=refused,
+            code=code,
         )
 
 

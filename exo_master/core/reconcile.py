@@ -109,6 +109,8 @@ class Reconciler:
         return inst if was_ready and inst.status is not InstanceStatus.READY else None
 
     def _reconcile(self, node: NodeRecord, inst: InstanceRecord, report: InstanceReport, now: float) -> None:
+        inst.context_length = report.context_length
+        self.scheduler.observe(inst, report.work, frozenset(report.active_tasks))
         for task_id in report.active_tasks:
             task = self.book.live.get(task_id)
             if task is not None and task.instance_id == inst.instance_id:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
-from protocol.messages import InstanceStatus, PromptCacheStats, TaskKind
+from protocol.messages import InstanceStatus, InstanceWork, PromptCacheStats, TaskKind
 
 
 @dataclass(slots=True)
@@ -28,6 +28,14 @@ class InstanceRecord:
     completed: int = 0
     failed: int = 0
     retired: bool = False  # being removed: never eligible again
+    # From the latest heartbeat: the engine's work and speeds, the model's context length, and the
+    # task ids the worker listed as active (work for tasks bound since is estimated by the master).
+    work: InstanceWork | None = None
+    context_length: int = 0
+    reported: frozenset[TaskId] = frozenset()
+    # Tasks the engine still holds that no live task here owns (cancelled, or moved elsewhere):
+    # they occupy a slot until the worker's report says the engine let go.
+    unowned: frozenset[TaskId] = frozenset()
 
 
 @dataclass(slots=True)

@@ -18,8 +18,15 @@ from exo_master.core.pool import InstancePool, score
 from exo_master.core.queue import QueueKey
 from exo_master.core.records import ClusterState, InstanceRecord
 from exo_master.core.tasks import TaskBook
-from protocol.ids import InstanceId, ModelId
-from protocol.messages import AssignTask, InstanceStatus, TaskKind
+from exo_master.core.work import (
+    estimate_tokens,
+    first_token_wait,
+    prefill_rate,
+    prompt_chars,
+    short_request_wait,
+)
+from protocol.ids import InstanceId, ModelId, TaskId
+from protocol.messages import AssignTask, InstanceStatus, InstanceWork, TaskKind
 
 _NOWHERE: frozenset[InstanceId] = frozenset()
 
@@ -52,7 +59,7 @@ class Scheduler:
         # state-only stays the plain baseline.
         self.affinity = (
             AffinityIndex(config.affinity_entries)
-            if config.prefix_affinity and policy.name in ("least-loaded", "power-of-two")
+            if config.prefix_affinity and policy.name in ("least-work", "least-loaded", "power-of-two")
             else None
         )
         self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
@@ -86,17 +93,59 @@ class Scheduler:
         return any(self.may_serve(inst, kind) for inst in self.state.by_model.get(model, {}).values())
 
     def load(self, inst: InstanceRecord) -> int:
-        return self.book.load(inst)
+        """Confirmed + pending + what the engine still holds for nobody: a slot is free only when
+        the engine has let go of it."""
+        return self.book.load(inst) + len(inst.unowned)
 
     def confirmed(self, inst: InstanceRecord) -> int:
         return len(inst.confirmed)
+
+    # ---- work (placement by work; see work.py) ----------------------------------------------------
+
+    def work_ahead(self, inst: InstanceRecord) -> int:
+        """Prompt tokens the instance has to process before a new request's: its last report, plus
+        an estimate for each task bound to it that the report did not list yet."""
+        ratio = inst.work.chars_per_token if inst.work is not None else 0.0
+        ahead = inst.work.prefill_tokens if inst.work is not None else 0
+        for task_id in inst.confirmed:
+            if task_id not in inst.reported:
+                ahead += estimate_tokens(prompt_chars(self.book.live[task_id].params), ratio)
+        for task_id in self.book.ledger.tasks_on(inst.instance_id):
+            if task_id not in inst.reported:
+                ahead += estimate_tokens(prompt_chars(self.book.live[task_id].params), ratio)
+        return ahead
+
+    def first_token_wait(self, inst: InstanceRecord, chars: int) -> float:
+        ratio = inst.work.chars_per_token if inst.work is not None else 0.0
+        rate = prefill_rate(inst.work, inst.capacity)
+        return first_token_wait(self.work_ahead(inst), estimate_tokens(chars, ratio), rate)
+
+    def short_wait(self, inst: InstanceRecord) -> float:
+        return short_request_wait(prefill_rate(inst.work, inst.capacity))
+
+    def observe(self, inst: InstanceRecord, work: InstanceWork | None, active: frozenset[TaskId]) -> None:
+        """A heartbeat's picture of the instance: its work, and which active tasks nobody owns."""
+        inst.work, inst.reported = work, active
+        unowned = frozenset(
+            t
+            for t in active
+            if (task := self.book.live.get(t)) is None or task.instance_id != inst.instance_id
+        )
+        if unowned != inst.unowned:
+            inst.unowned = unowned
+            self.reindex(inst)
+
+    def hold(self, inst: InstanceRecord, task_id: TaskId) -> None:
+        """The master ends a task the engine is running: its slot stays taken until a report says
+        the engine let go (call before the task's own count is released)."""
+        inst.unowned = inst.unowned | {task_id}
 
     # ---- the candidate index --------------------------------------------------------------------
 
     def reindex(self, inst: InstanceRecord) -> None:
         """An instance's load or eligibility changed: bring every pool it belongs to up to date."""
         eligible = self.eligible(inst)
-        load = self.book.load(inst)
+        load = self.load(inst)
         model, pools = inst.model, self.pools
         for kind in inst.kinds:
             pool = pools.get((model, kind))
@@ -127,14 +176,15 @@ class Scheduler:
         if pool is None or not pool.members:
             return False
         avoid = frozenset({task.lost_on}) if task.lost_on is not None else _NOWHERE
-        inst = self.policy.choose(pool, self, avoid)
+        chars = prompt_chars(task.params)
+        inst = self.policy.choose(pool, self, avoid, chars)
         if inst is None and avoid:
-            inst = self.policy.choose(pool, self, _NOWHERE)  # better the same instance than none
+            inst = self.policy.choose(pool, self, _NOWHERE, chars)  # better the same instance than none
         if inst is None:
             return False
         if self.affinity is not None and task.prefixes:
-            inst = self._prefer_prefix_holder(task, pool, inst, avoid)
-        load_before = self.book.load(inst)
+            inst = self._prefer_prefix_holder(task, pool, inst, avoid, chars)
+        load_before = self.load(inst)
         self.book.bind(task, inst, now)
         if self.affinity is not None and task.prefixes:
             self.affinity.remember(task.prefixes, inst.instance_id)
@@ -154,11 +204,17 @@ class Scheduler:
         return True
 
     def _prefer_prefix_holder(
-        self, task: TaskRecord, pool: InstancePool, chosen: InstanceRecord, avoid: frozenset[InstanceId]
+        self,
+        task: TaskRecord,
+        pool: InstancePool,
+        chosen: InstanceRecord,
+        avoid: frozenset[InstanceId],
+        chars: int,
     ) -> InstanceRecord:
         """The instance holding the longest prefix of the chat, if it scores no worse than the
         policy's choice (plus the slack); otherwise the choice. With slack 0 this only breaks ties,
-        so a burst over equal instances stays within ceil(N/k) on each."""
+        so a burst over equal instances stays within ceil(N/k) on each. Under placement by work the
+        holder must also be within one short request of the choice's estimated wait."""
         assert self.affinity is not None
         chain = task.prefixes
         length, holders = self.affinity.holders(chain[self.affinity.conversation_start(chain) :])
@@ -166,13 +222,17 @@ class Scheduler:
             return chosen
         self.stats.affinity_lookups += 1
         best: InstanceRecord | None = None
-        best_score = score(self.book.load(chosen), chosen.capacity) + self.config.affinity_slack
+        best_score = score(self.load(chosen), chosen.capacity) + self.config.affinity_slack
+        by_work = self.policy.name == "least-work"
+        wait_limit = self.first_token_wait(chosen, chars) + self.short_wait(chosen) if by_work else 0.0
         for iid in holders:
             inst = pool.members.get(iid)
             if inst is None or iid in avoid or inst is chosen:
                 continue
-            load = self.book.load(inst)
+            load = self.load(inst)
             if load < inst.max_concurrency and (s := score(load, inst.capacity)) <= best_score:
+                if by_work and self.first_token_wait(inst, chars) > wait_limit:
+                    continue
                 best, best_score = inst, s
         if best is None:
             if chosen.instance_id in holders:

@@ -129,10 +129,15 @@ class TaskBook:
         self._end(task, Trigger.FINISH, now)
         self.out.append(TaskCompleted(task_id=task.task_id, finish_reason=reason, usage=usage or Usage()))
 
-    def fail(self, task: TaskRecord, now: float, message: str, unavailable: bool = False) -> None:
-        """End the task without a result and tell its client why (503 when `unavailable`)."""
+    def fail(
+        self, task: TaskRecord, now: float, message: str, unavailable: bool = False, code: str | None = None
+    ) -> None:
+        """End the task without a result and tell its client why (503 when `unavailable`; `code`
+        names a request error, such as context_length_exceeded)."""
         self._end(task, Trigger.FAIL, now, error=message)
-        self.out.append(TaskErrored(task_id=task.task_id, message=message, unavailable=unavailable))
+        self.out.append(
+            TaskErrored(task_id=task.task_id, message=message, unavailable=unavailable, code=code)
+        )
 
     def cancel(self, task: TaskRecord, now: float, reason: str) -> None:
         self._end(task, Trigger.CANCEL, now, error=reason)
