@@ -421,9 +421,8 @@ def test_an_active_task_unknown_to_the_master_is_cancelled() -> None:
     core.handle(NodeSubscribed(node_id=node_of(0)), 0.0)
     effects = core.handle(heartbeat(0, report(0, active=[TaskId("old")])), 0.0)
     assert effects == [CancelTask(task_id=TaskId("old"), node_id=node_of(0), instance_id=instance_of(0))]
-    assert (
-        core.load(core.state.instances[instance_of(0)]) == 1
-    )  # the engine still runs it: a taken slot until it lets go
+    # The engine still runs it: a taken slot until it lets go.
+    assert core.load(core.state.instances[instance_of(0)]) == 1
 
 
 def test_an_instance_missing_from_the_snapshot_is_removed_and_its_tasks_handled() -> None:
