@@ -319,6 +319,7 @@ class BatchScheduler:
 
     def _settle(self, request: GenRequest, outcome: RunOutcome | EngineError) -> None:
         self._owned.discard(request)
+        self.publish()  # before the awaiting task learns it ended: its work is gone from the report
         request.settle(outcome)
 
     def close(self) -> None:
