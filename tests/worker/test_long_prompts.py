@@ -40,7 +40,20 @@ def _prompt_tokens(engine: MlxEngine, text: str) -> int:
 
 def _long_text(engine: MlxEngine, tokens: int) -> str:
     """The longest prompt of these words with at most `tokens` tokens (a binary search)."""
-    words = "the scheduler places every request on the instance that will answer first".split()
+    words = [
+        "the",
+        "scheduler",
+        "places",
+        "every",
+        "request",
+        "on",
+        "the",
+        "instance",
+        "that",
+        "will",
+        "answer",
+        "first",
+    ]
     vocabulary = [f"{words[i % len(words)]}{i % 7}" for i in range(4 * tokens)]
     low, high = 0, len(vocabulary)
     while low < high:
