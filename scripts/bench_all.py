@@ -23,6 +23,7 @@ from typing import Any
 
 import typer
 from benchkit.balance import BalanceConfig, run_balance, run_hetero
+from benchkit.mixed import MixedConfig, run_mixed
 from benchkit.procs import ROOT, load_average, machine_info, router_installed
 from benchkit.report import charts, markdown
 from benchkit.scale import ScaleConfig, run_scale
@@ -136,19 +137,35 @@ def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
     )
 
 
+def mixed_config(quick: bool) -> MixedConfig:
+    if not quick:
+        return MixedConfig()
+    return MixedConfig(
+        instances=2,
+        duration_s=2.0,
+        short_every_s=0.25,
+        long_every_s=2.0,
+        long_words=200,
+        prefill_tokens_per_s=1000.0,
+        tokens_per_s=200.0,
+        policies=("least-work",),
+        heartbeat_interval=0.2,
+    )
+
+
 def main(
     quick: bool = typer.Option(False, "--quick", help="Tiny counts: a smoke test, not a measurement."),
     out_dir: Path = typer.Option(ROOT, help="Where docs/ and bench/results/ are written."),
     only: str = typer.Option(
         "",
-        help="Comma-separated subset: speed,balance,hetero,scale,worker,multiturn. The page keeps "
+        help="Comma-separated subset: speed,balance,hetero,scale,mixed,worker,multiturn. The page keeps "
         "the other sections from their last results in bench/results.",
     ),
     report_only: bool = typer.Option(
         False, "--report-only", help="Measure nothing: rebuild the page from bench/results."
     ),
 ) -> None:
-    everything = {"speed", "balance", "hetero", "scale", "worker", "multiturn"}
+    everything = {"speed", "balance", "hetero", "scale", "mixed", "worker", "multiturn"}
     chosen = set() if report_only else set(only.split(",")) if only else everything
     router = router_installed()
     notes = [] if router else ["sglang-router is not installed (pip install '.[bench]'): exo side only."]
@@ -173,6 +190,7 @@ def main(
         ("balance", lambda: run_balance(balance_cfg, log_dir / "balance", router)),
         ("hetero", lambda: run_hetero(balance_cfg, log_dir / "hetero", router)),
         ("scale", lambda: run_scale(scale_cfg, log_dir / "scale")),
+        ("mixed", lambda: run_mixed(mixed_config(quick), log_dir / "mixed")),
         ("worker", lambda: run_worker_bench(quick, results_dir / "worker.json")),
         ("multiturn", lambda: run_multiturn_bench(quick, results_dir)),
     ]

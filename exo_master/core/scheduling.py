@@ -62,6 +62,7 @@ class Scheduler:
             if config.prefix_affinity and policy.name in ("least-work", "least-loaded", "power-of-two")
             else None
         )
+        self.chars_per_token: dict[ModelId, float] = {}  # per model, from the workers' reports
         self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
         self._touched: set[ModelId] = set()  # models whose instances changed eligibility or left
         book.on_load_change = self.reindex
@@ -105,7 +106,7 @@ class Scheduler:
     def work_ahead(self, inst: InstanceRecord) -> int:
         """Prompt tokens the instance has to process before a new request's: its last report, plus
         an estimate for each task bound to it that the report did not list yet."""
-        ratio = inst.work.chars_per_token if inst.work is not None else 0.0
+        ratio = self.chars_per_token.get(inst.model, 0.0)
         ahead = inst.work.prefill_tokens if inst.work is not None else 0
         for task_id in inst.confirmed:
             if task_id not in inst.reported:
@@ -116,7 +117,8 @@ class Scheduler:
         return ahead
 
     def first_token_wait(self, inst: InstanceRecord, chars: int) -> float:
-        ratio = inst.work.chars_per_token if inst.work is not None else 0.0
+        # One ratio per model: a request's estimated size must not depend on the candidate.
+        ratio = self.chars_per_token.get(inst.model, 0.0)
         rate = prefill_rate(inst.work, inst.capacity)
         return first_token_wait(self.work_ahead(inst), estimate_tokens(chars, ratio), rate)
 
@@ -126,6 +128,12 @@ class Scheduler:
     def observe(self, inst: InstanceRecord, work: InstanceWork | None, active: frozenset[TaskId]) -> None:
         """A heartbeat's picture of the instance: its work, and which active tasks nobody owns."""
         inst.work, inst.reported = work, active
+        if work is not None and work.chars_per_token > 0:
+            # Smoothed over the model's instances and their reports (each already smoothed).
+            old = self.chars_per_token.get(inst.model, 0.0)
+            self.chars_per_token[inst.model] = (
+                work.chars_per_token if old == 0 else 0.9 * old + 0.1 * work.chars_per_token
+            )
         unowned = frozenset(
             t
             for t in active
