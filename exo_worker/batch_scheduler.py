@@ -57,6 +57,7 @@ class GenRequest:
     delivery: Delivery
     stopped: Callable[[], bool]  # cancelled, or the awaiting task went away
     future: concurrent.futures.Future[RunOutcome]
+    prompt: list[int] | None = None  # tokenized (and checked against the context) before it queued
 
     def start(self) -> bool:
         """Mark the request as taken; False when its awaiting task already gave up."""
@@ -157,15 +158,11 @@ class BatchScheduler:
             return
         params = request.params
         try:
-            # A legacy completion (params.prompt set) continues the raw text: no chat template.
-            raw = params.prompt
-            prompt = self._encode_prompt(params.messages) if raw is None else self._encode_raw(raw)
+            prompt = request.prompt if request.prompt is not None else self.tokenize(params)
             max_tokens = fit_completion(params, len(prompt), self.context_length)
         except EngineError as exc:
             request.settle(exc)
             return
-        chars = len(raw) if raw is not None else sum(len(m.content) for m in params.messages)
-        self.meter.chars_per_token.add(chars, len(prompt))
         from mlx_lm.models.cache import make_prompt_cache
 
         sampling = sampling_defaults.resolve(params, self._default_sampling)
@@ -194,6 +191,16 @@ class BatchScheduler:
             prefill_left=len(prompt) - reused,
         )
         self.publish()
+
+    def tokenize(self, params: TextGenerationParams) -> list[int]:
+        """The prompt's tokens (and its chars-per-token measured). Uses only the tokenizer, so the
+        engine may call it on another thread, before the request waits for a batch slot."""
+        # A legacy completion (params.prompt set) continues the raw text: no chat template.
+        raw = params.prompt
+        prompt = self._encode_prompt(params.messages) if raw is None else self._encode_raw(raw)
+        chars = len(raw) if raw is not None else sum(len(m.content) for m in params.messages)
+        self.meter.chars_per_token.add(chars, len(prompt))
+        return prompt
 
     def _encode_prompt(self, messages: tuple[ChatMessage, ...]) -> list[int]:
         chat = [{"role": m.role, "content": m.content} for m in messages]

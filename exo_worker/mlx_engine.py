@@ -30,7 +30,7 @@ import structlog
 
 from exo_worker import sampling_defaults
 from exo_worker.batch_scheduler import BatchScheduler, GenRequest, one_line
-from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink, fit_completion
 from exo_worker.mlx_thread import MlxThread
 from exo_worker.models import looks_like_hub_id
 from exo_worker.prompt_cache import PromptCache, default_budget_bytes
@@ -87,6 +87,7 @@ class MlxEngine:
         self._tokenizer: Any = None
         self._prompt_cache: PromptCache | None = None
         self._thread: MlxThread | None = None  # started by the first load
+        self._scheduler: BatchScheduler | None = None
 
     @property
     def kinds(self) -> tuple[TaskKind, ...]:
@@ -176,6 +177,7 @@ class MlxEngine:
         self._thread.attach(scheduler)
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
         self._context_length = context_length
+        self._scheduler = scheduler
         report("ready", 1.0)
         self._log.info("model loaded", source=self._source, default_sampling=default_sampling)
 
@@ -227,8 +229,12 @@ class MlxEngine:
         if not isinstance(params, TextGenerationParams):
             raise EngineError(f"MlxEngine serves TextGeneration only, not {params.KIND}")
         _validate(params)
-        if self._model is None or self._thread is None:
+        if self._model is None or self._thread is None or self._scheduler is None:
             raise EngineError(f"model {self._source} is not loaded")
+        # Tokenized here, off the MLX thread: a prompt over the context fails now, not after
+        # waiting for a batch step or a free slot behind a long prefill.
+        prompt = await asyncio.to_thread(self._scheduler.tokenize, params)
+        fit_completion(params, len(prompt), self._context_length)
         abandoned = threading.Event()  # the awaiting task went away: the sequence must stop
 
         def stopped() -> bool:
@@ -239,6 +245,7 @@ class MlxEngine:
             delivery=Delivery(asyncio.get_running_loop(), on_text, abandoned),
             stopped=stopped,
             future=concurrent.futures.Future(),
+            prompt=prompt,
         )
         self._thread.enqueue(request)
         try:
