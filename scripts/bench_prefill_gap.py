@@ -99,7 +99,10 @@ def main(
     cancel_after: float = typer.Option(20.0, help="Seconds into the second round's prefill to cancel."),
     out: Path = typer.Option(Path("bench/results/prefill_gap.json")),
 ) -> None:
-    engine = MlxEngine(resolve_model("smollm2"), label="smollm2", max_batch=4, prefill_chunk=chunk)
+    # No prompt cache: the second round's prompt must be processed again, not found in the cache.
+    engine = MlxEngine(
+        resolve_model("smollm2"), label="smollm2", max_batch=4, prefill_chunk=chunk, prompt_cache_bytes=0
+    )
     asyncio.run(engine.load())
     try:
         full = asyncio.run(_round(engine, prompt_tokens, None))

@@ -63,6 +63,10 @@ class Scheduler:
             else None
         )
         self.chars_per_token: dict[ModelId, float] = {}  # per model, from the workers' reports
+        # Placement by work: each placed task's estimated prompt tokens, and per instance the sum
+        # over its tasks that no heartbeat has listed yet (see work_ahead).
+        self._estimates: dict[TaskId, int] = {}
+        self._unreported: dict[InstanceId, int] = {}
         self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
         self._touched: set[ModelId] = set()  # models whose instances changed eligibility or left
         book.on_load_change = self.reindex
@@ -105,16 +109,11 @@ class Scheduler:
 
     def work_ahead(self, inst: InstanceRecord) -> int:
         """Prompt tokens the instance has to process before a new request's: its last report, plus
-        an estimate for each task bound to it that the report did not list yet."""
-        ratio = self.chars_per_token.get(inst.model, 0.0)
-        ahead = inst.work.prefill_tokens if inst.work is not None else 0
-        for task_id in inst.confirmed:
-            if task_id not in inst.reported:
-                ahead += estimate_tokens(prompt_chars(self.book.live[task_id].params), ratio)
-        for task_id in self.book.ledger.tasks_on(inst.instance_id):
-            if task_id not in inst.reported:
-                ahead += estimate_tokens(prompt_chars(self.book.live[task_id].params), ratio)
-        return ahead
+        the estimates of the tasks placed there that the report did not list yet. O(1): the second
+        part is a running sum, made exact again by every heartbeat (`observe`); a task that ends
+        before its instance's next report stays in it until then (at most one interval)."""
+        reported = inst.work.prefill_tokens if inst.work is not None else 0
+        return reported + self._unreported.get(inst.instance_id, 0)
 
     def first_token_wait(self, inst: InstanceRecord, chars: int) -> float:
         # One ratio per model: a request's estimated size must not depend on the candidate.
@@ -128,6 +127,11 @@ class Scheduler:
     def observe(self, inst: InstanceRecord, work: InstanceWork | None, active: frozenset[TaskId]) -> None:
         """A heartbeat's picture of the instance: its work, and which active tasks nobody owns."""
         inst.work, inst.reported = work, active
+        iid, estimates = inst.instance_id, self._estimates
+        bound = [*inst.confirmed, *self.book.ledger.tasks_on(iid)]
+        self._unreported[iid] = sum(estimates.get(t, 0) for t in bound if t not in active)
+        if len(estimates) > 2 * len(self.book.live) + 1024:  # ended tasks' entries: bounded
+            self._estimates = {t: n for t, n in estimates.items() if t in self.book.live}
         if work is not None and work.chars_per_token > 0:
             # Smoothed over the model's instances and their reports (each already smoothed).
             old = self.chars_per_token.get(inst.model, 0.0)
@@ -193,6 +197,9 @@ class Scheduler:
         if self.affinity is not None and task.prefixes:
             inst = self._prefer_prefix_holder(task, pool, inst, avoid, chars)
         load_before = self.load(inst)
+        estimate = estimate_tokens(chars, self.chars_per_token.get(inst.model, 0.0))
+        self._estimates[task.task_id] = estimate
+        self._unreported[inst.instance_id] = self._unreported.get(inst.instance_id, 0) + estimate
         self.book.bind(task, inst, now)
         if self.affinity is not None and task.prefixes:
             self.affinity.remember(task.prefixes, inst.instance_id)
