@@ -19,6 +19,7 @@ from exo_master.core.queue import QueueKey
 from exo_master.core.records import ClusterState, InstanceRecord
 from exo_master.core.tasks import TaskBook
 from exo_master.core.work import (
+    UnreportedWork,
     estimate_tokens,
     first_token_wait,
     prefill_rate,
@@ -63,10 +64,8 @@ class Scheduler:
             else None
         )
         self.chars_per_token: dict[ModelId, float] = {}  # per model, from the workers' reports
-        # Placement by work: each placed task's estimated prompt tokens, and per instance the sum
-        # over its tasks that no heartbeat has listed yet (see work_ahead).
-        self._estimates: dict[TaskId, int] = {}
-        self._unreported: dict[InstanceId, int] = {}
+        # Placement by work: the estimated prompts of tasks no heartbeat has listed yet.
+        self._unreported = UnreportedWork()
         self._woken: set[ModelId] = set()  # models with an instance that has a free slot now
         self._touched: set[ModelId] = set()  # models whose instances changed eligibility or left
         book.on_load_change = self.reindex
@@ -109,11 +108,9 @@ class Scheduler:
 
     def work_ahead(self, inst: InstanceRecord) -> int:
         """Prompt tokens the instance has to process before a new request's: its last report, plus
-        the estimates of the tasks placed there that the report did not list yet. O(1): the second
-        part is a running sum, made exact again by every heartbeat (`observe`); a task that ends
-        before its instance's next report stays in it until then (at most one interval)."""
+        the estimates of the tasks placed there that the report did not list yet (O(1))."""
         reported = inst.work.prefill_tokens if inst.work is not None else 0
-        return reported + self._unreported.get(inst.instance_id, 0)
+        return reported + self._unreported.tokens(inst.instance_id)
 
     def first_token_wait(self, inst: InstanceRecord, chars: int) -> float:
         # One ratio per model: a request's estimated size must not depend on the candidate.
@@ -127,11 +124,7 @@ class Scheduler:
     def observe(self, inst: InstanceRecord, work: InstanceWork | None, active: frozenset[TaskId]) -> None:
         """A heartbeat's picture of the instance: its work, and which active tasks nobody owns."""
         inst.work, inst.reported = work, active
-        iid, estimates = inst.instance_id, self._estimates
-        bound = [*inst.confirmed, *self.book.ledger.tasks_on(iid)]
-        self._unreported[iid] = sum(estimates.get(t, 0) for t in bound if t not in active)
-        if len(estimates) > 2 * len(self.book.live) + 1024:  # ended tasks' entries: bounded
-            self._estimates = {t: n for t, n in estimates.items() if t in self.book.live}
+        self._unreported.keep(inst.instance_id, lambda t: t not in active)
         if work is not None and work.chars_per_token > 0:
             # Smoothed over the model's instances and their reports (each already smoothed).
             old = self.chars_per_token.get(inst.model, 0.0)
@@ -156,6 +149,9 @@ class Scheduler:
 
     def reindex(self, inst: InstanceRecord) -> None:
         """An instance's load or eligibility changed: bring every pool it belongs to up to date."""
+        iid, live = inst.instance_id, self.book.live
+        # Tasks that ended here or moved away no longer wait for a prefill here.
+        self._unreported.keep(iid, lambda t: (task := live.get(t)) is not None and task.instance_id == iid)
         eligible = self.eligible(inst)
         load = self.load(inst)
         model, pools = inst.model, self.pools
@@ -198,8 +194,7 @@ class Scheduler:
             inst = self._prefer_prefix_holder(task, pool, inst, avoid, chars)
         load_before = self.load(inst)
         estimate = estimate_tokens(chars, self.chars_per_token.get(inst.model, 0.0))
-        self._estimates[task.task_id] = estimate
-        self._unreported[inst.instance_id] = self._unreported.get(inst.instance_id, 0) + estimate
+        self._unreported.add(inst.instance_id, task.task_id, estimate)
         self.book.bind(task, inst, now)
         if self.affinity is not None and task.prefixes:
             self.affinity.remember(task.prefixes, inst.instance_id)

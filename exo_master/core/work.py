@@ -17,7 +17,9 @@ All pure: numbers in, numbers out.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+from protocol.ids import InstanceId, TaskId
 from protocol.messages import InstanceWork, TaskParams, TextGenerationParams
 
 DEFAULT_CHARS_PER_TOKEN = 4.0  # English prose with a BPE tokenizer, until a worker measured one
@@ -58,3 +60,32 @@ def first_token_wait(ahead_tokens: int, prompt_tokens: int, rate: float) -> floa
 def short_request_wait(rate: float) -> float:
     """The slack of placement by work: the prefill time of one short request."""
     return SHORT_REQUEST_TOKENS / rate
+
+
+class UnreportedWork:
+    """Per instance, the estimated prompt tokens of the tasks placed there that no heartbeat has
+    listed yet, with their sum kept incrementally (a lookup is O(1)). An entry leaves when a report
+    lists its task (the report's own count covers it from then on) or when the task is no longer
+    bound there (ended, or moved)."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[InstanceId, dict[TaskId, int]] = {}
+        self._sums: dict[InstanceId, int] = {}
+
+    def add(self, iid: InstanceId, task_id: TaskId, tokens: int) -> None:
+        tasks = self._tasks.setdefault(iid, {})
+        self._sums[iid] = self._sums.get(iid, 0) + tokens - tasks.get(task_id, 0)
+        tasks[task_id] = tokens
+
+    def keep(self, iid: InstanceId, wanted: Callable[[TaskId], bool]) -> None:
+        """Drop the instance's entries whose task is not `wanted` any more."""
+        tasks = self._tasks.get(iid)
+        if not tasks:
+            return
+        for task_id in [t for t in tasks if not wanted(t)]:
+            self._sums[iid] -= tasks.pop(task_id)
+        if not tasks:
+            del self._tasks[iid], self._sums[iid]
+
+    def tokens(self, iid: InstanceId) -> int:
+        return self._sums.get(iid, 0)
