@@ -243,7 +243,10 @@ def run(
         52416, envvar="EXO_BUS_PORT", help="Bus port (master to workers); workers publish to port + 1."
     ),
     policy: str = typer.Option(
-        "least-loaded", envvar="EXO_POLICY", callback=_check_policy, help="Placement policy."
+        "least-work",
+        envvar="EXO_POLICY",
+        callback=_check_policy,
+        help="Placement policy: least-work (estimated time to first token), least-loaded (task count), ...",
     ),
     heartbeat_interval: float = typer.Option(1.0, envvar="EXO_HEARTBEAT_INTERVAL", min=0.05),
     heartbeat_liveness: int = typer.Option(3, envvar="EXO_HEARTBEAT_LIVENESS", min=1),

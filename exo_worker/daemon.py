@@ -17,6 +17,7 @@ it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worke
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import re
 import secrets
@@ -207,6 +208,35 @@ def serve(
     sim_tokens_per_s: Annotated[
         float, typer.Option("--sim-tokens-per-s", envvar="EXO_SIM_TOKENS_PER_S", callback=_positive)
     ] = 50.0,
+    prefill_chunk: Annotated[
+        int,
+        typer.Option(
+            "--prefill-chunk",
+            envvar="EXO_PREFILL_CHUNK",
+            min=0,
+            help="Prompt tokens processed per batch step, between decode steps; a cancel waits at most "
+            "one chunk. 0 (default): sized from the measured prefill rate to about 0.5 s per step "
+            "(4 tokens on a 2-core CPU, up to 2048 on a fast GPU). Sim engine: 0 means 256.",
+        ),
+    ] = 0,
+    sim_prefill_tokens_per_s: Annotated[
+        float,
+        typer.Option(
+            "--sim-prefill-tokens-per-s",
+            envvar="EXO_SIM_PREFILL_TOKENS_PER_S",
+            callback=_positive,
+            help="Sim engine: prompt tokens (words) processed per second; inf: prompts cost nothing.",
+        ),
+    ] = math.inf,
+    sim_context_length: Annotated[
+        int,
+        typer.Option(
+            "--sim-context-length",
+            envvar="EXO_SIM_CONTEXT_LENGTH",
+            min=0,
+            help="Sim engine: the context length in tokens (words) it enforces; 0: unlimited.",
+        ),
+    ] = 0,
     heartbeat_interval: Annotated[
         float, typer.Option("--heartbeat-interval", envvar="EXO_HEARTBEAT_INTERVAL", callback=_positive)
     ] = 1.0,
@@ -350,6 +380,9 @@ def serve(
                 sim_tokens_per_s,
                 max_concurrency=max_concurrency,
                 prompt_cache_bytes=prompt_cache_bytes,
+                prefill_chunk=prefill_chunk,
+                sim_prefill_tokens_per_s=sim_prefill_tokens_per_s,
+                sim_context_length=sim_context_length,
             )
             if model_name is not None
             else None
@@ -369,7 +402,14 @@ def serve(
         raise typer.Exit(EXIT_MODEL_LOAD) from None
     facts = _node_facts(engine, sim_catalog, sim_bytes, models_dir)
     model_engines = build_model_engines(
-        engine, facts.catalog, sim_catalog, sim_tokens_per_s, prompt_cache_bytes=prompt_cache_bytes
+        engine,
+        facts.catalog,
+        sim_catalog,
+        sim_tokens_per_s,
+        prompt_cache_bytes=prompt_cache_bytes,
+        prefill_chunk=prefill_chunk,
+        sim_prefill_tokens_per_s=sim_prefill_tokens_per_s,
+        sim_context_length=sim_context_length,
     )
     config = WorkerConfig(
         node_id=node,

@@ -14,7 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from protocol.messages import FinishReason, PromptCacheStats, TaskKind, TaskParams, ToolCall, Usage
+from protocol.messages import (
+    FinishReason,
+    InstanceWork,
+    PromptCacheStats,
+    TaskKind,
+    TaskParams,
+    TextGenerationParams,
+    ToolCall,
+    Usage,
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -23,6 +32,34 @@ class ModelLoadError(RuntimeError):
 
 class EngineError(RuntimeError):
     """One task cannot be run (bad parameters for this model, backend failure). The task fails."""
+
+    # For clients, when the request itself is at fault (the master maps known codes to a 4xx).
+    code: str | None = None
+
+
+class ContextLengthExceeded(EngineError):
+    """The prompt plus the completion asked for do not fit the model's context (HTTP 400)."""
+
+    code = "context_length_exceeded"
+
+
+def fit_completion(params: TextGenerationParams, prompt_tokens: int, context_length: int) -> int:
+    """The completion budget for a prompt of `prompt_tokens`: `params.max_tokens` when it fits the
+    context, else capped by what the context leaves when the client gave no max_tokens; a request
+    that cannot fit raises ContextLengthExceeded naming the numbers, as OpenAI and vLLM do.
+    `context_length` 0 means unlimited."""
+    wanted = params.max_tokens
+    if context_length <= 0 or prompt_tokens + wanted <= context_length:
+        return wanted
+    room = context_length - prompt_tokens
+    if not params.max_tokens_given and room >= 1:
+        return room
+    completion = wanted if params.max_tokens_given else 1
+    raise ContextLengthExceeded(
+        f"This model's maximum context length is {context_length} tokens. However, you requested "
+        f"{prompt_tokens + completion} tokens ({prompt_tokens} in the messages, {completion} in the "
+        "completion). Please reduce the length of the messages or completion."
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +80,16 @@ class Engine(Protocol):
     async def load(self, progress: ProgressSink | None = None) -> None: ...
 
     async def run(self, params: TaskParams, on_text: TextSink, cancel: threading.Event) -> RunOutcome: ...
+
+
+@runtime_checkable
+class ReportsWork(Protocol):
+    """An engine that counts its own work; the runner puts it into every heartbeat."""
+
+    @property
+    def context_length(self) -> int: ...
+
+    def work(self) -> InstanceWork: ...
 
 
 @runtime_checkable

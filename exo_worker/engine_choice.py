@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,16 +37,28 @@ def build_engine_factory(
     *,
     max_concurrency: int = 4,
     prompt_cache_bytes: int | None = None,
+    prefill_chunk: int = 0,
+    sim_prefill_tokens_per_s: float = math.inf,
+    sim_context_length: int = 0,
 ) -> EngineFactory:
     """Resolve the backend once; raises ModelLoadError when the model cannot be found.
 
     An MLX instance batches up to `max_concurrency` sequences and keeps a prompt cache of at most
-    `prompt_cache_bytes` (None: derived from the memory available; 0: no prompt cache).
+    `prompt_cache_bytes` (None: derived from the memory available; 0: no prompt cache), and
+    processes prompts `prefill_chunk` tokens per step (0: sized from its measured prefill rate).
+    A sim instance models prefill at `sim_prefill_tokens_per_s` (inf: instant) in chunks of
+    `prefill_chunk` (0: 256) and a context of `sim_context_length` tokens (0: unlimited).
     """
     if engine is EngineName.SIM:
         from exo_worker.sim_engine import SimEngine
 
-        return lambda instance_id: SimEngine(sim_tokens_per_s, seed_salt="")
+        return lambda instance_id: SimEngine(
+            sim_tokens_per_s,
+            seed_salt="",
+            prefill_tokens_per_s=sim_prefill_tokens_per_s,
+            prefill_chunk=prefill_chunk or 256,
+            context_length=sim_context_length,
+        )
     try:
         # Imported lazily: mlx is heavy and optional; the sim engine must work without it.
         from exo_worker.mlx_engine import MlxEngine
@@ -54,7 +67,11 @@ def build_engine_factory(
         raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
     path = resolve_model(model)
     return lambda instance_id: MlxEngine(
-        path, label=model, max_batch=max_concurrency, prompt_cache_bytes=prompt_cache_bytes
+        path,
+        label=model,
+        max_batch=max_concurrency,
+        prompt_cache_bytes=prompt_cache_bytes,
+        prefill_chunk=prefill_chunk,
     )
 
 
@@ -65,13 +82,24 @@ def build_model_engines(
     sim_tokens_per_s: float,
     *,
     prompt_cache_bytes: int | None = None,
+    prefill_chunk: int = 0,
+    sim_prefill_tokens_per_s: float = math.inf,
+    sim_context_length: int = 0,
 ) -> ModelEngineFactory:
-    """Engines for the models the master places here (LoadInstance): any model in the catalog."""
+    """Engines for the models the master places here (LoadInstance): any model in the catalog, with
+    the same prefill settings as an instance the worker declares itself (see build_engine_factory)."""
     if engine is EngineName.SIM:
         from exo_worker.sim_engine import SimEngine
 
         def sim(model: ModelId, instance_id: InstanceId, slots: int) -> Engine:
-            return SimEngine(sim_tokens_per_s, seed_salt="", load_delay_s=sim_models[model].load_seconds)
+            return SimEngine(
+                sim_tokens_per_s,
+                seed_salt="",
+                load_delay_s=sim_models[model].load_seconds,
+                prefill_tokens_per_s=sim_prefill_tokens_per_s,
+                prefill_chunk=prefill_chunk or 256,
+                context_length=sim_context_length,
+            )
 
         return sim
 
@@ -82,6 +110,12 @@ def build_model_engines(
             raise ModelLoadError(f"the mlx engine is not available: {exc} (install exo-master[mlx])") from exc
         # The daemon prepared the built-in model at start, so every catalog entry is a directory.
         path = catalog[model].path
-        return MlxEngine(path, label=str(model), max_batch=slots, prompt_cache_bytes=prompt_cache_bytes)
+        return MlxEngine(
+            path,
+            label=str(model),
+            max_batch=slots,
+            prompt_cache_bytes=prompt_cache_bytes,
+            prefill_chunk=prefill_chunk,
+        )
 
     return mlx

@@ -8,6 +8,11 @@ for why). `run()` hands a request to that thread and awaits its outcome; up to `
 decode together in one `BatchScheduler` batch (batch_scheduler.py), the rest wait for a slot. Each
 engine keeps a `PromptCache` (prompt_cache.py), so a prompt sharing a prefix with an earlier one
 only processes its new tokens.
+
+Prompts are processed in chunks between decode steps (`prefill_chunk`, 0: sized automatically from
+the measured prefill rate; see batch_scheduler.py), so a long prompt neither stalls the sequences
+already decoding nor delays its own cancel by more than one chunk. The engine measures its prefill
+and decode rates and reports its work (`work()`) for the worker's heartbeats.
 """
 
 from __future__ import annotations
@@ -20,17 +25,19 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import structlog
 
 from exo_worker import sampling_defaults
 from exo_worker.batch_scheduler import BatchScheduler, GenRequest, one_line
-from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink, fit_completion
 from exo_worker.mlx_thread import MlxThread
 from exo_worker.models import looks_like_hub_id
 from exo_worker.prompt_cache import PromptCache, default_budget_bytes
 from exo_worker.text_delivery import Delivery
 from exo_worker.tool_calls import format_of, run_with_tools
-from protocol.messages import PromptCacheStats, TaskKind, TaskParams, TextGenerationParams
+from exo_worker.work_meter import WorkMeter
+from protocol.messages import InstanceWork, PromptCacheStats, TaskKind, TaskParams, TextGenerationParams
 
 
 def _validate(params: TextGenerationParams) -> None:
@@ -58,9 +65,15 @@ class MlxEngine:
         *,
         max_batch: int = 4,
         prompt_cache_bytes: int | None = None,
+        prefill_chunk: int = 0,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be >= 0 (0: automatic), got {prefill_chunk}")
+        self._prefill_chunk = prefill_chunk
+        self._meter = WorkMeter(prefill_chunk)
+        self._context_length = 0
         self._source = str(model)
         self._label = label or self._source
         self._log = structlog.get_logger(__name__).bind(model=self._label)
@@ -72,6 +85,7 @@ class MlxEngine:
         self._tokenizer: Any = None
         self._prompt_cache: PromptCache | None = None
         self._thread: MlxThread | None = None  # started by the first load
+        self._scheduler: BatchScheduler | None = None
 
     @property
     def kinds(self) -> tuple[TaskKind, ...]:
@@ -80,6 +94,16 @@ class MlxEngine:
     @property
     def max_batch(self) -> int:
         return self._max_batch
+
+    @property
+    def context_length(self) -> int:
+        """The model's context in tokens (its max_position_embeddings); 0 before load or unknown."""
+        return self._context_length
+
+    def work(self) -> InstanceWork:
+        snapshot = self._meter.snapshot
+        waiting = self._thread.waiting if self._thread is not None else 0
+        return msgspec.structs.replace(snapshot, waiting=waiting) if waiting else snapshot
 
     def prompt_cache_stats(self) -> PromptCacheStats:
         if self._prompt_cache is None:
@@ -131,12 +155,16 @@ class MlxEngine:
             report("warming up", 0.8)
             prompt_cache = PromptCache(self._cache_bytes)
             default_sampling = sampling_defaults.for_model(self._source)
+            context_length = int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0)
             scheduler = BatchScheduler(
                 model,
                 tokenizer,
                 max_batch=self._max_batch,
                 prompt_cache=prompt_cache,
                 default_sampling=default_sampling,
+                context_length=context_length,
+                prefill_chunk=self._prefill_chunk,
+                meter=self._meter,
             )
             self._warm_up(model, tokenizer)
         except ModelLoadError:
@@ -146,6 +174,8 @@ class MlxEngine:
         assert self._thread is not None
         self._thread.attach(scheduler)
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
+        self._context_length = context_length
+        self._scheduler = scheduler
         report("ready", 1.0)
         self._log.info("model loaded", source=self._source, default_sampling=default_sampling)
 
@@ -206,14 +236,22 @@ class MlxEngine:
         if not isinstance(params, TextGenerationParams):
             raise EngineError(f"MlxEngine serves TextGeneration only, not {params.KIND}")
         _validate(params)
-        if self._model is None or self._thread is None:
+        if self._model is None or self._thread is None or self._scheduler is None:
             raise EngineError(f"model {self._source} is not loaded")
+        # Tokenized here, off the MLX thread: a prompt over the context fails now, not after
+        # waiting for a batch step or a free slot behind a long prefill.
+        prompt = await asyncio.to_thread(self._scheduler.tokenize, params)
+        fit_completion(params, len(prompt), self._context_length)
         # `cancel` is the request's one stop signal: the runner sets it to cancel, and so does this
         # coroutine when its awaiting task goes away. The future only carries the outcome back (it is
         # shielded, so the MLX thread never finds it cancelled).
         delivery = Delivery(asyncio.get_running_loop(), on_text, cancel)
         request = GenRequest(
-            params=params, delivery=delivery, stopped=cancel.is_set, future=concurrent.futures.Future()
+            params=params,
+            delivery=delivery,
+            stopped=cancel.is_set,
+            future=concurrent.futures.Future(),
+            prompt=prompt,
         )
         self._thread.enqueue(request)
         outcome = asyncio.wrap_future(request.future)

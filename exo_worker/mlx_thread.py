@@ -75,6 +75,11 @@ class MlxThread:
             self._waiting.append(request)
             self._wake.notify()
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a batch slot (read from any thread: one len() of a deque)."""
+        return len(self._waiting)
+
     def close(self, timeout: float = 10.0) -> None:
         """Finish what is queued and running, then end the thread (clearing its MLX streams)."""
         with self._wake:

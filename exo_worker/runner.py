@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache
+from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache, ReportsWork
 from exo_worker.output_log import OutputLog
 from exo_worker.task_lifecycle import FinalMessage, TaskState, Trigger, WorkerTask, advance, ending
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
@@ -221,6 +221,9 @@ class Runner:
             memory_bytes=self.memory_bytes,
             progress=self.progress,
             placement=self.placement,
+            # Counted by the engine: a cancelled prompt still being stopped is still work here.
+            work=self.engine.work() if isinstance(self.engine, ReportsWork) else None,
+            context_length=self.engine.context_length if isinstance(self.engine, ReportsWork) else 0,
         )
 
     # ---- the moves ---------------------------------------------------------------------------
@@ -263,7 +266,7 @@ class Runner:
             )
             final = self._finished(task_id, outcome.finish_reason, outcome.usage, outcome.tool_calls)
         except EngineError as exc:
-            final = self._failed(task_id, str(exc) or type(exc).__name__)
+            final = self._failed(task_id, str(exc) or type(exc).__name__, code=exc.code)
         except asyncio.CancelledError:
             # Hard-stopped at shutdown: still tell the master how it ended, then let it unwind.
             self._end_running(task, self._finished(task_id, FinishReason.CANCELLED, Usage()))
@@ -325,13 +328,16 @@ class Runner:
             tool_calls=tool_calls,
         )
 
-    def _failed(self, task_id: TaskId, reason: str, refused: bool = False) -> TaskFailed:
+    def _failed(
+        self, task_id: TaskId, reason: str, refused: bool = False, code: str | None = None
+    ) -> TaskFailed:
         return TaskFailed(
             node_id=self.node_id,
             task_id=task_id,
             instance_id=self.instance_id,
             reason=reason,
             refused=refused,
+            code=code,
         )
 
 

@@ -4,6 +4,13 @@ It behaves like a real engine from the scheduler's point of view: it takes time 
 configured tokens/s stands in for compute), streams text, honours max_tokens, stop strings and
 cancellation, and serves every task kind. Its output is deterministic: each word is chosen by a hash
 of (salt, prompt, seed, token index), so a test or benchmark can predict the exact text.
+
+Prefill is modelled when `prefill_tokens_per_s` is finite: a prompt of N tokens (one word, one
+token) is processed in chunks of `prefill_chunk` tokens, each taking chunk / rate seconds of the
+instance's one compute lane (chunks of concurrent prompts take turns, first come first served, as
+mlx-lm's batch steps do); a cancel takes effect at the next chunk boundary. A decoding sequence
+waits for the chunk in progress before its next token, as a batch step does. With a
+`context_length`, a prompt plus max_tokens over it fails as the MLX engine's does.
 """
 
 from __future__ import annotations
@@ -15,13 +22,15 @@ import json
 import math
 import threading
 
-from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink, fit_completion
 from exo_worker.stop_strings import StopStringFilter
 from exo_worker.tool_calls import ToolFormat, load_format, run_with_tools
+from exo_worker.work_meter import RatioMeter
 from protocol.messages import (
     FinishReason,
     ImageEditsParams,
     ImageGenerationParams,
+    InstanceWork,
     TaskKind,
     TaskParams,
     TextGenerationParams,
@@ -77,10 +86,27 @@ class SimEngine:
         load_error: str | None = None,
         kinds: tuple[TaskKind, ...] = ALL_KINDS,
         tool_format: str = "json_tools",
+        prefill_tokens_per_s: float = math.inf,
+        prefill_chunk: int = 256,
+        context_length: int = 0,
     ) -> None:
         if not tokens_per_s > 0:
             raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
+        if not prefill_tokens_per_s > 0:
+            raise ValueError(f"prefill_tokens_per_s must be > 0, got {prefill_tokens_per_s}")
+        if prefill_chunk < 1 or context_length < 0:
+            raise ValueError("prefill_chunk must be >= 1 and context_length >= 0")
         self._interval = 0.0 if math.isinf(tokens_per_s) else 1.0 / tokens_per_s
+        self._tokens_per_s = tokens_per_s
+        self._prefill_rate = prefill_tokens_per_s
+        self._prefill_chunk = prefill_chunk
+        self._context_length = context_length
+        self._lane = asyncio.Lock()  # created lazily on first use by asyncio: no loop needed here
+        self._lane_idle = asyncio.Event()
+        self._lane_idle.set()
+        self._prefill_left = 0  # over all prompts being processed
+        self._decoding = 0
+        self._chars_per_token = RatioMeter(decay=0.95)
         self._salt = seed_salt
         self._load_delay_s = load_delay_s
         # Lets tests and cluster experiments exercise the "instance failed to load" path.
@@ -93,6 +119,21 @@ class SimEngine:
     @property
     def kinds(self) -> tuple[TaskKind, ...]:
         return self._kinds
+
+    @property
+    def context_length(self) -> int:
+        return self._context_length
+
+    def work(self) -> InstanceWork:
+        finite = not math.isinf(self._prefill_rate)
+        return InstanceWork(
+            prefill_tokens=self._prefill_left,
+            decoding=self._decoding,
+            prefill_rate=self._prefill_rate if finite else 0.0,
+            decode_rate=0.0 if math.isinf(self._tokens_per_s) else self._tokens_per_s,
+            chars_per_token=round(self._chars_per_token.value, 3),
+            prefill_chunk=self._prefill_chunk if finite else 0,
+        )
 
     async def load(self, progress: ProgressSink | None = None) -> None:
         if progress is not None:
@@ -143,16 +184,59 @@ class SimEngine:
         fmt: ToolFormat | None = None,
     ) -> RunOutcome:
         prompt = sim_prompt(params)
+        texts = [params.prompt] if params.prompt is not None else [m.content for m in params.messages]
+        prompt_tokens = sum(word_count(text) for text in texts)
+        max_tokens = fit_completion(params, prompt_tokens, self._context_length)
+        self._chars_per_token.add(sum(len(text) for text in texts), prompt_tokens)
+        if not await self._prefill(prompt_tokens, cancel):
+            return RunOutcome(FinishReason.CANCELLED, Usage(prompt_tokens=prompt_tokens))
+        self._decoding += 1
+        try:
+            return await self._decode(params, prompt, prompt_tokens, max_tokens, on_text, cancel, fmt)
+        finally:
+            self._decoding -= 1
+
+    async def _prefill(self, tokens: int, cancel: threading.Event) -> bool:
+        """Process the prompt chunk by chunk on the shared lane; False when cancelled."""
+        if math.isinf(self._prefill_rate):
+            return True
+        self._prefill_left += tokens
+        try:
+            while tokens > 0:
+                async with self._lane:
+                    if cancel.is_set():
+                        return False
+                    chunk = min(self._prefill_chunk, tokens)
+                    self._lane_idle.clear()
+                    try:
+                        await asyncio.sleep(chunk / self._prefill_rate)  # simulated compute
+                    finally:
+                        self._lane_idle.set()
+                    tokens -= chunk
+                    self._prefill_left -= chunk
+                if cancel.is_set():  # at the chunk boundary
+                    return False
+            return True
+        finally:
+            self._prefill_left -= tokens
+
+    async def _decode(
+        self,
+        params: TextGenerationParams,
+        prompt: str,
+        prompt_tokens: int,
+        max_tokens: int,
+        on_text: TextSink,
+        cancel: threading.Event,
+        fmt: ToolFormat | None,
+    ) -> RunOutcome:
         call = sim_tool_call(params, fmt)
         pieces = call.split(" ") if call is not None else None
-        prompt_tokens = (
-            word_count(params.prompt)
-            if params.prompt is not None
-            else sum(word_count(m.content) for m in params.messages)
-        )
         stops = StopStringFilter(params.stop)
         deadline = asyncio.get_running_loop().time() + self._interval
-        for index in range(params.max_tokens):
+        for index in range(max_tokens):
+            if not self._lane_idle.is_set():  # a prompt chunk is being processed: this step waits
+                await self._lane_idle.wait()
             if cancel.is_set():
                 return RunOutcome(
                     FinishReason.CANCELLED, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
@@ -182,7 +266,7 @@ class SimEngine:
         tail, hit = stops.flush()
         if tail:
             on_text(tail)
-        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=params.max_tokens)
+        usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
         return RunOutcome(FinishReason.STOP if hit else FinishReason.LENGTH, usage)
 
     async def _generate_image(

@@ -50,6 +50,21 @@ class InstanceRow(msgspec.Struct, frozen=True, kw_only=True):
     # Prompt tokens the cache spared the model, and all prompt tokens: their ratio is the saving.
     prompt_cache_reused_tokens: int = 0
     prompt_tokens: int = 0
+    # The engine's work as its worker last reported it (placement by work): prompt tokens still to
+    # prefill, sequences decoding, requests waiting for a batch slot; `unowned`: tasks the engine
+    # still runs that no live task here owns (a cancelled prompt being stopped): they keep a slot.
+    prefill_tokens: int = 0
+    decoding: int = 0
+    engine_waiting: int = 0
+    unowned: int = 0
+    # Measured speeds (0: not measured yet), the chars-per-token ratio the master estimates prompt
+    # tokens with, the model's context length (0: unknown), and the master's estimate of the
+    # seconds before a short request placed there now would get its first token.
+    prefill_rate: float = 0.0
+    decode_rate: float = 0.0
+    chars_per_token: float = 0.0
+    context_length: int = 0
+    first_token_wait: float = 0.0
 
 
 class NodeRow(msgspec.Struct, frozen=True, kw_only=True):

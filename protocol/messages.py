@@ -116,6 +116,11 @@ class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextG
     # call one of them (a named choice is sent as that one tool, required).
     tools: Annotated[tuple[ToolSpec, ...], msgspec.Meta(max_length=MAX_TOOLS)] = ()
     tool_choice: Literal["auto", "required"] = "auto"
+    # False when the client gave no max_tokens and `max_tokens` is the API's default: the engine
+    # then caps it by what the model's context leaves after the prompt, instead of refusing the
+    # request (OpenAI's behaviour). True (the default, so older frames mean what they meant): a
+    # prompt plus max_tokens over the context is a `context_length_exceeded` error.
+    max_tokens_given: bool = True
 
 
 class ImageGenerationParams(
@@ -163,6 +168,25 @@ class PromptCacheStats(msgspec.Struct, frozen=True, kw_only=True):
     )
 
 
+_Rate = Annotated[float, msgspec.Meta(ge=0, le=1e9)]
+
+
+class InstanceWork(msgspec.Struct, frozen=True, kw_only=True):
+    """What an instance's engine is really doing now, and how fast it works (placement by work).
+
+    Counted by the engine, so it includes work no task owns any more (a cancelled prompt whose
+    processing is still being stopped). Rates are smoothed measurements; 0 means not measured yet.
+    """
+
+    prefill_tokens: _Count = 0  # prompt tokens admitted and still to process
+    decoding: _Count = 0  # sequences generating tokens
+    waiting: _Count = 0  # requests handed to the engine that wait for a batch slot
+    prefill_rate: _Rate = 0.0  # prompt tokens per second
+    decode_rate: _Rate = 0.0  # decode steps per second (one token for every decoding sequence)
+    chars_per_token: _Rate = 0.0  # prompt characters per prompt token, for the master's estimates
+    prefill_chunk: _Count = 0  # prompt tokens per step (0: the engine does not chunk)
+
+
 class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     """One model instance as its worker sees it; part of every heartbeat (a full snapshot)."""
 
@@ -188,6 +212,11 @@ class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     # The master's placement this instance belongs to (from LoadInstance); "" for an instance the
     # worker declared itself (--model): the master shows it as unmanaged and never unloads it.
     placement: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)] = ""
+
+    # The model's context length in tokens (prompt + completion); 0: unknown or unlimited.
+    context_length: _Count = 0
+    # None: an engine (or an older worker) that does not report its work.
+    work: InstanceWork | None = None
 
 
 class LocalModel(msgspec.Struct, frozen=True, kw_only=True):
@@ -253,6 +282,9 @@ class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFailed", ta
     # True when the worker never started the task (shutting down, instance not ready or unknown):
     # the master re-places it instead of failing the request.
     refused: bool = False
+    # Why, for clients, when it is the request's fault: "context_length_exceeded" (HTTP 400, not
+    # re-placed: every instance of the model would refuse it). None: the worker's failure (500).
+    code: Annotated[str, msgspec.Meta(max_length=64)] | None = None
 
 
 WorkerMessage = WorkerHeartbeat | TaskAccepted | TaskChunk | TaskFinished | TaskFailed

@@ -23,6 +23,7 @@ from typing import Any
 
 import typer
 from benchkit.balance import BalanceConfig, run_balance, run_hetero
+from benchkit.mixed import MixedConfig, run_mixed
 from benchkit.procs import ROOT, load_average, machine_info, router_installed
 from benchkit.report import charts, markdown
 from benchkit.scale import ScaleConfig, run_scale
@@ -30,6 +31,7 @@ from benchkit.speed import SpeedConfig, run_speed
 
 WORKER_BENCH = ROOT / "scripts" / "bench_worker.py"
 MULTITURN_BENCH = ROOT / "scripts" / "bench_multiturn.py"
+PREFILL_GAP_BENCH = ROOT / "scripts" / "bench_prefill_gap.py"
 # (model, turns in flight, reply tokens): one turn at a time every instance is idle when a turn
 # arrives (affinity breaks the tie); with two in flight over two instances the chat's home is often
 # the busy one. (Replies up to 64 tokens changed little: the system prompt asks for one sentence,
@@ -81,6 +83,15 @@ def run_multiturn_bench(quick: bool, results_dir: Path) -> dict[str, Any]:
         subprocess.run([*cmd, "--max-tokens", str(tokens), "--out", str(out)], check=True, timeout=3600)
         found[name] = json.loads(out.read_text())
     return found
+
+
+def run_prefill_gap_bench(quick: bool, results_dir: Path) -> dict[str, Any]:
+    """scripts/bench_prefill_gap.py (SmolLM2 on MLX, minutes on a CPU): the full make bench only."""
+    if quick:
+        return {"note": "quick run: the MLX prefill-gap run is measured by the full make bench only."}
+    out = results_dir / "prefill_gap.json"
+    subprocess.run([sys.executable, str(PREFILL_GAP_BENCH), "--out", str(out)], check=True, timeout=3600)
+    return dict(json.loads(out.read_text()))
 
 
 def _multiturn_names(results_dir: Path, model: str, concurrency: int, tokens: int) -> tuple[str, Path]:
@@ -136,19 +147,36 @@ def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
     )
 
 
+def mixed_config(quick: bool) -> MixedConfig:
+    if not quick:
+        return MixedConfig()
+    return MixedConfig(
+        instances=2,
+        duration_s=2.0,
+        short_every_s=0.25,
+        long_every_s=2.0,
+        long_words=200,
+        prefill_tokens_per_s=1000.0,
+        tokens_per_s=200.0,
+        policies=("least-work",),
+        heartbeat_interval=0.2,
+    )
+
+
 def main(
     quick: bool = typer.Option(False, "--quick", help="Tiny counts: a smoke test, not a measurement."),
     out_dir: Path = typer.Option(ROOT, help="Where docs/ and bench/results/ are written."),
     only: str = typer.Option(
         "",
-        help="Comma-separated subset: speed,balance,hetero,scale,worker,multiturn. The page keeps "
+        help="Comma-separated subset: speed,balance,hetero,scale,mixed,prefill_gap,worker,multiturn. The "
+        "page keeps "
         "the other sections from their last results in bench/results.",
     ),
     report_only: bool = typer.Option(
         False, "--report-only", help="Measure nothing: rebuild the page from bench/results."
     ),
 ) -> None:
-    everything = {"speed", "balance", "hetero", "scale", "worker", "multiturn"}
+    everything = {"speed", "balance", "hetero", "scale", "mixed", "prefill_gap", "worker", "multiturn"}
     chosen = set() if report_only else set(only.split(",")) if only else everything
     router = router_installed()
     notes = [] if router else ["sglang-router is not installed (pip install '.[bench]'): exo side only."]
@@ -173,6 +201,8 @@ def main(
         ("balance", lambda: run_balance(balance_cfg, log_dir / "balance", router)),
         ("hetero", lambda: run_hetero(balance_cfg, log_dir / "hetero", router)),
         ("scale", lambda: run_scale(scale_cfg, log_dir / "scale")),
+        ("mixed", lambda: run_mixed(mixed_config(quick), log_dir / "mixed")),
+        ("prefill_gap", lambda: run_prefill_gap_bench(quick, results_dir)),
         ("worker", lambda: run_worker_bench(quick, results_dir / "worker.json")),
         ("multiturn", lambda: run_multiturn_bench(quick, results_dir)),
     ]
@@ -186,7 +216,7 @@ def main(
         _say(f"{name} ...")
         started = time.monotonic()
         results[name] = step()
-        if name not in ("worker", "multiturn"):  # those write their own JSON files
+        if name not in ("worker", "multiturn", "prefill_gap"):  # those write their own JSON files
             payload = {"meta": {**meta, "load_now": load_average()}, **results[name]}
             (results_dir / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
         _say(f"{name} done in {time.monotonic() - started:.0f} s")

@@ -122,7 +122,7 @@ def main(
     workers: int = typer.Option(2, min=1, help="Worker processes to start."),
     engine: str = typer.Option("sim", help="sim (load-testing engine) or mlx (real inference)."),
     model: str = typer.Option("", help="Model name (default: sim-model for sim, smollm2 for mlx)."),
-    policy: str = typer.Option("least-loaded", help="Placement policy."),
+    policy: str = typer.Option("least-work", help="Placement policy."),
     instances: int = typer.Option(1, min=1, help="Instances per worker."),
     place: int = typer.Option(
         0,

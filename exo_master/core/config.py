@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class CoreConfig:
-    policy: str = "least-loaded"
+    policy: str = "least-work"
     seed: int = 0
     session: str = "master"
     heartbeat_interval: float = 1.0

@@ -114,6 +114,8 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
     unavailable: bool = False
     # True when an operator (or the master's API) cancelled the task.
     cancelled: bool = False
+    # The worker's code for a request error (context_length_exceeded: HTTP 400); None otherwise.
+    code: str | None = None
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored

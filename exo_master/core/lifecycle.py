@@ -111,6 +111,7 @@ class Fail:
 
     message: str
     unavailable: bool = False  # the cluster's fault (HTTP 503), not the request's
+    code: str | None = None  # names a request error (context_length_exceeded: HTTP 400)
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,12 +224,17 @@ def complete(book: TaskBook, task: TaskRecord, cause: Finish, step: Step) -> Non
 
 
 def report_failure(book: TaskBook, task: TaskRecord, cause: Fail, step: Step) -> None:
-    """End without a result and tell the client why (503 when `unavailable`)."""
+    """End without a result and tell the client why (503 when `unavailable`; `code` names a
+    request error, such as context_length_exceeded)."""
     task.error = cause.message
     _close(book, task, step)
     if task.instance_id is not None and task.instance_id in book.state.instances:
         book.state.instances[task.instance_id].failed += 1
-    step.emit(TaskErrored(task_id=task.task_id, message=cause.message, unavailable=cause.unavailable))
+    step.emit(
+        TaskErrored(
+            task_id=task.task_id, message=cause.message, unavailable=cause.unavailable, code=cause.code
+        )
+    )
 
 
 def report_cancel(book: TaskBook, task: TaskRecord, cause: Cancel, step: Step) -> None:

@@ -175,7 +175,7 @@ class MasterCore:
     # ---- public queries (what the shells and tests may read) ------------------------------------
 
     def load(self, inst: InstanceRecord) -> int:
-        return self.book.load(inst)
+        return self.candidates.load(inst)
 
     def task(self, task_id: TaskId) -> TaskRecord | None:
         return self.book.get(task_id)
@@ -186,7 +186,7 @@ class MasterCore:
     def loads_of(self, model: ModelId, limit: int = 16) -> dict[InstanceId, int]:
         """The first `limit` instances of a model and their loads (for the placement log line)."""
         members = self.state.by_model.get(model, {})
-        return {iid: self.book.load(inst) for iid, inst in islice(members.items(), limit)}
+        return {iid: self.candidates.load(inst) for iid, inst in islice(members.items(), limit)}
 
     def pool(self, model: ModelId, kind: object) -> InstancePool | None:
         return self.candidates.pools.get((model, kind))  # type: ignore[arg-type]
@@ -263,6 +263,8 @@ class MasterCore:
             return  # unknown or already over: cancelling is idempotent
         if task.instance_id is not None:
             self.liveness.cancel_copy(task.task_id, task.instance_id, step)
+            if task.status is TaskStatus.RUNNING:  # the engine has it: its slot is not free yet
+                self.candidates.hold(self.state.instances[task.instance_id], task.task_id)
         self.book.advance(task, Cancel(event.reason), step)
 
     def _reject(self, task_id: TaskId, reason: RejectReason, message: str, step: Step) -> None:
@@ -310,7 +312,7 @@ class MasterCore:
                 # attempt is lost, the request is not; it goes to another instance.
                 self.liveness.lose_attempt(task, f"{msg.instance_id} refused the task: {msg.reason}", step)
             else:
-                self.book.advance(task, Fail(msg.reason or "the worker failed the task"), step)
+                self.book.advance(task, Fail(msg.reason or "the worker failed the task", code=msg.code), step)
         elif msg.finish_reason is FinishReason.CANCELLED:
             # The master did not cancel this live task (it would be over or moved): the worker
             # gave it up (shutting down, or a stale cancel). That is a lost attempt, not a result.

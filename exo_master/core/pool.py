@@ -74,6 +74,10 @@ class InstancePool:
             heapq.heappush(self._heap, entry)
         return found
 
+    def stamp(self, iid: InstanceId) -> int:
+        """When the member was last updated: older first is the rotation among equals."""
+        return self._stamps[iid]
+
     def ordered(self) -> Iterator[InstanceRecord]:
         return iter(self.members.values())
 

@@ -108,6 +108,8 @@ class Reconciler:
         return inst if stops_taking_work(was, inst.phase) else None
 
     def _reconcile(self, node: NodeRecord, inst: InstanceRecord, report: InstanceReport, step: Step) -> None:
+        inst.context_length = report.context_length
+        self.candidates.observe(inst, report.work, frozenset(report.active_tasks))
         for task_id in report.active_tasks:
             task = self.book.live.get(task_id)
             if task is not None and task.instance_id == inst.instance_id:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from exo_master.core.instance_state import Phase
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
-from protocol.messages import PromptCacheStats, TaskKind
+from protocol.messages import InstanceWork, PromptCacheStats, TaskKind
 
 
 @dataclass(slots=True)
@@ -29,6 +29,14 @@ class InstanceRecord:
     confirmed: set[TaskId] = field(default_factory=set)
     completed: int = 0
     failed: int = 0
+    # From the latest heartbeat: the engine's work and speeds, the model's context length, and the
+    # task ids the worker listed as active (work for tasks bound since is estimated by the master).
+    work: InstanceWork | None = None
+    context_length: int = 0
+    reported: frozenset[TaskId] = frozenset()
+    # Tasks the engine still holds that no live task here owns (cancelled, or moved elsewhere):
+    # they occupy a slot until the worker's report says the engine let go.
+    unowned: frozenset[TaskId] = frozenset()
 
 
 @dataclass(slots=True)

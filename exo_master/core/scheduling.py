@@ -19,6 +19,7 @@ from exo_master.core.pool import InstancePool, score
 from exo_master.core.queue import QueueKey
 from exo_master.core.records import InstanceRecord
 from exo_master.core.tasks import TaskBook
+from exo_master.core.work import prompt_chars
 from protocol.ids import InstanceId, ModelId
 from protocol.messages import AssignTask
 
@@ -35,7 +36,7 @@ def assign_message(task: TaskRecord) -> AssignTask:
 def make_affinity(config: CoreConfig) -> AffinityIndex | None:
     """The prefix-affinity index, when the policy can use one. Only the score-ranking policies can
     prefer a prefix holder without giving up their rule; state-only stays the plain baseline."""
-    if config.prefix_affinity and config.policy in ("least-loaded", "power-of-two"):
+    if config.prefix_affinity and config.policy in ("least-work", "least-loaded", "power-of-two"):
         return AffinityIndex(config.affinity_entries)
     return None
 
@@ -64,14 +65,17 @@ class Scheduler:
         if pool is None or not pool.members:
             return False
         avoid = frozenset({task.lost_on}) if task.lost_on is not None else _NOWHERE
-        inst = self.policy.choose(pool, self.candidates, avoid)
+        chars = prompt_chars(task.params)
+        inst = self.policy.choose(pool, self.candidates, avoid, chars)
         if inst is None and avoid:
-            inst = self.policy.choose(pool, self.candidates, _NOWHERE)  # better the same instance than none
+            # better the same instance than none
+            inst = self.policy.choose(pool, self.candidates, _NOWHERE, chars)
         if inst is None:
             return False
         if self.affinity is not None and task.prefixes:
-            inst = self._prefer_prefix_holder(task, pool, inst, avoid)
+            inst = self._prefer_prefix_holder(task, pool, inst, avoid, chars)
         load_before = self.candidates.load(inst)
+        self.candidates.unreported.add(inst.instance_id, task.task_id, self.candidates.estimate(inst, chars))
         self.book.advance(task, Place(inst), step)
         if self.affinity is not None and task.prefixes:
             self.affinity.remember(task.prefixes, inst.instance_id)
@@ -91,11 +95,17 @@ class Scheduler:
         return True
 
     def _prefer_prefix_holder(
-        self, task: TaskRecord, pool: InstancePool, chosen: InstanceRecord, avoid: frozenset[InstanceId]
+        self,
+        task: TaskRecord,
+        pool: InstancePool,
+        chosen: InstanceRecord,
+        avoid: frozenset[InstanceId],
+        chars: int,
     ) -> InstanceRecord:
         """The instance holding the longest prefix of the chat, if it scores no worse than the
         policy's choice (plus the slack); otherwise the choice. With slack 0 this only breaks ties,
-        so a burst over equal instances stays within ceil(N/k) on each."""
+        so a burst over equal instances stays within ceil(N/k) on each. Under placement by work the
+        holder must also be within one short request of the choice's estimated wait."""
         assert self.affinity is not None
         chain = task.prefixes
         length, holders = self.affinity.holders(chain[self.affinity.conversation_start(chain) :])
@@ -104,12 +114,20 @@ class Scheduler:
         self.stats.affinity_lookups += 1
         best: InstanceRecord | None = None
         best_score = score(self.candidates.load(chosen), chosen.capacity) + self.config.affinity_slack
+        by_work = self.policy.name == "least-work"
+        wait_limit = (
+            self.candidates.first_token_wait(chosen, chars) + self.candidates.short_wait(chosen)
+            if by_work
+            else 0.0
+        )
         for iid in holders:
             inst = pool.members.get(iid)
             if inst is None or iid in avoid or inst is chosen:
                 continue
             load = self.candidates.load(inst)
             if load < inst.max_concurrency and (s := score(load, inst.capacity)) <= best_score:
+                if by_work and self.candidates.first_token_wait(inst, chars) > wait_limit:
+                    continue
                 best, best_score = inst, s
         if best is None:
             if chosen.instance_id in holders:

@@ -39,6 +39,7 @@ class TaskBook:
         self.candidates = candidates
         self.ledger: PendingLedger = candidates.ledger
         self.live: dict[TaskId, TaskRecord] = {}
+        candidates.live = self.live  # occupancy and work estimates ask whom a task belongs to
         # Ended tasks, newest last, bounded: for display and for recognising late worker events.
         self.recent: OrderedDict[TaskId, TaskRecord] = OrderedDict()
         self.queues = WaitQueues(config.queue_limit)
@@ -53,7 +54,8 @@ class TaskBook:
         return self.live.get(task_id) or self.recent.get(task_id)
 
     def load(self, inst: InstanceRecord) -> int:
-        return self.candidates.load(inst)
+        """The tasks placed on `inst` (without the engine's unowned work: `Candidates.load`)."""
+        return self.candidates.placed(inst)
 
     # ---- admission ------------------------------------------------------------------------------
 

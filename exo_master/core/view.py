@@ -14,6 +14,8 @@ from exo_master.core.lifecycle import TaskRecord, TaskStatus
 from protocol.cluster_view import ClusterView, InstanceRow, ModelRow, NodeRow, TaskRow
 from protocol.ids import NodeId
 
+SHORT_PROMPT_CHARS = 100  # the request the view's first_token_wait is estimated for
+
 if TYPE_CHECKING:
     from exo_master.core.master import MasterCore
 
@@ -79,6 +81,15 @@ def build_view(
             prompt_cache_bytes=inst.prompt_cache.size_bytes if inst.prompt_cache else 0,
             prompt_cache_reused_tokens=inst.prompt_cache.reused_tokens if inst.prompt_cache else 0,
             prompt_tokens=inst.prompt_cache.prompt_tokens if inst.prompt_cache else 0,
+            prefill_tokens=inst.work.prefill_tokens if inst.work else 0,
+            decoding=inst.work.decoding if inst.work else 0,
+            engine_waiting=inst.work.waiting if inst.work else 0,
+            unowned=len(inst.unowned),
+            prefill_rate=inst.work.prefill_rate if inst.work else 0.0,
+            decode_rate=inst.work.decode_rate if inst.work else 0.0,
+            chars_per_token=inst.work.chars_per_token if inst.work else 0.0,
+            context_length=inst.context_length,
+            first_token_wait=round(core.candidates.first_token_wait(inst, SHORT_PROMPT_CHARS), 3),
         )
         for inst in sorted(state.instances.values(), key=lambda i: i.instance_id)
     ]

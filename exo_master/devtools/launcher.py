@@ -130,7 +130,7 @@ class ClusterSpec:
     workers: int = 2
     engine: str = "sim"
     model: str | None = None
-    policy: str = "least-loaded"
+    policy: str = "least-work"
     instances_per_worker: int = 1
     max_concurrency: int = 16
     sim_tokens_per_s: float = 50.0

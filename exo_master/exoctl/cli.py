@@ -34,7 +34,10 @@ JSON output (`--json`). Field names are those of the ClusterView served on GET /
                          for this instance's model, so shared by the model's instances), capacity,
                          max_concurrency, completed, failed, error, and the worker's prompt
                          cache: prompt_cache_hits, prompt_cache_misses, prompt_cache_bytes,
-                         prompt_cache_reused_tokens, prompt_tokens
+                         prompt_cache_reused_tokens, prompt_tokens; the engine's work:
+                         prefill_tokens, decoding, engine_waiting, unowned (tasks it still runs
+                         that no live task owns), prefill_rate, decode_rate, chars_per_token,
+                         context_length, first_token_wait (the master's estimate, seconds)
             ModelRow:    model, instances, ready, queued
             totals:      instances, in_flight, pending, queued (summed per model, not per
                          instance), capacity, max_concurrency, completed, failed

@@ -154,6 +154,8 @@ def load_table(view: ClusterView) -> Table:
     table = Table(
         title=f"load · policy {view.policy} · session {view.session}",
         caption="queued: requests waiting at the master for the instance's model\n"
+        "in-flight +N: tasks the engine still runs for nobody (cancelled, being stopped)\n"
+        "prefill tok / decoding: the engine's work (prompt tokens to process, sequences decoding)\n"
         "tokens reused: the share of prompt tokens served from the instance's prompt cache\n"
         + affinity_summary(view),
         show_footer=False,
@@ -172,6 +174,8 @@ def load_table(view: ClusterView) -> Table:
         "failed",
         "cache hits",
         "tokens reused",
+        "prefill tok",
+        "decoding",
     ):
         table.add_column(name, justify="right")
     nodes = {n.node_id: n for n in view.nodes}
@@ -186,7 +190,7 @@ def load_table(view: ClusterView) -> Table:
             row.node_id,
             row.model,
             _instance_status(row),
-            str(row.in_flight),
+            f"{row.in_flight}+{row.unowned}" if row.unowned else str(row.in_flight),
             str(row.pending),
             str(row.queued),
             f"{row.capacity:g}",
@@ -195,6 +199,8 @@ def load_table(view: ClusterView) -> Table:
             str(row.failed),
             cache_hit_rate(row),
             cache_token_share(row),
+            str(row.prefill_tokens),
+            str(row.decoding),
             *([reason] if with_reasons else []),
         )
     totals = load_totals(view)
@@ -211,6 +217,8 @@ def load_table(view: ClusterView) -> Table:
         str(totals["max_concurrency"]),
         str(totals["completed"]),
         str(totals["failed"]),
+        "",
+        "",
         "",
         "",
         *([""] if with_reasons else []),

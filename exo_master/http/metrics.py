@@ -12,6 +12,13 @@ Metrics (all prefixed exo_):
     master_info{policy,session}                          gauge     always 1
     instance_in_flight{instance,node,model}              gauge     tasks confirmed by the worker
     instance_pending{instance,node,model}                gauge     assigned, awaiting confirmation
+    instance_unowned{instance,node,model}                gauge     engine work no task owns (a
+                                                                   cancelled prompt being stopped)
+    instance_prefill_tokens / instance_decoding          gauge     the engine's work: prompt tokens
+                                                                   to prefill, sequences decoding
+    instance_prefill_rate / instance_decode_rate         gauge     measured, tokens/s, steps/s
+    instance_first_token_wait_seconds                    gauge     the master's estimate for a short
+                                                                   request placed there now
     instance_max_concurrency{instance,node,model}        gauge     slots of the instance
     instance_ready{instance,node,model}                  gauge     1 when ready and its node alive
     instance_completed_total / instance_failed_total     counter   tasks ended there, per instance
@@ -205,6 +212,23 @@ class MasterCollector(Collector):
         families = {
             "in_flight": _instance_gauge("exo_instance_in_flight", "Tasks confirmed by the worker."),
             "pending": _instance_gauge("exo_instance_pending", "Tasks assigned, awaiting confirmation."),
+            "unowned": _instance_gauge(
+                "exo_instance_unowned", "Tasks the engine still runs that no live task owns (being stopped)."
+            ),
+            "prefill_tokens": _instance_gauge(
+                "exo_instance_prefill_tokens", "Prompt tokens the engine still has to process."
+            ),
+            "decoding": _instance_gauge("exo_instance_decoding", "Sequences the engine is decoding."),
+            "prefill_rate": _instance_gauge(
+                "exo_instance_prefill_rate", "Measured prompt tokens per second (0: not yet)."
+            ),
+            "decode_rate": _instance_gauge(
+                "exo_instance_decode_rate", "Measured decode steps per second (0: not yet)."
+            ),
+            "first_token_wait": _instance_gauge(
+                "exo_instance_first_token_wait_seconds",
+                "Estimated seconds to a short request's first token if placed there now.",
+            ),
             "max": _instance_gauge("exo_instance_max_concurrency", "Concurrent task slots."),
             "ready": _instance_gauge(
                 "exo_instance_ready", "1 when the instance is ready and its node alive."
@@ -232,6 +256,12 @@ class MasterCollector(Collector):
             labels = [row.instance_id, row.node_id, row.model]
             families["in_flight"].add_metric(labels, row.in_flight)
             families["pending"].add_metric(labels, row.pending)
+            families["unowned"].add_metric(labels, row.unowned)
+            families["prefill_tokens"].add_metric(labels, row.prefill_tokens)
+            families["decoding"].add_metric(labels, row.decoding)
+            families["prefill_rate"].add_metric(labels, row.prefill_rate)
+            families["decode_rate"].add_metric(labels, row.decode_rate)
+            families["first_token_wait"].add_metric(labels, row.first_token_wait)
             families["max"].add_metric(labels, row.max_concurrency)
             families["ready"].add_metric(labels, 1 if row.status == InstanceStatus.READY else 0)
             completed.add_metric(labels, row.completed)

@@ -174,6 +174,8 @@ class ChatCompletionRequest(SamplingFields, frozen=True, kw_only=True):
             model=ModelId(self.model),
             messages=tuple(m.to_message() for m in self.messages),
             max_tokens=self.max_completion_tokens or self.max_tokens or DEFAULT_MAX_TOKENS,
+            # Without one, the default is capped by what the model's context leaves (the worker).
+            max_tokens_given=bool(self.max_completion_tokens or self.max_tokens),
             temperature=self.temperature,  # None: the model's default (exo_worker.sampling_defaults)
             top_p=self.top_p,
             stop=self.stops(),
@@ -205,6 +207,7 @@ class CompletionRequest(SamplingFields, frozen=True, kw_only=True):
             messages=(),
             prompt=self.prompt_text(),
             max_tokens=self.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS,
+            max_tokens_given=bool(self.max_tokens),
             temperature=self.temperature,  # None: the model's default (exo_worker.sampling_defaults)
             top_p=self.top_p,
             stop=self.stops(),

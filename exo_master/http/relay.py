@@ -55,6 +55,8 @@ def task_error(errored: TaskErrored) -> ApiError:
         )
     if errored.unavailable:
         return ApiError(503, errored.message, "service_unavailable", code="instance_lost")
+    if errored.code == "context_length_exceeded":  # the request's fault: OpenAI answers 400
+        return ApiError(400, errored.message, "invalid_request_error", code=errored.code, param="messages")
     return ApiError(500, errored.message, "server_error", code="worker_failed")
 
 

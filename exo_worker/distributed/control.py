@@ -71,7 +71,9 @@ class Insert(msgspec.Struct, frozen=True, tag="insert"):
 
 
 class Step(msgspec.Struct, frozen=True, tag="step"):
-    pass
+    # Prompt tokens per prefill chunk in this step (rank 0 sizes chunks step by step: every rank
+    # must cut the prompts alike to enter the same collectives); 0 keeps the follower's setting.
+    prefill_step_size: int = 0
 
 
 class Remove(msgspec.Struct, frozen=True, tag="remove"):

@@ -143,6 +143,9 @@ class ShardedEngine(MlxEngine):
                 send=leader.send,
                 on_failure=lambda exc: leader.lose(f"a step failed on rank 0: {one_line(exc)}"),
                 default_sampling=sampling_defaults.for_model(self._source),
+                context_length=int(getattr(getattr(model, "args", None), "max_position_embeddings", 0) or 0),
+                prefill_chunk=self._prefill_chunk,
+                meter=self._meter,
             )
             leader.send(scheduler.start(per_layer))
             report("warming up", 0.8)
@@ -157,6 +160,8 @@ class ShardedEngine(MlxEngine):
         assert self._thread is not None
         self._thread.attach(scheduler)
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
+        self._context_length = scheduler.context_length
+        self._scheduler = scheduler
         report("ready", 1.0)
         self._log.info(
             "shard.ready",

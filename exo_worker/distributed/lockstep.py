@@ -41,6 +41,7 @@ from exo_worker.distributed.control import (
 )
 from exo_worker.prompt_cache import PromptCache
 from exo_worker.sampling import make_request_sampler
+from exo_worker.work_meter import WorkMeter
 
 Send = Callable[[Message], None]
 
@@ -116,8 +117,21 @@ class BroadcastingGenerator:
         )
         return uids
 
+    @property
+    def prefill_step_size(self) -> int:
+        size: int = self.inner.prefill_step_size
+        return size
+
+    @prefill_step_size.setter
+    def prefill_step_size(self, size: int) -> None:  # the scheduler's chunk for the next step
+        self.inner.prefill_step_size = size
+
+    def stats(self) -> Any:
+        return self.inner.stats()
+
     def next(self) -> Any:
-        self._send(Step())  # first: the followers must enter the step's collectives too
+        # First: the followers must enter the step's collectives too, with the same prefill chunk.
+        self._send(Step(prefill_step_size=self.inner.prefill_step_size))
         try:
             return self.inner.next()
         except Exception as exc:  # after a failed collective the ranks are out of step for good
@@ -156,6 +170,9 @@ class ShardedBatchScheduler(BatchScheduler):
         send: Send,
         on_failure: Callable[[BaseException], None],
         default_sampling: sampling_defaults.Sampling = sampling_defaults.CONSERVATIVE,
+        context_length: int = 0,
+        prefill_chunk: int = 0,
+        meter: WorkMeter | None = None,
     ) -> None:
         self._send = send
         self._on_failure = on_failure
@@ -165,6 +182,9 @@ class ShardedBatchScheduler(BatchScheduler):
             max_batch=max_batch,
             prompt_cache=prompt_cache,
             default_sampling=default_sampling,
+            context_length=context_length,
+            prefill_chunk=prefill_chunk,
+            meter=meter,
         )
 
     def _new_generator(self) -> Any:
@@ -206,6 +226,8 @@ class Mirror:
 
     def apply(self, command: Command) -> None:
         if isinstance(command, Step):
+            if command.prefill_step_size > 0:
+                self._generator.prefill_step_size = command.prefill_step_size
             self._step()
         elif isinstance(command, Insert):
             self._insert(command)

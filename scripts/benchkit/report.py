@@ -315,6 +315,12 @@ def markdown(results: dict[str, Any], chart_dir: str, pngs: list[str]) -> str:
         ]
         lines += [f"| {s['requests']} | {s['rss_mb']} |" for s in mem]
         lines.append("")
+    mixed = results.get("mixed")
+    if mixed and mixed.get("markdown"):
+        lines += ["## Mixed prompt lengths: placement by work", "", mixed["markdown"], ""]
+    gap = results.get("prefill_gap")
+    if gap and gap.get("markdown"):
+        lines += ["## A decoding stream while a long prompt prefills (MLX, SmolLM2)", "", gap["markdown"], ""]
     worker = results.get("worker")
     lines += ["## Worker vs mlx_lm.server", ""]
     if worker and worker.get("markdown"):

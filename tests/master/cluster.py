@@ -182,13 +182,14 @@ def per_instance(placements: Iterable[TaskPlaced]) -> Counter[InstanceId]:
 
 
 def loads(core: MasterCore) -> dict[InstanceId, int]:
-    """Every instance's load as the core counts it (confirmed + pending)."""
+    """Every instance's load as the core counts it (confirmed + pending + unowned)."""
     return {iid: core.load(inst) for iid, inst in core.state.instances.items()}
 
 
 def recount_loads(core: MasterCore) -> dict[InstanceId, int]:
-    """Every instance's load recounted from the task records alone."""
-    counts = dict.fromkeys(core.state.instances, 0)
+    """Every instance's load recounted from the task records, plus the work its engine still holds
+    for no task (cancelled, or moved elsewhere, until a heartbeat says it let go)."""
+    counts = {iid: len(inst.unowned) for iid, inst in core.state.instances.items()}
     for task in core.book.live.values():
         if task.status in (TaskStatus.PENDING, TaskStatus.RUNNING):
             assert task.instance_id is not None

@@ -40,7 +40,7 @@ def test_least_loaded_splits_an_unconfirmed_burst_evenly(n: int, k: int) -> None
     core.check_invariants()
 
 
-@pytest.mark.parametrize("policy", ["least-loaded", "round-robin"])
+@pytest.mark.parametrize("policy", ["least-work", "least-loaded", "round-robin"])
 def test_every_prefix_of_every_burst_up_to_512_on_up_to_16_instances_is_even(policy: str) -> None:
     """Exhaustive over the whole (N, k) range: placements are sequential, so checking after each one
     of a 512-request burst covers every N for that k."""

@@ -152,7 +152,7 @@ def test_load_table_shows_the_prompt_cache_and_prefix_affinity() -> None:
     )
     text = text_of(render.load_table(shown))
     row = next(line for line in text.splitlines() if "n1/0" in line)
-    assert "75%" in row.split("│")[-3] and "75%" in row.split("│")[-2]  # 3 of 4 hits; 270 of 360 tokens
+    assert "75%" in row.split("│")[-5] and "75%" in row.split("│")[-4]  # 3 of 4 hits; 270 of 360 tokens
     assert "prefix affinity: 6/8 chats with a known prefix placed on its holder (75%)" in " ".join(
         text.split()
     )

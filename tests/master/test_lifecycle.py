@@ -231,7 +231,7 @@ def test_a_duplicate_final_message_ends_nothing_twice() -> None:
 
 
 @pytest.mark.parametrize("confirmed", [False, True])
-def test_client_cancel_tells_the_worker_and_frees_the_slot(confirmed: bool) -> None:
+def test_client_cancel_tells_the_worker_and_frees_the_slot_once_the_engine_lets_go(confirmed: bool) -> None:
     core = cluster(1)
     (p,) = burst(core, 1)
     if confirmed:
@@ -242,8 +242,16 @@ def test_client_cancel_tells_the_worker_and_frees_the_slot(confirmed: bool) -> N
         TaskErrored(task_id=p.task_id, message="cancelled by client", cancelled=True),
     ]
     assert task_status(core, p.task_id) is TaskStatus.CANCELLED
-    assert core.load(core.state.instances[p.instance_id]) == 0
+    inst = core.state.instances[p.instance_id]
+    # A confirmed task is in the engine: its slot stays taken until the worker says it let go.
+    assert core.load(inst) == (1 if confirmed else 0)
     assert core.handle(CancelRequest(task_id=p.task_id), 1.0) == []  # idempotent
+    if confirmed:
+        keep_alive(core, 1.2, [0], {0: [p.task_id]})  # still being stopped: still counted
+        assert core.load(inst) == 1 and inst.unowned == {p.task_id}
+        core.check_invariants()
+    keep_alive(core, 1.4, [0])  # the engine let go
+    assert core.load(inst) == 0 and not inst.unowned
     assert finish(core, p, now=1.5) == []  # the worker's cancelled final is late news
     core.check_invariants()
 
@@ -413,7 +421,8 @@ def test_an_active_task_unknown_to_the_master_is_cancelled() -> None:
     core.handle(NodeSubscribed(node_id=node_of(0)), 0.0)
     effects = core.handle(heartbeat(0, report(0, active=[TaskId("old")])), 0.0)
     assert effects == [CancelTask(task_id=TaskId("old"), node_id=node_of(0), instance_id=instance_of(0))]
-    assert core.load(core.state.instances[instance_of(0)]) == 0
+    # The engine still runs it: a taken slot until it lets go.
+    assert core.load(core.state.instances[instance_of(0)]) == 1
 
 
 def test_an_instance_missing_from_the_snapshot_is_removed_and_its_tasks_handled() -> None:

@@ -133,8 +133,8 @@ def test_cancel_mid_batch_frees_the_slot_and_the_others_keep_running(batched: Ml
     async def main() -> list[tuple[str, RunOutcome]]:
         # Greedy (the tiny model never ends it early), with prompts whose output text shows at once.
         shown = ("What is the capital of France?", "Hello, world!", "A scheduler places each request")
-        params = [_params(q, max_tokens=100_000, temperature=0.0) for q in (*shown, "What is")]
-        params.append(_params("Hi", max_tokens=100_000, temperature=0.0))
+        params = [_params(q, max_tokens=1500, temperature=0.0) for q in (*shown, "What is")]
+        params.append(_params("Hi", max_tokens=1500, temperature=0.0))
         # Four fill the batch; the fifth waits for a slot and only gets one by the cancel.
         results, _ = await _gather(batched, params, cancels, on_event)
         return results

@@ -137,7 +137,7 @@ def test_cancelling_the_awaiting_task_frees_the_engine(engine: MlxEngine) -> Non
         def cancel_the_task(_: str) -> None:
             task.cancel()
 
-        task = asyncio.ensure_future(engine.run(_params(max_tokens=5000), cancel_the_task, threading.Event()))
+        task = asyncio.ensure_future(engine.run(_params(max_tokens=1500), cancel_the_task, threading.Event()))
         with pytest.raises(asyncio.CancelledError):
             await task
         # The generation thread notices and releases the model: the next task runs normally.
@@ -180,7 +180,7 @@ def test_a_queued_task_is_cancelled_without_waiting_for_its_turn(one_slot_engine
         first_piece = asyncio.Event()
         cancel_running, cancel_queued = threading.Event(), threading.Event()
         running = asyncio.ensure_future(
-            engine.run(_params(max_tokens=5000), lambda _: first_piece.set(), cancel_running)
+            engine.run(_params(max_tokens=1500), lambda _: first_piece.set(), cancel_running)
         )
         queued = asyncio.ensure_future(engine.run(_params(), lambda _: None, cancel_queued))
         await first_piece.wait()

@@ -61,6 +61,7 @@ class MirroredEngine(MlxEngine):
         assert self._thread is not None
         self._thread.attach(scheduler)
         self._model, self._tokenizer, self._prompt_cache = model, tokenizer, prompt_cache
+        self._scheduler = scheduler
 
 
 def _params(content: str, **kwargs: Any) -> TextGenerationParams:
