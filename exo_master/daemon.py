@@ -34,7 +34,7 @@ from exo_master.http.server import QuietServer, event_loop_factory
 from exo_master.http.server import bind_http as _bind_http  # a name tests replace
 from exo_master.http.transport import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
-from exo_master.state_file import instance_config, restore_desired
+from exo_master.store.state_file import instance_config, restore_desired
 from protocol.discovery import DEFAULT_CLUSTER, check_cluster
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging

@@ -12,7 +12,7 @@ from exo_master.core.events import NodeSubscribed
 from exo_master.http.api import build_app
 from exo_master.http.auth import secure_app
 from exo_master.runtime import MasterRuntime
-from exo_master.state_file import StateStore
+from exo_master.store.state_file import StateStore
 from protocol.ids import ModelId, NodeId
 from protocol.messages import InstanceReport, LoadInstance, LocalModel, WorkerHeartbeat
 

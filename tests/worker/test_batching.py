@@ -126,8 +126,11 @@ def test_cancel_mid_batch_frees_the_slot_and_the_others_keep_running(batched: Ml
             cancels[0].set()  # from on_text: the very next step must not deliver to it
         if cancels[0].is_set() and i != 0:
             seen_after_cancel.append(i)
-        if i == 4 and counts[4] == 3:
-            for cancel in cancels:  # the newcomer ran alongside the others: stop everyone
+        # Stop everyone once the newcomer ran alongside the others and each of them showed text after
+        # the cancel (with chunked prefill a step can deliver to the newcomer before a neighbour's
+        # token shows any text; max_tokens bounds the wait).
+        if counts[4] >= 3 and {1, 2, 3} <= set(seen_after_cancel):
+            for cancel in cancels:
                 cancel.set()
 
     async def main() -> list[tuple[str, RunOutcome]]:
@@ -146,7 +149,8 @@ def test_cancel_mid_batch_frees_the_slot_and_the_others_keep_running(batched: Ml
     assert {1, 2, 3} <= set(seen_after_cancel)  # the others went on decoding
     assert counts[4] >= 3  # the freed slot served the waiting request
     assert all(outcome.finish_reason is FinishReason.CANCELLED for _, outcome in results[1:])
-    assert all(counts[i] > 3 for i in (1, 2, 3))
+    # (No count of the others' events before the cancel: with chunked prefill the four prompts start
+    # decoding at different steps, so request 0 may reach 3 tokens before a neighbour shows any.)
 
 
 def test_a_failing_on_text_fails_only_its_own_request(batched: MlxEngine) -> None:
