@@ -29,7 +29,7 @@ async def until(condition: object, what: str, deadline: float = 10.0) -> None:
     end = time.monotonic() + deadline
     while not condition():  # type: ignore[operator]
         assert time.monotonic() < end, f"timed out waiting for {what}"
-        await asyncio.sleep(0.005)
+        await asyncio.sleep(0.005)  # wait-ok: polling inside the deadline above
 
 
 def test_prefill_takes_prompt_over_rate_and_a_cancel_lands_at_the_next_chunk() -> None:
