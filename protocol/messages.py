@@ -12,6 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import msgspec
 
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
+from protocol.sharding import RingPorts, ShardAssignment, TransformerShape
 
 # ---- bounds checked at decode (a frame outside them is a ProtocolError, dropped and counted) ----
 MAX_ID_CHARS = 256  # node, instance, task and model ids
@@ -217,6 +218,13 @@ class InstanceReport(msgspec.Struct, frozen=True, kw_only=True):
     context_length: _Count = 0
     # None: an engine (or an older worker) that does not report its work.
     work: InstanceWork | None = None
+    # A rank of a sharded instance (from LoadInstance); None: a whole instance. A rank > 0 takes no
+    # requests: the scheduling core ignores it, the instance controller ties it to its rank 0.
+    shard: ShardAssignment | None = None
+
+    @property
+    def takes_tasks(self) -> bool:
+        return self.shard is None or self.shard.rank == 0
 
 
 class LocalModel(msgspec.Struct, frozen=True, kw_only=True):
@@ -230,6 +238,8 @@ class LocalModel(msgspec.Struct, frozen=True, kw_only=True):
     # bytes per element). The master adds KV headroom for the slots it asks for.
     weights_bytes: _Count = 0
     kv_bytes_per_token: _Count = 0
+    # Its shape from config.json, for shard planning; None: unknown (not a transformer mlx-lm reads).
+    shape: TransformerShape | None = None
 
 
 class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="WorkerHeartbeat", tag_field="type"):
@@ -245,6 +255,8 @@ class WorkerHeartbeat(msgspec.Struct, frozen=True, kw_only=True, tag="WorkerHear
     backend: Annotated[str, msgspec.Meta(max_length=64)] = ""
     host: Reason = ""
     models: Annotated[tuple[LocalModel, ...], msgspec.Meta(max_length=MAX_LOCAL_MODELS)] = ()
+    # Where MLX distributed may listen on this node; None: it cannot run a rank of a sharded instance.
+    ring: RingPorts | None = None
 
 
 class TaskAccepted(msgspec.Struct, frozen=True, kw_only=True, tag="TaskAccepted", tag_field="type"):
@@ -283,8 +295,13 @@ class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFailed", ta
     # the master re-places it instead of failing the request.
     refused: bool = False
     # Why, for clients, when it is the request's fault: "context_length_exceeded" (HTTP 400, not
-    # re-placed: every instance of the model would refuse it). None: the worker's failure (500).
+    # re-placed: every instance of the model would refuse it). INSTANCE_LOST: the instance itself
+    # broke (a sharded instance lost a rank): the master re-places the task when no output reached
+    # the client, else ends it with a 503. None: the worker's failure (500).
     code: Annotated[str, msgspec.Meta(max_length=64)] | None = None
+
+
+INSTANCE_LOST = "instance_lost"
 
 
 WorkerMessage = WorkerHeartbeat | TaskAccepted | TaskChunk | TaskFinished | TaskFailed
@@ -357,6 +374,8 @@ class LoadInstance(msgspec.Struct, frozen=True, kw_only=True, tag="LoadInstance"
     placement: Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] = 4
     capacity: Annotated[float, msgspec.Meta(gt=0, le=MAX_CAPACITY)] = 1.0
+    # One rank of a sharded instance; None: the whole model on this node.
+    shard: ShardAssignment | None = None
 
 
 class UnloadInstance(msgspec.Struct, frozen=True, kw_only=True, tag="UnloadInstance", tag_field="type"):

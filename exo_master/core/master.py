@@ -61,6 +61,7 @@ from exo_master.core.view import CoreCounters, build_view
 from protocol.cluster_view import ClusterView
 from protocol.ids import InstanceId, ModelId, TaskId
 from protocol.messages import (
+    INSTANCE_LOST,
     CancelTask,
     FinishReason,
     MasterHeartbeat,
@@ -311,6 +312,10 @@ class MasterCore:
                 # Refused before it started ("shutting down", "not ready", unknown instance): the
                 # attempt is lost, the request is not; it goes to another instance.
                 self.liveness.lose_attempt(task, f"{msg.instance_id} refused the task: {msg.reason}", step)
+            elif msg.code == INSTANCE_LOST:
+                # The instance broke under it (a sharded instance lost a rank): like a dead node,
+                # the task runs again elsewhere unless output already reached the client (503).
+                self.liveness.lose_attempt(task, msg.reason or f"instance {msg.instance_id} was lost", step)
             else:
                 self.book.advance(task, Fail(msg.reason or "the worker failed the task", code=msg.code), step)
         elif msg.finish_reason is FinishReason.CANCELLED:

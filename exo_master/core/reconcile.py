@@ -52,22 +52,24 @@ class Reconciler:
         node.address = msg.address
         node.master_session = msg.master_session
         self.liveness.revive(node, now)
-        reported = {r.instance_id: r for r in msg.instances}
+        # A rank > 0 of a sharded instance takes no requests: only the instance controller sees it.
+        serving = [r for r in msg.instances if r.takes_tasks]
+        reported = {r.instance_id: r for r in serving}
         # Instances no longer reported, or whose id now names another node's or model's instance.
         leaving = {
             iid: f"instance {iid} is no longer reported by {node.node_id}"
             for iid in sorted(node.instances - reported.keys())
         }
-        for report in msg.instances:
+        for report in serving:
             known = self.state.instances.get(report.instance_id)
             if known is not None and (known.node_id != node.node_id or known.model != report.model):
                 leaving[report.instance_id] = f"instance {report.instance_id} changed"
         if leaving:
             self.liveness.retire(leaving, step)
-        stopped = [inst for report in msg.instances if (inst := self._apply(node, report)) is not None]
+        stopped = [inst for report in serving if (inst := self._apply(node, report)) is not None]
         for inst in stopped:
             self.liveness.evacuate_pending(inst, f"instance {inst.instance_id} is {inst.phase}", step)
-        for report in msg.instances:
+        for report in serving:
             self._reconcile(node, self.state.instances[report.instance_id], report, step)
 
     def _apply(self, node: NodeRecord, report: InstanceReport) -> InstanceRecord | None:

@@ -32,7 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from protocol.sharding import Sharding
+from protocol.sharding import Sharding, TransformerShape, shape_from_config
 
 _KV_BYTES_PER_VALUE = 2  # fp16 / bf16 keys and values
 
@@ -62,19 +62,22 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: Mapping[str, Any], weight_bytes: int) -> ModelShape:
         """From a Hugging Face / mlx-lm config.json. KeyError or ValueError when it lacks a field."""
-        quantization = config.get("quantization") or config.get("quantization_config") or {}
-        heads = int(config["num_attention_heads"])
+        return cls.from_report(shape_from_config(config), weight_bytes)
+
+    @classmethod
+    def from_report(cls, shape: TransformerShape, weight_bytes: int) -> ModelShape:
+        """From the shape a worker reports with a model it holds."""
         return cls(
-            num_layers=int(config["num_hidden_layers"]),
-            hidden_size=int(config["hidden_size"]),
-            intermediate_size=int(config["intermediate_size"]),
-            num_attention_heads=heads,
-            num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-            vocab_size=int(config["vocab_size"]),
+            num_layers=shape.num_layers,
+            hidden_size=shape.hidden_size,
+            intermediate_size=shape.intermediate_size,
+            num_attention_heads=shape.num_attention_heads,
+            num_key_value_heads=shape.num_key_value_heads,
+            vocab_size=shape.vocab_size,
             weight_bytes=weight_bytes,
-            head_dim=int(config.get("head_dim") or 0),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
-            quantization_group_size=int(quantization["group_size"]) if "group_size" in quantization else None,
+            head_dim=shape.head_dim,
+            tie_word_embeddings=shape.tie_word_embeddings,
+            quantization_group_size=shape.quantization_group_size,
         )
 
     @property
