@@ -35,6 +35,7 @@ from protocol.messages import (
     TaskParams,
     TextGenerationParams,
 )
+from protocol.sharding import MAX_SHARDS, RingPorts, ShardAssignment, Sharding
 
 MESSAGE_TYPES: tuple[type[msgspec.Struct], ...] = typing.get_args(Message)
 PARAMS_TYPES: tuple[type[msgspec.Struct], ...] = typing.get_args(TaskParams)
@@ -98,8 +99,39 @@ def constrained(base: Any, metas: list[msgspec.Meta]) -> st.SearchStrategy[Any]:
 
 
 def struct_strategy(cls: type[msgspec.Struct]) -> st.SearchStrategy[Any]:
+    if cls in _CROSS_FIELD:
+        return _CROSS_FIELD[cls]
     fields = {f.name: strategy_for(f.type) for f in msgspec.structs.fields(cls)}
     return st.builds(cls, **fields)
+
+
+_ADDRESS = st.builds("{}:{}".format, st.from_regex(r"[a-z0-9.]{1,12}", fullmatch=True), st.integers(1, 65535))
+
+
+@st.composite
+def _shard_assignments(draw: st.DrawFn) -> ShardAssignment:
+    """Structs whose fields constrain each other (checked in __post_init__) are drawn whole."""
+    size = draw(st.integers(2, MAX_SHARDS))
+    return ShardAssignment(
+        group=draw(st.text(min_size=1, max_size=12)),
+        rank=draw(st.integers(0, size - 1)),
+        hosts=tuple(draw(st.lists(_ADDRESS, min_size=size, max_size=size))),
+        sharding=draw(st.sampled_from(list(Sharding))),
+        control=draw(_ADDRESS),
+        split=draw(st.just(()) | st.lists(st.integers(1, 99), min_size=size, max_size=size).map(tuple)),
+        memory_bytes=draw(st.integers(0, 2**63 - 1)),
+    )
+
+
+_CROSS_FIELD: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
+    ShardAssignment: _shard_assignments(),
+    RingPorts: st.builds(
+        lambda host, first, span: RingPorts(host=host, first=first, last=min(65535, first + span)),
+        st.from_regex(r"[a-z0-9.]{1,12}", fullmatch=True),
+        st.integers(1, 65535),
+        st.integers(0, 100),
+    ),
+}
 
 
 def envelopes(body: st.SearchStrategy[Any]) -> st.SearchStrategy[Envelope]:

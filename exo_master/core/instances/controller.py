@@ -20,7 +20,9 @@ from collections import deque
 from collections.abc import Iterator
 
 from exo_master.core.instances.desired import PlacementSpec
+from exo_master.core.instances.groups import group_replicas, ports_taken
 from exo_master.core.instances.lifecycle import ReplicaEvent, ReplicaState, advance, allowed
+from exo_master.core.instances.nodes import node_views
 from exo_master.core.instances.records import (
     ControllerConfig,
     CoreSide,
@@ -29,7 +31,8 @@ from exo_master.core.instances.records import (
     PlacementRecord,
     Replica,
 )
-from exo_master.core.instances.rule import NodeView, Plan, plan
+from exo_master.core.instances.rule import NodeView, Plan, RankPlace, plan
+from exo_master.core.instances.shard_rule import PortBook, plan_sharded
 from protocol.ids import InstanceId, NodeId
 from protocol.messages import InstanceReport, InstanceStatus, LoadInstance, UnloadInstance, WorkerHeartbeat
 
@@ -47,23 +50,40 @@ class InstanceController:
         self.revision = 0  # +1 whenever desired state changes: the shell saves it then
         self._hold_until = float("-inf")
         self._next_prune = float("-inf")
+        self.port_cursor: dict[str, int] = {}  # ring host -> where the next port search starts
         self._out: list[Command | InstanceEvent] = []
 
     # ---- desired state --------------------------------------------------------------------------
 
     def preview(self, spec: PlacementSpec) -> Plan:
-        return plan(spec, spec.replicas, self.node_views(), context_tokens=self.config.context_tokens)
+        return self._plan(spec, spec.replicas, frozenset(), dict(self.port_cursor))
+
+    def _plan(
+        self, spec: PlacementSpec, wanted: int, avoid: frozenset[NodeId], cursor: dict[str, int]
+    ) -> Plan:
+        views, context = self.node_views(), self.config.context_tokens
+        if spec.shards == 1:
+            return plan(spec, wanted, views, avoid, context)
+        return plan_sharded(
+            spec, wanted, views, PortBook(ports_taken(self.replicas.values()), cursor), avoid, context
+        )
+
+    def _start_all(self, record: PlacementRecord, result: Plan, now: float) -> None:
+        for group in result.groups:
+            self._start_group(record, group, now)
+        if not result.groups:
+            for node_id in result.chosen:
+                self._start(record, node_id, result.need, now)
 
     def place(self, spec: PlacementSpec, now: float) -> Plan:
         """Add a placement if every replica fits now; the plan says where, or why not per node."""
         assert spec.placement_id not in self.placements, f"placement {spec.placement_id} exists"
-        result = self.preview(spec)
+        result = self._plan(spec, spec.replicas, frozenset(), self.port_cursor)
         if result.complete:
             record = self.placements[spec.placement_id] = PlacementRecord(spec=spec)
             self.revision += 1
-            self._event(now, spec.placement_id, "placed", detail=f"{spec.replicas} x {spec.model}")
-            for node_id in result.chosen:
-                self._start(record, node_id, result.need, now)
+            self._event(now, spec.placement_id, "placed", detail=spec.describe())
+            self._start_all(record, result, now)
         return result
 
     def delete(self, placement_id: str, now: float) -> bool:
@@ -81,7 +101,7 @@ class InstanceController:
         """Desired state from the state file: adopt what nodes report before placing anything."""
         for spec in specs:
             self.placements[spec.placement_id] = PlacementRecord(spec=spec)
-            self._event(now, spec.placement_id, "restored", detail=f"{spec.replicas} x {spec.model}")
+            self._event(now, spec.placement_id, "restored", detail=spec.describe())
         self._hold_until = now + self.config.adopt_grace
 
     def specs(self) -> tuple[PlacementSpec, ...]:
@@ -97,6 +117,7 @@ class InstanceController:
             info = self.nodes[msg.node_id] = NodeInfo(node_id=msg.node_id)
         info.memory_total, info.memory_available = msg.memory_total, msg.memory_available
         info.backend, info.host = msg.backend, msg.host or msg.address
+        info.ring = msg.ring
         info.models = {m.model: m for m in msg.models}
         info.reports = {r.instance_id: r for r in msg.instances}
         for report in msg.instances:
@@ -134,13 +155,15 @@ class InstanceController:
             return  # declared by the worker itself (--model): unmanaged, never touched
         record = self.placements.get(report.placement)
         live = sum(1 for _ in self._live(report.placement))
+        follower = report.shard is not None and report.shard.rank > 0
         if (
             record is not None
             and not record.deleting
             and record.spec.model == report.model
             and report.status is not InstanceStatus.FAILED
-            and live < record.spec.replicas
+            and (follower or live < record.spec.replicas)
         ):
+            # A follower is adopted with its instance; if rank 0 never shows up, _check unloads it.
             state = ReplicaState.READY if report.status is InstanceStatus.READY else ReplicaState.LOADING
             self.replicas[report.instance_id] = Replica(
                 instance_id=report.instance_id,
@@ -152,6 +175,7 @@ class InstanceController:
                 since=now,
                 progress=1.0 if state is ReplicaState.READY else report.progress,
                 memory_bytes=report.memory_bytes,
+                shard=report.shard,
             )
             index = _index_of(report.instance_id)
             if index is not None:
@@ -181,6 +205,9 @@ class InstanceController:
     def _check(self, replica: Replica, now: float) -> None:
         alive = self.core.node_alive(replica.node_id)
         state = replica.state
+        if replica.rank > 0 and replica.group not in self.replicas and state.live and now >= self._hold_until:
+            self._move(replica, ReplicaEvent.LOST, now, f"its rank 0 ({replica.group}) is gone")
+            return
         if not alive:
             why = f"node {replica.node_id} is not alive"
             self._move(replica, ReplicaEvent.LOST, now, why)
@@ -227,12 +254,10 @@ class InstanceController:
         if now < self._hold_until or now < record.retry_at or record.failures >= self.config.max_failures:
             return
         avoid = frozenset(n for n, until in record.backoff.items() if until > now)
-        result = plan(spec, missing, self.node_views(), avoid, self.config.context_tokens)
-        for node_id in result.chosen:
-            self._start(record, node_id, result.need, now)
+        result = self._plan(spec, missing, avoid, self.port_cursor)
+        self._start_all(record, result, now)
         if not result.complete:
-            reasons = "; ".join(f"{n}: {why}" for n, why in result.reasons.items()) or "no nodes"
-            reason = f"{missing - len(result.chosen)} replica(s) do not fit: {reasons}"
+            reason = f"{missing - len(result.chosen)} replica(s) do not fit: {result.why()}"
             record.retry_at = now + self.config.backoff_initial
             if reason != record.reason:  # a step when the situation changes, not every retry
                 record.reason = reason
@@ -258,6 +283,16 @@ class InstanceController:
         self._event(now, spec.placement_id, "load", instance_id, node_id)
         self._send_load(replica, now)
 
+    def _start_group(self, record: PlacementRecord, group: tuple[RankPlace, ...], now: float) -> None:
+        for replica in group_replicas(record.spec, record.next_index, group, now):
+            self.replicas[replica.instance_id] = replica
+            shard = replica.shard
+            assert shard is not None
+            what = f"rank {shard.rank} of {shard.size} at {shard.hosts[shard.rank]}"
+            self._event(now, replica.placement_id, "load", replica.instance_id, replica.node_id, what)
+            self._send_load(replica, now)
+        record.next_index += 1
+
     def _send_load(self, replica: Replica, now: float) -> None:
         spec = self.placements[replica.placement_id].spec
         replica.sent_at = now
@@ -269,6 +304,7 @@ class InstanceController:
                 placement=replica.placement_id,
                 max_concurrency=spec.max_concurrency,
                 capacity=spec.capacity,
+                shard=replica.shard,
             )
         )
 
@@ -278,7 +314,9 @@ class InstanceController:
             replica.drain_until = now + self.config.drain_grace
             self.core.set_draining(replica.instance_id)
 
-    def _move(self, replica: Replica, event: ReplicaEvent, now: float, reason: str = "") -> None:
+    def _move(
+        self, replica: Replica, event: ReplicaEvent, now: float, reason: str = "", cascade: bool = False
+    ) -> None:
         before = replica.state
         replica.state = advance(before, event)
         if replica.state is before:
@@ -296,13 +334,39 @@ class InstanceController:
             self._out.append(UnloadInstance(node_id=replica.node_id, instance_id=replica.instance_id))
         elif replica.state is ReplicaState.READY and record is not None:
             record.failures, record.retry_at, record.reason = 0, float("-inf"), ""
-        elif replica.state is ReplicaState.FAILED and record is not None and before is not ReplicaState.READY:
+        elif (
+            replica.state is ReplicaState.FAILED
+            and record is not None
+            and before is not ReplicaState.READY
+            and not cascade  # a rank failed because another one did: only that one counts
+        ):
             # A load that failed (or whose node died loading it) backs off; a ready replica lost
             # with its node is replaced at once. A failed replica on a dead node is dropped by the
             # next check (LOST again: gone); on a live one it is unloaded first.
             self._failed_load(record, replica, now)
         elif replica.state is ReplicaState.GONE:
             del self.replicas[replica.instance_id]
+        if replica.shard is not None:
+            self._follow_group(replica, before, now)
+
+    def _follow_group(self, replica: Replica, before: ReplicaState, now: float) -> None:
+        """The ranks of a sharded instance share one fate: one failed fails them all (and rank 0
+        takes no new tasks at once); rank 0 leaving takes its followers with it."""
+        members = [m for m in self.replicas.values() if m.group == replica.group and m is not replica]
+        if replica.state is ReplicaState.FAILED or (replica.state is ReplicaState.GONE and before.live):
+            self.core.set_draining(replica.group)
+            why = f"rank {replica.rank} ({replica.instance_id}) failed: {replica.reason}"
+            for member in members:
+                if member.state.live:
+                    self._move(member, ReplicaEvent.LOST, now, why, cascade=True)
+                elif member.state is ReplicaState.DRAINING:
+                    self._move(member, ReplicaEvent.DRAINED, now, why)
+        elif replica.rank == 0 and replica.state in (ReplicaState.UNLOADING, ReplicaState.GONE):
+            for member in members:
+                if member.state.live:
+                    self._move(member, ReplicaEvent.DRAIN, now)
+                if member.state is ReplicaState.DRAINING:
+                    self._move(member, ReplicaEvent.DRAINED, now)
 
     def _failed_load(self, record: PlacementRecord, replica: Replica, now: float) -> None:
         # The placement tries again soon, on another node if one has room; the node that failed
@@ -338,40 +402,19 @@ class InstanceController:
     # ---- queries --------------------------------------------------------------------------------
 
     def _live(self, placement_id: str) -> Iterator[Replica]:
-        return (r for r in self.replicas.values() if r.placement_id == placement_id and r.state.live)
+        """The placement's live instances (a sharded one counts once: its rank 0)."""
+        return (
+            r
+            for r in self.replicas.values()
+            if r.placement_id == placement_id and r.state.live and r.rank == 0
+        )
 
     def _reports_of(self, node_id: NodeId) -> dict[InstanceId, InstanceReport]:
         info = self.nodes.get(node_id)
         return info.reports if info is not None else {}
 
     def node_views(self) -> list[NodeView]:
-        views = []
-        for info in list(self.nodes.values()):
-            alive = self.core.node_alive(info.node_id)
-            if alive is None:
-                continue  # forgotten by the core; dropped at the next reconcile
-            on_node = [r for r in self.replicas.values() if r.node_id == info.node_id]
-            # Placed but not loaded yet: the node's available memory does not show it yet.
-            coming = sum(
-                max(0, r.need - r.memory_bytes)
-                for r in on_node
-                if r.state in (ReplicaState.PLACING, ReplicaState.LOADING)
-            )
-            counts: dict[str, int] = {}
-            for r in on_node:
-                if r.state.live:
-                    counts[r.placement_id] = counts.get(r.placement_id, 0) + 1
-            views.append(
-                NodeView(
-                    node_id=info.node_id,
-                    alive=bool(alive),
-                    memory_total=info.memory_total,
-                    free=info.memory_available - coming,
-                    models=info.models,
-                    replicas=counts,
-                )
-            )
-        return views
+        return node_views(self.nodes.values(), self.replicas.values(), self.core.node_alive)
 
 
 def _index_of(instance_id: str) -> int | None:

@@ -1,6 +1,7 @@
 """Desired state: the placements an operator asked for, and the versioned form they are saved in.
 
-A placement is a model with a number of replicas, optionally limited to some nodes or kept off
+A placement is a model with a number of replicas (each one node's, or split over `shards` nodes),
+optionally limited to some nodes or kept off
 others, with the slots (`max_concurrency`) and relative speed (`capacity`) of each replica. Its id
 is chosen by the shell (random, so ids never repeat across master restarts); the core only keeps it.
 """
@@ -13,6 +14,7 @@ import msgspec
 
 from protocol.ids import ModelId, NodeId
 from protocol.messages import MAX_CAPACITY, MAX_CONCURRENCY, MAX_ID_CHARS
+from protocol.sharding import MAX_SHARDS, Sharding
 
 MAX_REPLICAS = 64
 MAX_NODE_FILTER = 64
@@ -33,10 +35,17 @@ class PlacementSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     exclude: _Nodes = ()  # never these nodes
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] = 4
     capacity: Annotated[float, msgspec.Meta(gt=0, le=MAX_CAPACITY)] = 1.0
+    # More than 1: each replica is one instance split over this many nodes (MLX distributed).
+    shards: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)] = 1
+    sharding: Sharding = Sharding.TENSOR
 
     @property
     def model_id(self) -> ModelId:
         return ModelId(self.model)
+
+    def describe(self) -> str:
+        shards = f" in {self.shards} {self.sharding.value} shards" if self.shards > 1 else ""
+        return f"{self.replicas} x {self.model}{shards}"
 
     def allows(self, node_id: NodeId) -> str | None:
         """Why the spec keeps this node out, or None."""

@@ -10,6 +10,7 @@ from exo_master.core.instances.desired import PlacementSpec
 from exo_master.core.instances.lifecycle import ReplicaState
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import InstanceReport, LocalModel
+from protocol.sharding import RingPorts, ShardAssignment
 
 
 class CoreSide(Protocol):
@@ -44,6 +45,7 @@ class NodeInfo:
     backend: str = ""
     host: str = ""
     models: dict[ModelId, LocalModel] = field(default_factory=dict)
+    ring: RingPorts | None = None
     reports: dict[InstanceId, InstanceReport] = field(default_factory=dict)
 
 
@@ -61,6 +63,16 @@ class Replica:
     memory_bytes: int = 0
     reason: str = ""
     drain_until: float = 0.0
+    shard: ShardAssignment | None = None  # a rank of a sharded instance; None: a whole instance
+
+    @property
+    def rank(self) -> int:
+        return self.shard.rank if self.shard is not None else 0
+
+    @property
+    def group(self) -> InstanceId:
+        """The instance this replica is part of: rank 0's id (its own for a whole instance)."""
+        return InstanceId(self.shard.group) if self.shard is not None else self.instance_id
 
 
 @dataclass(slots=True)

@@ -21,6 +21,7 @@ from exo_master.core.instances.desired import PlacementSpec
 from exo_master.core.instances.memory import DEFAULT_CONTEXT_TOKENS, human_bytes, instance_need
 from protocol.ids import ModelId, NodeId
 from protocol.messages import LocalModel
+from protocol.sharding import RingPorts
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +33,19 @@ class NodeView:
     models: Mapping[ModelId, LocalModel] = field(default_factory=dict)
     replicas: Mapping[str, int] = field(default_factory=dict)  # placement id -> live replicas here
     can_fetch: bool = False  # could get a model it does not hold (no node can, in this project yet)
+    ring: RingPorts | None = None  # where it lets MLX distributed listen; None: it runs no ranks
+
+
+@dataclass(frozen=True, slots=True)
+class RankPlace:
+    """One rank of a planned instance."""
+
+    rank: int
+    node_id: NodeId
+    address: str  # HOST:PORT of its ring socket
+    control: str  # rank 0: HOST:PORT of its control socket; "" for the others
+    layers: tuple[int, int]  # [start, end)
+    need: int  # bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,10 +54,19 @@ class Plan:
     chosen: tuple[NodeId, ...]  # one entry per replica placed (a node twice only when it must)
     need: int  # bytes per replica; 0 when no node knows the model
     reasons: dict[NodeId, str]  # why each node took no replica (or no further one)
+    # Sharded placements: the ranks of each planned instance (rank 0 first; its node is in `chosen`)
+    # and, when not every instance fits, why (heads that do not divide, memory, too few nodes).
+    groups: tuple[tuple[RankPlace, ...], ...] = ()
+    problems: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
         return len(self.chosen) == self.wanted
+
+    def why(self) -> str:
+        """Why it is short, in one line: its problems, then each node's reason."""
+        parts = [*self.problems, *(f"{n}: {why}" for n, why in self.reasons.items())]
+        return "; ".join(parts) or "no nodes have joined"
 
 
 def model_info(spec: PlacementSpec, nodes: Sequence[NodeView]) -> LocalModel | None:
@@ -71,7 +94,7 @@ def plan(
     free: dict[NodeId, int] = {}
     views = {n.node_id: n for n in nodes}
     for node in nodes:
-        why = _excluded(spec, node, avoid)
+        why = excluded(spec, node, avoid)
         if why is None and node.free < need:
             why = _no_room(need, node.free, node.memory_total)
         if why is None:
@@ -98,7 +121,7 @@ def plan(
     return Plan(wanted=wanted, chosen=tuple(chosen), need=need, reasons=dict(sorted(reasons.items())))
 
 
-def _excluded(spec: PlacementSpec, node: NodeView, avoid: frozenset[NodeId]) -> str | None:
+def excluded(spec: PlacementSpec, node: NodeView, avoid: frozenset[NodeId]) -> str | None:
     if not node.alive:
         return "node is not alive"
     why = spec.allows(node.node_id)
