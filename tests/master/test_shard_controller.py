@@ -90,7 +90,9 @@ class Cluster:
                 self.held[cmd.node_id].pop(cmd.instance_id, None)
 
     def place(self, shards: int, sharding: Sharding = Sharding.TENSOR, pid: str = "p") -> list[LoadInstance]:
-        spec = PlacementSpec(placement_id=pid, model=MODEL, shards=shards, sharding=sharding, max_concurrency=1)
+        spec = PlacementSpec(
+            placement_id=pid, model=MODEL, shards=shards, sharding=sharding, max_concurrency=1
+        )
         result = self.ctl.place(spec, self.now)
         assert result.complete, (result.problems, result.reasons)
         return loads(self.ctl.reconcile(self.now))
