@@ -5,6 +5,7 @@ rank is unloaded and the whole instance placed again), draining through rank 0, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from exo_master.core.instances.controller import InstanceController
 from exo_master.core.instances.desired import PlacementSpec
@@ -40,7 +41,7 @@ class Cluster:
 
     def __init__(self, *names: str, ring: Sequence[str] | None = None, memory_gib: float = 4) -> None:
         self.core = FakeCore()
-        self.ctl = InstanceController(self.core, ControllerConfig())  # type: ignore[arg-type]
+        self.ctl = InstanceController(self.core, ControllerConfig())
         self.names = [NodeId(n) for n in names]
         self.ring = {NodeId(n) for n in (names if ring is None else ring)}
         self.memory = int(memory_gib * GIB)
@@ -63,7 +64,7 @@ class Cluster:
             self.now,
         )
 
-    def step(self, dt: float = 1.0) -> list[object]:
+    def step(self, dt: float = 1.0) -> list[Any]:
         self.now += dt
         for node, alive in self.core.alive.items():
             if alive:
@@ -235,7 +236,7 @@ def test_a_restarted_master_adopts_a_sharded_instance_without_reloading() -> Non
     c.obey(c.place(3))
     c.step()
     spec = c.ctl.placements["p"].spec
-    c.ctl = InstanceController(c.core, ControllerConfig())  # type: ignore[arg-type]
+    c.ctl = InstanceController(c.core, ControllerConfig())
     c.ctl.restore((spec,), c.now)
     out = c.step()
     out += c.step()
