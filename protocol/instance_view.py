@@ -15,6 +15,10 @@ class ReplicaRow(msgspec.Struct, frozen=True, kw_only=True):
     progress: float  # while loading, 0..1
     memory_bytes: int
     reason: str = ""
+    # A rank of a sharded instance: its rank, its instance (rank 0's id) and its ring address.
+    rank: int | None = None
+    group: str = ""
+    address: str = ""
 
 
 class EventRow(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,6 +44,8 @@ class PlacementRow(msgspec.Struct, frozen=True, kw_only=True):
     reason: str = ""
     instances: list[ReplicaRow] = []
     events: list[EventRow] = []
+    shards: int = 1  # ranks per replica (1: each replica is one node's)
+    sharding: str = ""  # tensor | pipeline, when sharded
 
 
 class PlanView(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,5 +55,19 @@ class PlanView(msgspec.Struct, frozen=True, kw_only=True):
     replicas: int
     fits: bool
     need_bytes: int
-    nodes: list[str]  # chosen, one per replica that fits
+    nodes: list[str]  # chosen, one per replica that fits (a sharded replica: its rank 0's node)
     reasons: dict[str, str]  # node -> why it took no replica (or no further one)
+    shards: int = 1
+    sharding: str = ""
+    # Sharded: the ranks of each replica that fits, and why the others do not (heads that do not
+    # divide by the shard count, not enough memory or nodes).
+    ranks: list[list[RankPlanRow]] = []
+    problems: list[str] = []
+
+
+class RankPlanRow(msgspec.Struct, frozen=True, kw_only=True):
+    rank: int
+    node_id: str
+    address: str  # its ring socket
+    layers: list[int]  # [start, end)
+    need_bytes: int

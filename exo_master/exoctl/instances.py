@@ -1,6 +1,7 @@
 """`exoctl instances`: where models live, through /v1/instances.
 
     exoctl instances place MODEL [--replicas N] [--node NODE]... [--exclude NODE]... [--wait]
+                                 [--shards K --sharding tensor|pipeline]   one replica over K nodes
     exoctl instances list [--wide]           a compact layout when the terminal is narrow
     exoctl instances show ID                 the replicas and the placement's recent steps
     exoctl instances delete ID               drain (requests in flight finish), then unload
@@ -28,6 +29,7 @@ from exo_master.exoctl import compact
 from exo_master.exoctl.client import ApiFailure, MasterClient, connected
 from exo_master.exoctl.watch import console, print_json, sized_by_terminal
 from protocol.instance_view import PlacementRow, PlanView
+from protocol.sharding import Sharding
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Place, list and delete model instances.")
 
@@ -55,6 +57,18 @@ Timeout = Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to w
 Replicas = Annotated[int, typer.Option("--replicas", "-r", min=1, max=64, help="How many replicas.")]
 Nodes = Annotated[list[str] | None, typer.Option("--node", help="Use only this node (repeatable).")]
 Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Never this node (repeatable).")]
+Shards = Annotated[
+    int,
+    typer.Option(
+        "--shards", min=1, max=16, help="Split each replica over this many nodes (MLX distributed)."
+    ),
+]
+ShardingKind = Annotated[
+    Sharding,
+    typer.Option(
+        "--sharding", help="tensor: a slice of every layer per node; pipeline: a range of layers per node."
+    ),
+]
 
 
 def _client(ctx: typer.Context, api: str | None, timeout: float, api_key: str | None) -> Any:
@@ -124,18 +138,19 @@ def placements_compact(rows: list[PlacementRow]) -> RenderableType:
 
 
 def replicas_table(row: PlacementRow) -> Table:
-    table = Table(title=f"{row.id} · {row.model} · {row.status} · {row.ready}/{row.replicas} ready")
-    for column in ("instance", "node", "state", "progress", "memory", "reason"):
+    sharded = f" · {row.shards} {row.sharding} shards each" if row.shards > 1 else ""
+    table = Table(title=f"{row.id} · {row.model} · {row.status} · {row.ready}/{row.replicas} ready{sharded}")
+    columns = ["instance", "node", "state", "progress", "memory", "reason"]
+    if row.shards > 1:
+        columns[1:1] = ["rank", "ring"]
+    for column in columns:
         table.add_column(column)
-    for r in row.instances:
-        table.add_row(
-            r.instance_id,
-            r.node_id,
-            Text(r.state, style=_STYLE.get(r.state, "")),
-            f"{r.progress:.0%}",
-            _gib(r.memory_bytes),
-            r.reason,
-        )
+    for r in sorted(row.instances, key=lambda r: (r.group or r.instance_id, r.rank or 0)):
+        cells: list[str | Text] = [r.instance_id, r.node_id, Text(r.state, style=_STYLE.get(r.state, ""))]
+        cells += [f"{r.progress:.0%}", _gib(r.memory_bytes), r.reason]
+        if row.shards > 1:
+            cells[1:1] = [f"{r.rank}/{row.shards}" if r.rank is not None else "-", r.address]
+        table.add_row(*cells)
     return table
 
 
@@ -148,8 +163,10 @@ def events_table(row: PlacementRow) -> Table:
     return table
 
 
-def plan_table(plan: PlanView) -> Table:
+def plan_table(plan: PlanView) -> RenderableType:
     verdict = "fits" if plan.fits else "does not fit"
+    if plan.shards > 1:
+        return _sharded_plan(plan, verdict)
     table = Table(title=f"{plan.replicas} x {plan.model} ({_gib(plan.need_bytes)} each): {verdict}")
     table.add_column("node")
     table.add_column("replicas", justify="right")
@@ -157,6 +174,20 @@ def plan_table(plan: PlanView) -> Table:
     for node in sorted(set(plan.nodes) | set(plan.reasons)):
         table.add_row(node, str(plan.nodes.count(node)), plan.reasons.get(node, ""))
     return table
+
+
+def _sharded_plan(plan: PlanView, verdict: str) -> RenderableType:
+    title = f"{plan.replicas} x {plan.model} in {plan.shards} {plan.sharding} shards: {verdict}"
+    table = Table(title=title)
+    for column in ("replica", "rank", "node", "ring", "layers", "memory"):
+        table.add_column(column, justify="right" if column in ("replica", "rank", "memory") else "left")
+    for index, group in enumerate(plan.ranks):
+        for r in group:
+            layers = f"{r.layers[0]}-{r.layers[1] - 1}" if len(r.layers) == 2 else "-"
+            table.add_row(str(index), str(r.rank), r.node_id, r.address, layers, _gib(r.need_bytes))
+    why = [Text(f"why not: {p}", style="red") for p in plan.problems]
+    why += [Text(f"{node}: {reason}", style="dim") for node, reason in plan.reasons.items()]
+    return Group(table, *why)
 
 
 def progress_line(row: PlacementRow) -> str:
@@ -176,6 +207,8 @@ def place(
     node: Nodes = None,
     exclude: Exclude = None,
     max_concurrency: Annotated[int, typer.Option("--max-concurrency", min=1, help="Slots per replica.")] = 4,
+    shards: Shards = 1,
+    sharding: ShardingKind = Sharding.TENSOR,
     wait: Annotated[
         bool, typer.Option("--wait", help="Follow the load until every replica is ready.")
     ] = False,
@@ -192,6 +225,8 @@ def place(
         "nodes": node or [],
         "exclude": exclude or [],
         "max_concurrency": max_concurrency,
+        "shards": shards,
+        "sharding": sharding.value,
     }
     with _client(ctx, api, timeout, api_key) as client:
         row = _row(client.request_json("POST", "/v1/instances", json=body))
@@ -292,6 +327,8 @@ def preview(
     replicas: Replicas = 1,
     node: Nodes = None,
     exclude: Exclude = None,
+    shards: Shards = 1,
+    sharding: ShardingKind = Sharding.TENSOR,
     api: ApiUrl = None,
     as_json: AsJson = False,
     timeout: Timeout = 5.0,
@@ -303,6 +340,8 @@ def preview(
         "replicas": replicas,
         "node": node or [],
         "exclude": exclude or [],
+        "shards": shards,
+        "sharding": sharding.value,
     }
     with _client(ctx, api, timeout, api_key) as client:
         document = client.request_json("GET", "/v1/instances/preview", params=params)

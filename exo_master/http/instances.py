@@ -3,9 +3,10 @@
 in the route table (`routes`, listed in `api.api_routes`); the API key applies as everywhere.
 
     POST   /v1/instances              {"model", "replicas", "nodes", "exclude", "max_concurrency",
-                                       "capacity"} -> 201 the placement | 409 a reason per node
+                                       "capacity", "shards", "sharding"}
+                                       -> 201 the placement | 409 a reason per node (and problem)
     GET    /v1/instances              {"data": [placement, ...]}
-    GET    /v1/instances/preview?model=M&replicas=N&node=A&exclude=B
+    GET    /v1/instances/preview?model=M&replicas=N&node=A&exclude=B&shards=K&sharding=tensor
     GET    /v1/instances/{id}         one placement, with its recent steps
     DELETE /v1/instances/{id}         drains it (in-flight requests finish), then unloads it
 """
@@ -29,6 +30,7 @@ from exo_master.http.routes import ApiRoute
 from exo_master.runtime import MasterRuntime
 from protocol.instance_view import PlacementRow
 from protocol.messages import MAX_CAPACITY, MAX_CONCURRENCY, MAX_ID_CHARS
+from protocol.sharding import MAX_SHARDS, Sharding
 
 _Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID_CHARS)]
 _Names = Annotated[list[_Name], msgspec.Meta(max_length=MAX_NODE_FILTER)]
@@ -42,6 +44,8 @@ class PlaceRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fie
     exclude: _Names = []
     max_concurrency: Annotated[int, msgspec.Meta(ge=1, le=MAX_CONCURRENCY)] = 4
     capacity: Annotated[float, msgspec.Meta(gt=0, le=MAX_CAPACITY)] = 1.0
+    shards: Annotated[int, msgspec.Meta(ge=1, le=MAX_SHARDS)] = 1
+    sharding: Sharding = Sharding.TENSOR
 
 
 def _json(body: object, status: int = 200) -> Response:
@@ -67,6 +71,8 @@ class InstancesApi:
             exclude=tuple(req.exclude),
             max_concurrency=req.max_concurrency,
             capacity=req.capacity,
+            shards=req.shards,
+            sharding=req.sharding,
         )
 
     def _rows(self, events: int = 0) -> list[PlacementRow]:
@@ -91,13 +97,14 @@ class InstancesApi:
         spec = self._spec(req, new_placement_id(req.model))
         plan = self.runtime.place_instances(spec)
         if not plan.complete:
-            view = plan_view(req.model, plan)
-            reasons = (
-                "; ".join(f"{node}: {why}" for node, why in view.reasons.items()) or "no nodes have joined"
-            )
+            view = plan_view(spec, plan)
             fit = f"{len(plan.chosen)} of {req.replicas}" if plan.chosen else "none"
-            message = f"{req.replicas} replica(s) of {req.model!r} do not fit ({fit} would): {reasons}"
-            body = error_body(message, "placement_error", code="insufficient_memory")
+            what = f"{req.replicas} replica(s) of {req.model!r}"
+            if req.shards > 1:
+                what += f" in {req.shards} {req.sharding.value} shards"
+            message = f"{what} do not fit ({fit} would): {plan.why()}"
+            code = "cannot_shard" if plan.problems else "insufficient_memory"
+            body = error_body(message, "placement_error", code=code)
             body["error"]["reasons"] = view.reasons
             body["placement"] = msgspec.to_builtins(view)
             return _json(body, 409)
@@ -138,13 +145,15 @@ class InstancesApi:
             "nodes": query.getlist("node"),
             "exclude": query.getlist("exclude"),
             "max_concurrency": query.get("max_concurrency", "4"),
+            "shards": query.get("shards", "1"),
+            "sharding": query.get("sharding", "tensor"),
         }
         try:
             req = msgspec.convert(raw, PlaceRequest, strict=False)
         except msgspec.ValidationError as exc:
             raise invalid(f"invalid query: {exc}") from exc
-        plan = self.runtime.core.instances.preview(self._spec(req, "preview"))
-        return _json(plan_view(req.model, plan))
+        spec = self._spec(req, "preview")
+        return _json(plan_view(spec, self.runtime.core.instances.preview(spec)))
 
 
 def routes(api: Api) -> list[ApiRoute]:

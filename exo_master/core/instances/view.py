@@ -3,21 +3,38 @@
 from __future__ import annotations
 
 from exo_master.core.instances.controller import InstanceController
+from exo_master.core.instances.desired import PlacementSpec
 from exo_master.core.instances.lifecycle import ReplicaState
 from exo_master.core.instances.records import PlacementRecord
 from exo_master.core.instances.rule import Plan
 from exo_master.core.records import ClusterState
-from protocol.instance_view import EventRow, PlacementRow, PlanView, ReplicaRow
+from protocol.instance_view import EventRow, PlacementRow, PlanView, RankPlanRow, ReplicaRow
 
 
-def plan_view(model: str, plan: Plan) -> PlanView:
+def plan_view(spec: PlacementSpec, plan: Plan) -> PlanView:
     return PlanView(
-        model=model,
+        model=spec.model,
         replicas=plan.wanted,
         fits=plan.complete,
         need_bytes=plan.need,
         nodes=list(plan.chosen),
         reasons={str(node): why for node, why in plan.reasons.items()},
+        shards=spec.shards,
+        sharding=spec.sharding.value if spec.shards > 1 else "",
+        ranks=[
+            [
+                RankPlanRow(
+                    rank=r.rank,
+                    node_id=r.node_id,
+                    address=r.address,
+                    layers=list(r.layers),
+                    need_bytes=r.need,
+                )
+                for r in group
+            ]
+            for group in plan.groups
+        ],
+        problems=list(plan.problems),
     )
 
 
@@ -67,7 +84,7 @@ def _managed(ctl: InstanceController, record: PlacementRecord, now: float, event
     replicas = sorted(
         (r for r in ctl.replicas.values() if r.placement_id == spec.placement_id), key=lambda r: r.instance_id
     )
-    ready = sum(1 for r in replicas if r.state is ReplicaState.READY)
+    ready = sum(1 for r in replicas if r.state is ReplicaState.READY and r.rank == 0)
     if record.deleting:
         status = "draining"
     elif ready >= spec.replicas:
@@ -99,9 +116,14 @@ def _managed(ctl: InstanceController, record: PlacementRecord, now: float, event
                 progress=round(r.progress, 3),
                 memory_bytes=r.memory_bytes,
                 reason=r.reason,
+                rank=r.shard.rank if r.shard is not None else None,
+                group=r.group if r.shard is not None else "",
+                address=r.shard.hosts[r.shard.rank] if r.shard is not None else "",
             )
             for r in replicas
         ],
+        shards=spec.shards,
+        sharding=spec.sharding.value if spec.shards > 1 else "",
         events=[
             EventRow(
                 age=round(now - e.at, 3),
