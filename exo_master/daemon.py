@@ -14,7 +14,6 @@ from pathlib import Path
 
 import structlog
 import typer
-import uvicorn
 import zmq
 
 from exo_master.bus.advertise import AdvertiseSettings, announce, plan_advertiser
@@ -30,7 +29,7 @@ from exo_master.http.dashboard import dashboard_routes
 from exo_master.http.events import EventHub
 from exo_master.http.inference_metrics import InferenceMetrics
 from exo_master.http.live_stats import LiveStats
-from exo_master.http.server import QuietServer, event_loop_factory
+from exo_master.http.server import api_server, event_loop_factory
 from exo_master.http.server import bind_http as _bind_http  # a name tests replace
 from exo_master.http.transport import coalescing_http_protocol
 from exo_master.runtime import MasterRuntime
@@ -90,6 +89,7 @@ async def serve(
     max_connections: int | None = None,
     advertise: AdvertiseSettings | None = None,
     state_dir: Path | None = None,
+    drain_grace: float = 60.0,
 ) -> int:
     """Run until SIGINT/SIGTERM (exit code 0), a loop crashes (1), or a port is taken or unsafe (2)."""
     bus_host = bus_host or host
@@ -117,7 +117,7 @@ async def serve(
         )
         bus.close()
         return 2
-    runtime = MasterRuntime(MasterCore(config, instance_config(config)), bus)
+    runtime = MasterRuntime(MasterCore(config, instance_config(config, drain_grace)), bus)
     nofile, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     cap = ConnectionCap(max_connections or default_max_connections(nofile))
     runtime.connection_cap = cap
@@ -139,23 +139,7 @@ async def serve(
     app_ = secure_app(build_app(runtime, extra_routes=routes, api=api), api_keys, cors_origins)
     if not api_keys and not is_loopback(host):
         log.warning("master.api_open", host=host, note="no --api-key: anyone who reaches the API can use it")
-    server = QuietServer(
-        uvicorn.Config(
-            app_,
-            host=host,
-            port=api_port,
-            log_config=None,
-            access_log=False,
-            lifespan="off",
-            # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
-            proxy_headers=False,
-            http=coalescing_http_protocol(cap),
-            timeout_keep_alive=max(1, round(limits.keep_alive_s)),
-            # Open requests were already ended (api.shutdown); uvicorn then cancels whatever is
-            # left (a client that will not read) itself, before the daemon's own 3 s wait runs out.
-            timeout_graceful_shutdown=2,
-        )
-    )
+    server = api_server(app_, host, api_port, coalescing_http_protocol(cap), limits.keep_alive_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -345,6 +329,13 @@ def run(
         envvar="EXO_STATE_DIR",
         help="Keep the instance placements here (instances.json) and restore them on restart.",
     ),
+    drain_grace: float = typer.Option(
+        60.0,
+        "--drain-grace",
+        envvar="EXO_DRAIN_GRACE",
+        min=0.0,
+        help="Seconds a deleted or surplus instance's requests in flight get to finish before it unloads.",
+    ),
     session: str | None = typer.Option(
         None,
         envvar="EXO_SESSION",
@@ -416,6 +407,7 @@ def run(
                 max_connections=max_connections,
                 advertise=AdvertiseSettings(wanted=advertise, cluster=cluster),
                 state_dir=state_dir,
+                drain_grace=drain_grace,
             )
         )
     raise typer.Exit(code)

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
 
@@ -41,3 +42,24 @@ def bind_http(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def api_server(app: Any, host: str, port: int, http: Any, keep_alive_s: float) -> QuietServer:
+    """The API's uvicorn server: no logging or lifespan of its own, the given HTTP protocol."""
+    return QuietServer(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            # No proxy in front by default: skip uvicorn's per-request X-Forwarded-* wrapper.
+            proxy_headers=False,
+            http=http,
+            timeout_keep_alive=max(1, round(keep_alive_s)),
+            # Open requests were already ended (api.shutdown); uvicorn then cancels whatever is
+            # left (a client that will not read) itself, before the daemon's own 3 s wait runs out.
+            timeout_graceful_shutdown=2,
+        )
+    )

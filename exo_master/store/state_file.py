@@ -50,13 +50,14 @@ class StateStore:
             os.close(directory)
 
 
-def instance_config(config: CoreConfig) -> ControllerConfig:
+def instance_config(config: CoreConfig, drain_grace: float = 60.0) -> ControllerConfig:
     # Commands re-sent every heartbeat; after a restart, nodes get one liveness period to report
     # what they hold (adopted, not reloaded) before anything is placed.
     return ControllerConfig(
         resend=config.heartbeat_interval,
         adopt_grace=config.node_timeout,
         start_timeout=max(10.0, 5 * config.node_timeout),
+        drain_grace=drain_grace,
     )
 
 
