@@ -110,6 +110,7 @@ class _Child:
             log.exception("rank0.load_crashed")
             self.send(LoadFailed(error=f"{type(exc).__name__}: {exc}"))
             _leave(EXIT_RANK_FAILED)
+        self.send(self._snapshot(engine))  # the counters first: the worker reads them once loaded
         self.send(Loaded())
         watch = asyncio.create_task(self._watch(engine), name="lost")
         self.tasks.add(watch)
@@ -150,15 +151,16 @@ class _Child:
         finally:
             del self.cancels[frame.run]
 
+    @staticmethod
+    def _snapshot(engine: ShardedEngine) -> Snapshot:
+        return Snapshot(
+            work=engine.work(), prompt_cache=engine.prompt_cache_stats(), context_length=engine.context_length
+        )
+
     async def _watch(self, engine: ShardedEngine) -> None:
         lost = asyncio.ensure_future(engine.wait_lost())
         while not lost.done():
-            counters = Snapshot(
-                work=engine.work(),
-                prompt_cache=engine.prompt_cache_stats(),
-                context_length=engine.context_length,
-            )
-            self.send(counters)
+            self.send(self._snapshot(engine))
             await asyncio.wait({lost}, timeout=SNAPSHOT_INTERVAL)
         log.error("rank0.lost", reason=lost.result())
         self.send(Lost(reason=lost.result()))
