@@ -8,7 +8,9 @@ Without `--master` it looks for the master on the LAN (`exo_worker.discover`). I
 master (binding nothing) and heartbeats what it is (memory, backend, the models it holds). Without
 --model it loads only what the master places (LoadInstance); with --model it loads that model's
 instances itself (unmanaged), logs "worker.ready" once every instance is ready, and serves
-assignments until SIGINT/SIGTERM.
+assignments until SIGINT/SIGTERM. An MLX worker without --model also reports its ring ports
+(--ring-host, --ring-ports) and runs the ranks of sharded instances the master places on it; the
+sharding flags are in `exo_worker.distributed.cli`.
 
 This module is the process: flags and their checks, logging, keys, the engine, signals. The worker
 it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worker`.
@@ -17,25 +19,22 @@ it runs (`WorkerConfig`, `WorkerDaemon`, the exit codes) is in `exo_worker.worke
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
-import os
 import re
 import secrets
-import signal
 import socket
-import sys
-from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated
 
+import msgspec
 import structlog
 import typer
 
 from exo_worker.bus import parse_master_address
 from exo_worker.bus_auth import load_client_curve
 from exo_worker.discover import find_master
-from exo_worker.distributed.cli import EXIT_SHARD_LOST, ShardedFactory, shard_spec
-from exo_worker.distributed.topology import ShardSpec
+from exo_worker.distributed import cli as shard_cli
 from exo_worker.engine import ModelLoadError
 from exo_worker.engine_choice import (
     DEFAULT_MODEL,
@@ -46,15 +45,13 @@ from exo_worker.engine_choice import (
 )
 from exo_worker.local_models import (
     DEFAULT_SIM_MODELS,
-    SimModel,
-    mlx_backend,
-    mlx_catalog,
     parse_sim_model,
     parse_size,
 )
-from exo_worker.worker import EXIT_BAD_KEYS, EXIT_MODEL_LOAD, NodeFacts, WorkerConfig, WorkerDaemon
+from exo_worker.shard_ranks import ShardLauncher
+from exo_worker.worker import EXIT_BAD_KEYS, EXIT_MODEL_LOAD, WorkerConfig, WorkerDaemon, node_facts
 from protocol.discovery import DiscoveryError, check_cluster
-from protocol.ids import ModelId, NodeId
+from protocol.ids import NodeId
 from protocol.keys import KeyFileError
 from protocol.logs import LogFormat, configure_logging
 from protocol.sharding import Sharding
@@ -81,29 +78,6 @@ def _positive(value: float) -> float:
     if not value > 0:
         raise typer.BadParameter(f"must be > 0, got {value}")
     return value
-
-
-async def _serve(daemon: WorkerDaemon, lost: Callable[[], Coroutine[Any, Any, str]] | None = None) -> int:
-    """Serve until SIGINT/SIGTERM, or until `lost` returns (a sharded instance lost a rank)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    watch: asyncio.Task[str] | None = None
-    if lost is not None:
-        watch = asyncio.create_task(lost(), name="shard-lost")
-        watch.add_done_callback(lambda _: stop.set())
-    try:
-        code = await daemon.run(stop)
-        if watch is not None and watch.done() and not watch.cancelled():
-            log.error("worker.shard_lost", reason=watch.result())
-            return EXIT_SHARD_LOST
-        return code
-    finally:
-        if watch is not None:
-            watch.cancel()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 app = typer.Typer(
@@ -274,47 +248,14 @@ def serve(
         Path | None,
         typer.Option("--master-key", envvar="EXO_MASTER_KEY", help="The master's public key (NAME.key)."),
     ] = None,
-    shard_rank: Annotated[
-        int | None,
-        typer.Option(
-            "--shard-rank",
-            envvar="EXO_SHARD_RANK",
-            min=0,
-            help="Preview: this worker is rank R of a sharded instance (0 talks to the master).",
-        ),
-    ] = None,
-    shard_hosts: Annotated[
-        str | None,
-        typer.Option(
-            "--shard-hosts",
-            envvar="EXO_SHARD_HOSTS",
-            help="MLX ring addresses h0:p0,h1:p1,... (index = rank).",
-        ),
-    ] = None,
-    sharding: Annotated[Sharding, typer.Option("--sharding", envvar="EXO_SHARDING")] = Sharding.TENSOR,
-    shard_layers: Annotated[
-        str | None,
-        typer.Option(
-            "--shard-layers", envvar="EXO_SHARD_LAYERS", help="Pipeline: layers per rank, e.g. 20,10."
-        ),
-    ] = None,
-    shard_control: Annotated[
-        str | None,
-        typer.Option(
-            "--shard-control",
-            envvar="EXO_SHARD_CONTROL",
-            help="HOST:PORT of rank 0's control socket. Default: rank 0's ring port + 1.",
-        ),
-    ] = None,
-    shard_timeout: Annotated[
-        float,
-        typer.Option(
-            "--shard-timeout",
-            envvar="EXO_SHARD_TIMEOUT",
-            callback=_positive,
-            help="Seconds of silence after which a rank counts as lost.",
-        ),
-    ] = 10.0,
+    ring_host: shard_cli.RingHostFlag = None,
+    ring_ports: shard_cli.RingPortsFlag = shard_cli.DEFAULT_RING_PORTS,
+    shard_rank: shard_cli.ShardRankFlag = None,
+    shard_hosts: shard_cli.ShardHostsFlag = None,
+    sharding: shard_cli.ShardingFlag = Sharding.TENSOR,
+    shard_layers: shard_cli.ShardLayersFlag = None,
+    shard_control: shard_cli.ShardControlFlag = None,
+    shard_timeout: shard_cli.ShardTimeoutFlag = 10.0,
     version: Annotated[
         bool,
         typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
@@ -322,14 +263,10 @@ def serve(
 ) -> None:
     """Connect to the master, load the instances, and serve assignments until SIGINT/SIGTERM."""
     # Usage errors first: they are typer's to report, before logging is set up.
-    spec = shard_spec(shard_rank, shard_hosts, sharding, shard_layers, shard_control, shard_timeout)
-    if spec is not None and spec.rank > 0:
-        configure_logging(log_format, log_level)
-        _follow(model or DEFAULT_MODEL[EngineName.MLX], spec)
-    if spec is not None and (engine is not EngineName.MLX or instances != 1):
-        raise typer.BadParameter(
-            "a sharded worker runs --engine mlx with one instance", param_hint="--engine"
-        )
+    spec = shard_cli.shard_spec(shard_rank, shard_hosts, sharding, shard_layers, shard_control, shard_timeout)
+    ring = shard_cli.parse_ring_ports(ring_host or "127.0.0.1", ring_ports)
+    if spec is not None:  # a follower runs here and never returns; rank 0 goes on
+        shard_cli.manual_rank(spec, model, engine is EngineName.MLX, instances, log_format, log_level)
     try:
         address = parse_master_address(master) if master is not None else None
     except ValueError as exc:
@@ -388,19 +325,23 @@ def serve(
             else None
         )
         if spec is not None:
-            from exo_worker.models import resolve_model
-
             assert model_name is not None  # a sharded worker always names its model (above)
-            factory = sharded = ShardedFactory(
-                resolve_model(model_name),
-                spec,
-                max_batch=max_concurrency,
-                prompt_cache_bytes=prompt_cache_bytes,
+            factory = sharded = shard_cli.ShardedFactory.for_model(
+                model_name, spec, max_concurrency, prompt_cache_bytes
             )
     except ModelLoadError as exc:
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
-    facts = _node_facts(engine, sim_catalog, sim_bytes, models_dir)
+    facts = node_facts(engine, sim_catalog, sim_bytes, models_dir)
+    shards: ShardLauncher | None = None
+    if engine is EngineName.MLX and model_name is None:  # it can run the ranks the master places
+        ring = (
+            ring
+            if ring_host
+            else msgspec.structs.replace(ring, host=shard_cli.default_ring_host(address.host))
+        )
+        facts = dataclasses.replace(facts, ring=ring)
+        shards = ShardLauncher(prompt_cache_bytes, prefill_chunk, shard_timeout, log_format.value, log_level)
     model_engines = build_model_engines(
         engine,
         facts.catalog,
@@ -435,52 +376,13 @@ def serve(
         key=curve.keypair.fingerprint if curve is not None else None,
     )
     try:
-        daemon = WorkerDaemon(config, factory, model_engines, facts)
+        daemon = WorkerDaemon(config, factory, model_engines, facts, shards)
     except ModelLoadError as exc:  # an engine constructor may check its model path eagerly
         log.error("worker.model_load_failed", model=model_name, engine=engine.value, error=str(exc))
         raise typer.Exit(EXIT_MODEL_LOAD) from None
     if spec is None:
-        raise typer.Exit(asyncio.run(_serve(daemon)))
-    _lead(daemon, sharded)
-
-
-def _follow(model: str, spec: ShardSpec) -> NoReturn:
-    from exo_worker.distributed.follower import follower_main
-    from exo_worker.models import resolve_model
-
-    try:
-        path = resolve_model(model)
-    except ModelLoadError as exc:
-        log.error("worker.model_load_failed", model=model, error=str(exc))
-        raise typer.Exit(EXIT_MODEL_LOAD) from None
-    follower_main(path, spec)
-
-
-def _lead(daemon: WorkerDaemon, sharded: ShardedFactory) -> NoReturn:
-    """Rank 0: serve, then end the process the hard way when a rank was lost (see follower.py)."""
-    engine = sharded.engine
-    assert engine is not None
-    code = asyncio.run(_serve(daemon, engine.wait_lost))
-    if code != EXIT_SHARD_LOST:
-        sharded.close()  # tells the followers to close
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-def _node_facts(
-    engine: EngineName, sim_catalog: dict[ModelId, SimModel], sim_bytes: int, models_dir: Path | None
-) -> NodeFacts:
-    if engine is EngineName.SIM:
-        catalog = {name: m.local() for name, m in sim_catalog.items()}
-        return NodeFacts(backend="sim", catalog=catalog, memory_total=sim_bytes)
-    try:  # the built-in model is converted once, here, so a placement never waits on it
-        from exo_worker.models import prepare_smollm2
-
-        prepare_smollm2()
-    except (ImportError, ModelLoadError) as exc:
-        log.warning("worker.builtin_model_unavailable", error=str(exc))
-    return NodeFacts(backend=mlx_backend(), catalog=mlx_catalog(models_dir))
+        raise typer.Exit(asyncio.run(shard_cli.serve(daemon)))
+    shard_cli.lead(daemon, sharded)
 
 
 def main() -> None:

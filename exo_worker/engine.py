@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from protocol.messages import (
+    INSTANCE_LOST,
     FinishReason,
     InstanceWork,
     PromptCacheStats,
@@ -41,6 +42,13 @@ class ContextLengthExceeded(EngineError):
     """The prompt plus the completion asked for do not fit the model's context (HTTP 400)."""
 
     code = "context_length_exceeded"
+
+
+class InstanceLost(EngineError):
+    """The instance itself broke under the task (a sharded instance lost a rank): the master
+    re-places the task when no output reached the client, else ends it with a 503."""
+
+    code = INSTANCE_LOST
 
 
 def fit_completion(params: TextGenerationParams, prompt_tokens: int, context_length: int) -> int:
@@ -97,3 +105,12 @@ class ReportsPromptCache(Protocol):
     """An engine that keeps a prompt (KV) cache; the runner puts its stats into every heartbeat."""
 
     def prompt_cache_stats(self) -> PromptCacheStats: ...
+
+
+@runtime_checkable
+class ReportsFailure(Protocol):
+    """An engine that can break after it loaded (a sharded instance that lost a rank): while
+    `failure` is not None the runner reports the instance FAILED with it as the error."""
+
+    @property
+    def failure(self) -> str | None: ...

@@ -5,20 +5,38 @@ of an instance already here, or an unload of one that is not, does nothing. Load
 (bounded peak memory) with their progress in the heartbeats; a model this node does not hold, or a
 load that fails, leaves a failed instance that the master sees, unloads, and places elsewhere. An
 unload stops the instance at once: the master drained it first.
+
+A LoadInstance with a shard assignment is one rank of a sharded instance (shard_ranks.py): rank 0
+is a runner whose engine runs in a child process, a rank > 0 a `FollowerRank` process reported
+beside the runners. Ranks do not queue for the one-load-at-a-time lock: rank 0's load waits for
+its followers, so two groups spread over the same nodes could otherwise wait on each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import structlog
 
 from exo_worker.engine import Engine, EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
 from exo_worker.engine_choice import ModelEngineFactory
+from exo_worker.process_engine import ProcessEngine
 from exo_worker.runner import Runner, RunnerGroup, Send
+from exo_worker.shard_ranks import FollowerRank, ShardLauncher
 from protocol.ids import InstanceId, ModelId, NodeId
-from protocol.messages import InstanceStatus, LoadInstance, LocalModel, TaskKind, TaskParams, UnloadInstance
+from protocol.messages import (
+    AssignTask,
+    InstanceReport,
+    InstanceStatus,
+    LoadInstance,
+    LocalModel,
+    TaskFailed,
+    TaskKind,
+    TaskParams,
+    UnloadInstance,
+)
 
 log = structlog.get_logger("exo_worker.instances")
 
@@ -32,6 +50,7 @@ class InstanceHost:
         catalog: dict[ModelId, LocalModel],
         engine_for: ModelEngineFactory,
         context_tokens: int = 4096,
+        shards: ShardLauncher | None = None,
     ) -> None:
         self.node_id = node_id
         self.runners = runners
@@ -39,15 +58,44 @@ class InstanceHost:
         self.catalog = catalog
         self.engine_for = engine_for
         self.context_tokens = context_tokens
+        self.shards = shards  # None: this node cannot run ranks of sharded instances
+        self.followers: dict[InstanceId, FollowerRank] = {}
         self._load_lock = asyncio.Lock()
         self._loads: dict[InstanceId, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     def memory_in_use(self) -> int:
-        return sum(r.memory_bytes for r in self.runners.runners.values())
+        held = sum(r.memory_bytes for r in self.runners.runners.values())
+        return held + sum(f.memory_bytes for f in self.followers.values())
+
+    def holds(self, instance_id: InstanceId) -> bool:
+        return instance_id in self.runners.runners or instance_id in self.followers
+
+    def rank_reports(self) -> tuple[InstanceReport, ...]:
+        """The followers' reports (the runners report themselves)."""
+        return tuple(f.report() for f in self.followers.values())
+
+    def refuse_rank_task(self, assign: AssignTask) -> bool:
+        """A task for a follower is refused (rank 0 takes the instance's tasks): True when it was."""
+        follower = self.followers.get(assign.instance_id)
+        if follower is None:
+            return False
+        reason = (
+            f"instance {assign.instance_id} is rank {follower.shard.rank} of sharded instance "
+            f"{follower.shard.group}: it takes no tasks"
+        )
+        failed = TaskFailed(
+            node_id=self.node_id,
+            task_id=assign.task_id,
+            instance_id=assign.instance_id,
+            reason=reason,
+            refused=True,
+        )
+        self.send(failed)
+        return True
 
     def load(self, cmd: LoadInstance) -> None:
-        if cmd.instance_id in self.runners.runners:
+        if self.holds(cmd.instance_id):
             return  # already here (loading, ready or failed): the heartbeat says which
         local = self.catalog.get(cmd.model)
         need = (
@@ -55,10 +103,19 @@ class InstanceHost:
             if local is None
             else local.weights_bytes + local.kv_bytes_per_token * self.context_tokens * cmd.max_concurrency
         )
+        if cmd.shard is not None and cmd.shard.rank > 0:
+            self._start_follower(cmd, local)
+            return
         engine: Engine | None = None
         error = None
         if local is None:
             error = f"node {self.node_id} does not hold model {cmd.model!r}"
+        elif cmd.shard is not None:
+            need = cmd.shard.memory_bytes
+            if self.shards is None:
+                error = f"node {self.node_id} cannot run ranks of sharded instances"
+            else:
+                engine = self.shards.rank0(local.path, cmd)
         else:
             try:
                 engine = self.engine_for(cmd.model, cmd.instance_id, cmd.max_concurrency)
@@ -74,6 +131,7 @@ class InstanceHost:
             capacity=cmd.capacity,
             placement=cmd.placement,
             memory_bytes=need if engine is not None else 0,
+            shard=cmd.shard,
         )
         self.runners.runners[cmd.instance_id] = runner
         if error is not None:
@@ -81,12 +139,25 @@ class InstanceHost:
             log.error("instance.load_failed", instance_id=cmd.instance_id, model=cmd.model, error=error)
             return
         log.info("instance.load", instance_id=cmd.instance_id, model=cmd.model, placement=cmd.placement)
-        task = asyncio.get_running_loop().create_task(self._load(runner), name=f"load:{cmd.instance_id}")
+        load = self._load(runner, exclusive=cmd.shard is None)
+        task = asyncio.get_running_loop().create_task(load, name=f"load:{cmd.instance_id}")
         self._loads[cmd.instance_id] = task
         task.add_done_callback(lambda _: self._loads.pop(cmd.instance_id, None))
 
-    async def _load(self, runner: Runner) -> None:
-        async with self._load_lock:
+    def _start_follower(self, cmd: LoadInstance, local: LocalModel | None) -> None:
+        assert cmd.shard is not None
+        follower = FollowerRank(self.node_id, cmd, self.shards.stop_grace if self.shards else 3.0)
+        self.followers[cmd.instance_id] = follower
+        if local is None:
+            follower.fail(f"node {self.node_id} does not hold model {cmd.model!r}")
+        elif self.shards is None:
+            follower.fail(f"node {self.node_id} cannot run ranks of sharded instances")
+        else:
+            log.info("instance.load", instance_id=cmd.instance_id, model=cmd.model, rank=cmd.shard.rank)
+            follower.start(self.shards.follower_argv(local.path, cmd.shard))
+
+    async def _load(self, runner: Runner, exclusive: bool = True) -> None:
+        async with self._load_lock if exclusive else contextlib.nullcontext():
             if self.runners.runners.get(runner.instance_id) is not runner:
                 return  # unloaded while it waited for its turn
             try:
@@ -98,6 +169,13 @@ class InstanceHost:
         log.info("instance.ready", instance_id=runner.instance_id, model=runner.model)
 
     def unload(self, cmd: UnloadInstance) -> None:
+        follower = self.followers.pop(cmd.instance_id, None)
+        if follower is not None:
+            log.info("instance.unload", instance_id=cmd.instance_id, model=follower.cmd.model)
+            self._track(
+                asyncio.get_running_loop().create_task(follower.stop(), name=f"unload:{cmd.instance_id}")
+            )
+            return
         runner = self.runners.runners.pop(cmd.instance_id, None)
         if runner is None:
             return
@@ -105,7 +183,11 @@ class InstanceHost:
         if loading is not None:
             loading.cancel()
         log.info("instance.unload", instance_id=cmd.instance_id, model=runner.model)
-        task = asyncio.get_running_loop().create_task(self._close(runner), name=f"unload:{cmd.instance_id}")
+        self._track(
+            asyncio.get_running_loop().create_task(self._close(runner), name=f"unload:{cmd.instance_id}")
+        )
+
+    def _track(self, task: asyncio.Task[None]) -> None:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
@@ -120,6 +202,13 @@ class InstanceHost:
         for task in list(self._loads.values()):
             task.cancel()
         await asyncio.gather(*self._loads.values(), *self._closing, return_exceptions=True)
+        # Rank processes end with the worker (they would also notice their stdin close).
+        for runner in self.runners.runners.values():
+            if isinstance(runner.engine, ProcessEngine):
+                runner.engine.close()
+        stopping = [f.stop() for f in self.followers.values()]
+        self.followers.clear()
+        await asyncio.gather(*stopping, return_exceptions=True)
 
 
 class _NoEngine:

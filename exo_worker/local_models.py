@@ -6,6 +6,8 @@ The estimate (the master adds KV headroom per slot, see exo_master.core.instance
                         or not) plus 10% for the runtime's buffers and the tokenizer
     kv_bytes_per_token  2 (K and V) x num_hidden_layers x num_key_value_heads x head_dim x 2 bytes
                         (float16), from config.json
+Each model also carries its transformer shape from config.json (`TransformerShape`, for the
+master's shard planning; None when the config lacks a field).
 The sim engine has a catalog instead: each model a simulated size and load time (`--sim-model`).
 """
 
@@ -21,11 +23,21 @@ from pathlib import Path
 from exo_worker.engine import ModelLoadError
 from protocol.ids import ModelId
 from protocol.messages import LocalModel
+from protocol.sharding import TransformerShape, shape_from_config
 
 _GIB = 1 << 30
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
 # SmolLM2-135M before its one-time conversion (no config.json yet): 30 layers, 3 KV heads of 64.
 _SMOLLM2_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2
+_SMOLLM2_SHAPE = TransformerShape(
+    num_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    quantization_group_size=32,
+)
 
 
 def machine_memory() -> tuple[int, int]:
@@ -53,8 +65,10 @@ def estimate(model: ModelId, directory: Path) -> LocalModel:
     """A model directory (config.json plus weight files) as a LocalModel with its memory estimate."""
     size = sum(f.stat().st_size for f in directory.iterdir() if f.suffix in _WEIGHT_SUFFIXES and f.is_file())
     kv = 0
+    shape = None
     try:
         config = json.loads((directory / "config.json").read_text())
+        shape = _shape(config)
         layers = int(config["num_hidden_layers"])
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads", heads))
@@ -68,7 +82,17 @@ def estimate(model: ModelId, directory: Path) -> LocalModel:
         size_bytes=size,
         weights_bytes=size + size // 10,
         kv_bytes_per_token=kv,
+        shape=shape,
     )
+
+
+def _shape(config: object) -> TransformerShape | None:
+    if not isinstance(config, dict):
+        return None
+    try:
+        return shape_from_config(config)
+    except (KeyError, TypeError, ValueError):  # not a transformer mlx-lm reads (ValidationError too)
+        return None
 
 
 def mlx_catalog(models_dir: Path | None) -> dict[ModelId, LocalModel]:
@@ -94,6 +118,7 @@ def mlx_catalog(models_dir: Path | None) -> dict[ModelId, LocalModel]:
             size_bytes=prepared.size_bytes,
             weights_bytes=prepared.weights_bytes,
             kv_bytes_per_token=prepared.kv_bytes_per_token,
+            shape=prepared.shape or _SMOLLM2_SHAPE,
         )
     else:  # converted on first load: the GGUF's size is the weights' (they stay 4-bit)
         size = gguf.stat().st_size
@@ -103,6 +128,7 @@ def mlx_catalog(models_dir: Path | None) -> dict[ModelId, LocalModel]:
             size_bytes=size,
             weights_bytes=size + size // 10,
             kv_bytes_per_token=_SMOLLM2_KV_BYTES_PER_TOKEN,
+            shape=_SMOLLM2_SHAPE,
         )
     return catalog
 

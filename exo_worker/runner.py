@@ -22,7 +22,14 @@ from collections.abc import Callable, Sequence
 
 import structlog
 
-from exo_worker.engine import Engine, EngineError, ModelLoadError, ReportsPromptCache, ReportsWork
+from exo_worker.engine import (
+    Engine,
+    EngineError,
+    ModelLoadError,
+    ReportsFailure,
+    ReportsPromptCache,
+    ReportsWork,
+)
 from exo_worker.output_log import OutputLog
 from exo_worker.task_lifecycle import FinalMessage, TaskState, Trigger, WorkerTask, advance, ending
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
@@ -41,6 +48,7 @@ from protocol.messages import (
     ToolCall,
     Usage,
 )
+from protocol.sharding import ShardAssignment
 
 log = structlog.get_logger("exo_worker.runner")
 
@@ -66,6 +74,7 @@ class Runner:
         final_lru_size: int = 1024,
         placement: str = "",
         memory_bytes: int = 0,
+        shard: ShardAssignment | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -84,6 +93,7 @@ class Runner:
         # instance holds, and how far its load has got (heartbeats carry all three).
         self.placement = placement
         self.memory_bytes = memory_bytes
+        self.shard = shard  # rank 0 of a sharded instance: its assignment, echoed in every report
         self.progress = 0.0
         # Indexes by status: live tasks (queued or running) in acceptance order; the queued ones in
         # FIFO order; the ended ones, least recently used first (bounded). Chunks live in `_outputs`.
@@ -205,6 +215,9 @@ class Runner:
         return task.state if task is not None else None
 
     def report(self) -> InstanceReport:
+        broke = self.engine.failure if isinstance(self.engine, ReportsFailure) else None
+        if broke is not None and self.status is InstanceStatus.READY:
+            self.status, self.error = InstanceStatus.FAILED, broke  # it broke after it loaded
         return InstanceReport(
             instance_id=self.instance_id,
             model=self.model,
@@ -221,6 +234,7 @@ class Runner:
             memory_bytes=self.memory_bytes,
             progress=self.progress,
             placement=self.placement,
+            shard=self.shard,
             # Counted by the engine: a cancelled prompt still being stopped is still work here.
             work=self.engine.work() if isinstance(self.engine, ReportsWork) else None,
             context_length=self.engine.context_length if isinstance(self.engine, ReportsWork) else 0,

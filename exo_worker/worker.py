@@ -11,16 +11,18 @@ import asyncio
 import socket
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import structlog
 
 from exo_worker.bus import MasterAddress, WorkerBus
 from exo_worker.bus_auth import ClientCurve
 from exo_worker.engine import ModelLoadError
-from exo_worker.engine_choice import EngineFactory, ModelEngineFactory
+from exo_worker.engine_choice import EngineFactory, EngineName, ModelEngineFactory
 from exo_worker.instance_host import InstanceHost
-from exo_worker.local_models import machine_memory
+from exo_worker.local_models import SimModel, machine_memory, mlx_backend, mlx_catalog
 from exo_worker.runner import Runner, RunnerGroup
+from exo_worker.shard_ranks import ShardLauncher
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import (
     AssignTask,
@@ -35,6 +37,7 @@ from protocol.messages import (
     UnloadInstance,
     WorkerHeartbeat,
 )
+from protocol.sharding import RingPorts
 
 log = structlog.get_logger("exo_worker.daemon")
 
@@ -78,6 +81,22 @@ class NodeFacts:
     backend: str = ""
     catalog: dict[ModelId, LocalModel] = field(default_factory=dict)
     memory_total: int | None = None  # None: the machine's memory; else simulated (--sim-memory)
+    ring: RingPorts | None = None  # where MLX distributed may listen; None: no ranks of sharded instances
+
+
+def node_facts(
+    engine: EngineName, sim_catalog: dict[ModelId, SimModel], sim_bytes: int, models_dir: Path | None
+) -> NodeFacts:
+    if engine is EngineName.SIM:
+        catalog = {name: m.local() for name, m in sim_catalog.items()}
+        return NodeFacts(backend="sim", catalog=catalog, memory_total=sim_bytes)
+    try:  # the built-in model is converted once, here, so a placement never waits on it
+        from exo_worker.models import prepare_smollm2
+
+        prepare_smollm2()
+    except (ImportError, ModelLoadError) as exc:
+        log.warning("worker.builtin_model_unavailable", error=str(exc))
+    return NodeFacts(backend=mlx_backend(), catalog=mlx_catalog(models_dir))
 
 
 class WorkerDaemon:
@@ -89,6 +108,7 @@ class WorkerDaemon:
         engine_factory: EngineFactory | None,
         model_engines: ModelEngineFactory | None = None,
         facts: NodeFacts | None = None,
+        shards: ShardLauncher | None = None,
     ) -> None:
         self.config = config
         self.bus = WorkerBus(
@@ -121,7 +141,9 @@ class WorkerDaemon:
         self.runners = RunnerGroup(config.node_id, runners, self.bus.send)
         self.facts = facts or NodeFacts()
         self.host = (
-            InstanceHost(config.node_id, self.runners, self.bus.send, self.facts.catalog, model_engines)
+            InstanceHost(
+                config.node_id, self.runners, self.bus.send, self.facts.catalog, model_engines, shards=shards
+            )
             if model_engines is not None
             else None
         )
@@ -136,12 +158,13 @@ class WorkerDaemon:
     def snapshot(self) -> WorkerHeartbeat:
         if self.facts.memory_total is not None:  # simulated: what the placed instances hold is used
             used = sum(r.memory_bytes for r in self.runners.runners.values())
+            used += sum(f.memory_bytes for f in self.host.followers.values()) if self.host else 0
             total, available = self.facts.memory_total, max(0, self.facts.memory_total - used)
         else:
             total, available = machine_memory()
         return WorkerHeartbeat(
             node_id=self.config.node_id,
-            instances=self.runners.reports(),
+            instances=self.runners.reports() + (self.host.rank_reports() if self.host is not None else ()),
             address=self._address,
             master_session=self.bus.master_session,
             memory_total=total,
@@ -149,6 +172,7 @@ class WorkerDaemon:
             backend=self.facts.backend,
             host=self._address,
             models=tuple(self.facts.catalog.values())[:256],
+            ring=self.facts.ring,
         )
 
     def _on_message(self, message: MasterMessage) -> None:
@@ -168,7 +192,8 @@ class WorkerDaemon:
 
     def _dispatch(self, message: MasterMessage) -> None:
         if isinstance(message, AssignTask):
-            self.runners.handle_assign(message)
+            if self.host is None or not self.host.refuse_rank_task(message):
+                self.runners.handle_assign(message)
         elif isinstance(message, CancelTask):
             self.runners.handle_cancel(message)
         elif isinstance(message, FetchOutput):
@@ -193,12 +218,12 @@ class WorkerDaemon:
                 reason="no engine for placed models",
             )
             return
-        had = message.instance_id in self.runners.runners
+        had = self.host.holds(message.instance_id)
         if isinstance(message, LoadInstance):
             self.host.load(message)
         else:
             self.host.unload(message)
-        if (message.instance_id in self.runners.runners) != had:
+        if self.host.holds(message.instance_id) != had:
             self.bus.send(self.snapshot())  # the master sees the change now, not at the next beat
 
     async def _heartbeat_loop(self) -> None:

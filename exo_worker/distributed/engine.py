@@ -31,7 +31,7 @@ from exo_worker.distributed.control import Leader, Warmup
 from exo_worker.distributed.lockstep import BroadcastingPromptCache, ShardedBatchScheduler, warm_up
 from exo_worker.distributed.shard_load import load_shard
 from exo_worker.distributed.topology import ShardSpec, init_group
-from exo_worker.engine import EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
+from exo_worker.engine import InstanceLost, ModelLoadError, ProgressSink, RunOutcome, TextSink
 from exo_worker.mlx_engine import MlxEngine
 from protocol.messages import TaskParams, TextGenerationParams
 
@@ -45,10 +45,17 @@ class ShardedEngine(MlxEngine):
         *,
         max_batch: int = 4,
         prompt_cache_bytes: int | None = None,
+        prefill_chunk: int = 0,
     ) -> None:
         if spec.rank != 0:
             raise ValueError("ShardedEngine is rank 0; ranks > 0 run exo_worker.distributed.follower")
-        super().__init__(model, label, max_batch=max_batch, prompt_cache_bytes=prompt_cache_bytes)
+        super().__init__(
+            model,
+            label,
+            max_batch=max_batch,
+            prompt_cache_bytes=prompt_cache_bytes,
+            prefill_chunk=prefill_chunk,
+        )
         self.spec = spec
         self._leader: Leader | None = None
         self._lost_reason: str | None = None
@@ -73,8 +80,8 @@ class ShardedEngine(MlxEngine):
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
                 self._loop.call_soon_threadsafe(self._lost_event.set)
 
-    def _lost_error(self) -> EngineError:
-        return EngineError(f"sharded instance lost a rank: {self._lost_reason}")
+    def _lost_error(self) -> InstanceLost:
+        return InstanceLost(f"sharded instance lost a rank: {self._lost_reason}")
 
     # ---- load ------------------------------------------------------------------------------
 

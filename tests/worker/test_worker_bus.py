@@ -555,6 +555,9 @@ async def test_subprocess_model_load_error_is_one_line_and_exit_2() -> None:
         ["--master", "host:5000", "--heartbeat-interval", "0"],
         ["--master", "host:5000", "--prompt-cache-bytes", "-1"],
         ["--master", "host:5000", "--prompt-cache-bytes", "lots"],
+        ["--master", "host:5000", "--ring-ports", "52699-52600"],
+        ["--master", "host:5000", "--ring-ports", "52600"],
+        ["--master", "host:5000", "--ring-host", "a b"],
     ],
 )
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
