@@ -162,6 +162,8 @@ class Leader:
         self._started = False
         self._lost: str | None = None
         self._stop = threading.Event()
+        self._flushed = threading.Event()
+        self._joining = False  # between flush() and refresh(): the ring comes up, nobody beats
         self._thread = threading.Thread(target=self._main, name="shard-leader", daemon=True)
         self._thread.start()
 
@@ -188,6 +190,24 @@ class Leader:
         with self._outbox_lock:
             if not self._outbox.closed:
                 self._outbox.send(encode(message))
+
+    def flush(self, timeout: float) -> bool:
+        """A beat to every follower, returning once the leader thread has handed it to ZeroMQ (whose
+        I/O thread sends it whatever Python does next): call it before joining the ring. MLX's ring
+        set-up holds the GIL until the ring is up, so this process sends nothing meanwhile, and a
+        follower joins the ring only once it has heard from rank 0. False: not within `timeout`."""
+        self._joining = True
+        self._flushed.clear()
+        self.send(Beat(rank=0))
+        return self._flushed.wait(timeout)
+
+    def refresh(self) -> None:
+        """Count every follower as heard from now: after the ring's set-up, during which no process
+        could beat (it holds the GIL), a long set-up is not a silent rank."""
+        now = time.monotonic()
+        for rank in list(self._last_seen):
+            self._last_seen[rank] = now
+        self._joining = False
 
     def lose(self, reason: str) -> None:
         """Declare the instance lost from outside (a failed step): same as a silent follower."""
@@ -233,6 +253,7 @@ class Leader:
             try:
                 frame = self._inbox.recv(zmq.NOBLOCK)
             except zmq.Again:
+                self._flushed.set()
                 return
             self._forward(frame)
 
@@ -282,6 +303,8 @@ class Leader:
             self._declare_lost(message.reason)
 
     def _check_liveness(self, now: float) -> None:
+        if self._joining:
+            return
         # From its Hello on: a follower that dies while the ranks load must not leave rank 0
         # waiting in the ring's set-up or its first collective.
         for rank, seen in self._last_seen.items():

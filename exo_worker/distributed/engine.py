@@ -135,7 +135,10 @@ class ShardedEngine(MlxEngine):
                 raise ModelLoadError(f"rank {rank} was started with {hello.spec}, rank 0 with {mine}")
         try:
             report("joining the ring", 0.1)
+            if not leader.flush(self.spec.loss_timeout):
+                raise ModelLoadError("the control channel did not send rank 0's word to the followers")
             group = init_group(self.spec)
+            leader.refresh()
             report("loading this rank's shard", 0.2)
             model, tokenizer, local_layers = load_shard(self._source, self.spec, group)
             if not getattr(tokenizer, "has_chat_template", False):

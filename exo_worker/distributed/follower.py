@@ -55,6 +55,8 @@ class _MlxWork:
         self.commands: queue.Queue[Message] = queue.Queue()
         self.error: str | None = None
         self.loaded = threading.Event()
+        # Set while the ring comes up: its set-up holds the GIL, so nobody beats meanwhile.
+        self.joining = threading.Event()
         self._model_path = model_path
         self._spec = spec
         self.thread = threading.Thread(target=self._main, name=f"shard-rank-{spec.rank}", daemon=True)
@@ -62,7 +64,9 @@ class _MlxWork:
     def _main(self) -> None:
         mirror: Mirror | None = None
         try:
+            self.joining.set()
             group = init_group(self._spec)
+            self.joining.clear()
             model, tokenizer, local_layers = load_shard(self._model_path, self._spec, group)
             self.loaded.set()
             log.info("shard.loaded", rank=self._spec.rank, layers=local_layers)
@@ -111,6 +115,8 @@ def run_follower(model_path: str, spec: ShardSpec, notify: Callable[[str], None]
                 # Join the ring once rank 0 is heard from: the ring's set-up blocks this whole
                 # process while it waits for peers, so a rank 0 that never comes is noticed first.
                 work.thread.start()
+            if work.joining.is_set():
+                last_seen = now  # nobody can beat while the ring comes up: not a silence
             if not loaded and work.loaded.is_set():
                 loaded = True
                 tell("loaded")
