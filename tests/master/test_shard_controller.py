@@ -161,6 +161,10 @@ def test_a_lost_rank_fails_the_instance_unloads_every_rank_and_places_it_again()
     c.report(follower, InstanceStatus.FAILED)  # its process died: the node says so
     out = c.step()
     assert leader.instance_id in c.core.draining  # no new task goes to rank 0 from now on
+    cause = f"rank 2 ({follower.instance_id}) failed: rank lost"
+    assert {e.instance_id: e.detail for e in c.ctl.events if e.what == "failed"} == {
+        cmd.instance_id: "rank lost" if cmd is follower else cause for cmd in first
+    }
     again = loads(out)
     assert len(again) == 3  # the whole instance, at once (a ready instance lost: no backoff)
     assert {a for cmd in again if cmd.shard for a in cmd.shard.hosts}.isdisjoint(old_ports)

@@ -346,12 +346,13 @@ class InstanceController:
             self._failed_load(record, replica, now)
         elif replica.state is ReplicaState.GONE:
             del self.replicas[replica.instance_id]
-        if replica.shard is not None:
+        if replica.shard is not None and not cascade:
             self._follow_group(replica, before, now)
 
     def _follow_group(self, replica: Replica, before: ReplicaState, now: float) -> None:
         """The ranks of a sharded instance share one fate: one failed fails them all (and rank 0
-        takes no new tasks at once); rank 0 leaving takes its followers with it."""
+        takes no new tasks at once); rank 0 leaving takes its followers with it. Only the rank that
+        moved first acts (the others move as a cascade), so each names the one cause."""
         members = [m for m in self.replicas.values() if m.group == replica.group and m is not replica]
         if replica.state is ReplicaState.FAILED or (replica.state is ReplicaState.GONE and before.live):
             self.core.set_draining(replica.group)
@@ -360,13 +361,13 @@ class InstanceController:
                 if member.state.live:
                     self._move(member, ReplicaEvent.LOST, now, why, cascade=True)
                 elif member.state is ReplicaState.DRAINING:
-                    self._move(member, ReplicaEvent.DRAINED, now, why)
+                    self._move(member, ReplicaEvent.DRAINED, now, why, cascade=True)
         elif replica.rank == 0 and replica.state in (ReplicaState.UNLOADING, ReplicaState.GONE):
             for member in members:
                 if member.state.live:
-                    self._move(member, ReplicaEvent.DRAIN, now)
+                    self._move(member, ReplicaEvent.DRAIN, now, cascade=True)
                 if member.state is ReplicaState.DRAINING:
-                    self._move(member, ReplicaEvent.DRAINED, now)
+                    self._move(member, ReplicaEvent.DRAINED, now, cascade=True)
 
     def _failed_load(self, record: PlacementRecord, replica: Replica, now: float) -> None:
         # The placement tries again soon, on another node if one has room; the node that failed
