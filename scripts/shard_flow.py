@@ -138,7 +138,13 @@ def main(
     name = model
     if model == "tiny":
         shape = {"num_attention_heads": 6, "num_key_value_heads": 3, "hidden_size": 96}
-        build_tiny_model(scratch / "models" / "tiny3", whole_characters=True, num_hidden_layers=3, **shape)
+        build_tiny_model(
+            scratch / "models" / "tiny3",
+            whole_characters=True,
+            num_hidden_layers=3,
+            intermediate_size=192,
+            **shape,
+        )
         worker_args += ["--models-dir", str(scratch / "models")]
         name = "tiny3"
     first = free_port()
