@@ -75,6 +75,8 @@ class Candidates:
 
     def has_live_candidate(self, key: QueueKey) -> bool:
         model, kind = key
+        if model in self.state.coming_models:
+            return True
         return any(self.may_serve(inst, kind) for inst in self.state.by_model.get(model, {}).values())
 
     # ---- work (placement by work; see work.py) --------------------------------------------------

@@ -16,17 +16,10 @@ import msgspec
 from exo_master.core.instances.records import InstanceEvent
 from protocol.ids import InstanceId, NodeId, TaskId
 from protocol.messages import (
-    AssignTask,
-    CancelTask,
-    FetchOutput,
     FinishReason,
-    LoadInstance,
-    MasterHeartbeat,
-    NodeRefused,
-    TaskAck,
+    MasterMessage,
     TaskParams,
     ToolCall,
-    UnloadInstance,
     Usage,
     WorkerMessage,
 )
@@ -119,16 +112,7 @@ class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):
 
 
 ClientEffect = TaskPlaced | TaskQueued | TaskRejected | TaskOutput | TaskCompleted | TaskErrored
-WorkerEffect = (
-    AssignTask
-    | CancelTask
-    | MasterHeartbeat
-    | FetchOutput
-    | TaskAck
-    | NodeRefused
-    | LoadInstance
-    | UnloadInstance
-)
+WorkerEffect = MasterMessage  # every master -> worker message is some step's effect
 # InstanceEvent: a step of an instance's life (placed, loading, ready, draining...), for the log.
 Effect = ClientEffect | WorkerEffect | InstanceEvent
 

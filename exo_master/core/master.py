@@ -88,7 +88,8 @@ class MasterCore:
         self.output = OutputRelay(self.config, self.book, affinity)
         self.reconciler = Reconciler(self.config, self.book, self.candidates, self.liveness, self.output)
         # Where models live (exo_master.core.instances): fed heartbeats and ticks, below.
-        self.instances = InstanceController(SchedulerSide(self.state, self.candidates), instances)
+        self._scheduler_side = SchedulerSide(self.state, self.candidates)
+        self.instances = InstanceController(self._scheduler_side, instances)
         self._next_heartbeat = float("-inf")
 
     # ---- entry points ---------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class MasterCore:
             case WorkerHeartbeat():
                 self.reconciler.heartbeat(event, step)
                 self.instances.heartbeat(event, now)  # observed now; acted on at the next tick
+                self._lose_broken(step)
             case TaskAccepted():
                 self.liveness.seen(event.node_id, now)
                 self._accepted(event, step)
@@ -172,6 +174,17 @@ class MasterCore:
         """The controller's reconciling pass: its LoadInstance / UnloadInstance and logged steps."""
         for effect in self.instances.reconcile(step.now):
             step.emit(effect)
+        self._lose_broken(step)
+
+    def _lose_broken(self, step: Step) -> None:
+        """Tasks of instances the controller found broken (a sharded one lost a rank) are lost now,
+        with the cause: re-placed if no output reached the client, else failed (503)."""
+        broken = self._scheduler_side.broken_instances
+        while broken:
+            instance_id, why = broken.popitem()
+            inst = self.state.instances.get(instance_id)
+            if inst is not None:
+                self.liveness.evacuate(inst, why, step)
 
     # ---- public queries (what the shells and tests may read) ------------------------------------
 
@@ -229,12 +242,16 @@ class MasterCore:
             self._reject(task_id, RejectReason.DUPLICATE_TASK, f"task id {task_id} is already in use", step)
             return
         instances = self.state.by_model.get(params.model)
-        if not instances:
+        if not instances and params.model not in self.state.coming_models:
             self._reject(task_id, RejectReason.UNKNOWN_MODEL, f"model {params.model!r} is not served", step)
             return
         key = (params.model, params.KIND)
         # A non-empty candidate pool proves the kind is served without scanning every instance.
-        if not self.candidates.pools.get(key) and not any(params.KIND in i.kinds for i in instances.values()):
+        if (
+            instances
+            and not self.candidates.pools.get(key)
+            and not any(params.KIND in i.kinds for i in instances.values())
+        ):
             message = f"model {params.model!r} does not serve {params.KIND} requests"
             self._reject(task_id, RejectReason.UNSUPPORTED_KIND, message, step)
             return

@@ -55,6 +55,9 @@ class ClusterState:
         self.nodes: dict[NodeId, NodeRecord] = {}
         self.instances: dict[InstanceId, InstanceRecord] = {}
         self.by_model: dict[ModelId, dict[InstanceId, InstanceRecord]] = {}
+        # Models with an instance the master is placing or loading (the instance controller's
+        # word): requests for them wait for it instead of failing while the placement heals.
+        self.coming_models: frozenset[ModelId] = frozenset()
 
     def add_instance(self, inst: InstanceRecord) -> None:
         assert inst.instance_id not in self.instances, f"instance {inst.instance_id} exists"

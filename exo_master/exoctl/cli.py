@@ -59,7 +59,7 @@ The commands are here; the HTTP client and its exit codes are in `exoctl.client`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import RenderableType
@@ -163,58 +163,51 @@ def _layout(
 # ---- commands -----------------------------------------------------------------------------------
 
 
-@app.command()
-def load(
-    ctx: typer.Context,
-    api: ApiUrl = None,
-    as_json: AsJson = False,
-    watch: Watch = False,
-    interval: Interval = 1.0,
-    count: Count = 0,
-    timeout: Timeout = 5.0,
-    api_key: ApiKey = None,
-    wide: Wide = False,
+def _view_command(
+    name: str,
+    doc: str,
+    table: Callable[[ClusterView], RenderableType],
+    compact_table: Callable[[ClusterView], RenderableType],
+    as_document: Callable[[ClusterView], dict[str, Any]],
+    line: Callable[[ClusterView, str], str],
 ) -> None:
-    """Per instance: in-flight (confirmed), pending (ledger), queued, capacity and totals."""
-    with connected(_api(ctx, api), timeout, api_key) as client:
-        show(
-            client.state,
-            _layout(render.load_table, compact.load_compact, wide),
-            render.load_json,
-            render.load_line,
-            as_json,
-            watch,
-            interval,
-            count,
-            wide,
-        )
+    """`exoctl NAME`: one view of /v1/cluster/state, as a table, --json or --watch."""
+
+    def command(
+        ctx: typer.Context,
+        api: ApiUrl = None,
+        as_json: AsJson = False,
+        watch: Watch = False,
+        interval: Interval = 1.0,
+        count: Count = 0,
+        timeout: Timeout = 5.0,
+        api_key: ApiKey = None,
+        wide: Wide = False,
+    ) -> None:
+        with connected(_api(ctx, api), timeout, api_key) as client:
+            layout = _layout(table, compact_table, wide)
+            show(client.state, layout, as_document, line, as_json, watch, interval, count, wide)
+
+    command.__doc__ = doc
+    app.command(name)(command)
 
 
-@app.command()
-def nodes(
-    ctx: typer.Context,
-    api: ApiUrl = None,
-    as_json: AsJson = False,
-    watch: Watch = False,
-    interval: Interval = 1.0,
-    count: Count = 0,
-    timeout: Timeout = 5.0,
-    api_key: ApiKey = None,
-    wide: Wide = False,
-) -> None:
-    """Worker nodes: address, last heartbeat, alive/dead, subscription, instances, sequence gaps."""
-    with connected(_api(ctx, api), timeout, api_key) as client:
-        show(
-            client.state,
-            _layout(render.nodes_table, compact.nodes_compact, wide),
-            render.nodes_json,
-            render.nodes_line,
-            as_json,
-            watch,
-            interval,
-            count,
-            wide,
-        )
+_view_command(
+    "load",
+    "Per instance: in-flight (confirmed), pending (ledger), queued, capacity and totals.",
+    render.load_table,
+    compact.load_compact,
+    render.load_json,
+    render.load_line,
+)
+_view_command(
+    "nodes",
+    "Worker nodes: address, last heartbeat, alive/dead, subscription, instances, sequence gaps.",
+    render.nodes_table,
+    compact.nodes_compact,
+    render.nodes_json,
+    render.nodes_line,
+)
 
 
 @app.command()

@@ -30,6 +30,8 @@ class FakeCore:
     alive: dict[NodeId, bool] = field(default_factory=dict)
     busy: dict[InstanceId, int] = field(default_factory=dict)
     draining: set[InstanceId] = field(default_factory=set)
+    broken_why: dict[InstanceId, str] = field(default_factory=dict)
+    coming: frozenset[ModelId] = frozenset()
 
     def node_alive(self, node_id: NodeId) -> bool | None:
         return self.alive.get(node_id)
@@ -39,6 +41,13 @@ class FakeCore:
 
     def set_draining(self, instance_id: InstanceId) -> None:
         self.draining.add(instance_id)
+
+    def set_coming(self, models: frozenset[ModelId]) -> None:
+        self.coming = models
+
+    def broken(self, instance_id: InstanceId, why: str) -> None:
+        self.draining.add(instance_id)
+        self.broken_why[instance_id] = why
 
 
 class Cluster:

@@ -33,7 +33,7 @@ from exo_master.core.instances.records import (
 )
 from exo_master.core.instances.rule import NodeView, Plan, RankPlace, plan
 from exo_master.core.instances.shard_rule import PortBook, plan_sharded
-from protocol.ids import InstanceId, NodeId
+from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import InstanceReport, InstanceStatus, LoadInstance, UnloadInstance, WorkerHeartbeat
 
 Command = LoadInstance | UnloadInstance
@@ -129,6 +129,7 @@ class InstanceController:
         for replica in [r for r in self.replicas.values() if r.node_id == msg.node_id]:
             if replica.instance_id not in info.reports:
                 self._vanished(replica, now)
+        self.core.set_coming(self._coming())
 
     def _observe(self, replica: Replica, report: InstanceReport, now: float) -> None:
         replica.progress = 1.0 if report.status is InstanceStatus.READY else report.progress
@@ -198,6 +199,7 @@ class InstanceController:
             self._check(replica, now)
         for record in list(self.placements.values()):
             self._converge(record, now)
+        self.core.set_coming(self._coming())
         out = self._out[:]
         self._out.clear()
         return out
@@ -355,13 +357,16 @@ class InstanceController:
         moved first acts (the others move as a cascade), so each names the one cause."""
         members = [m for m in self.replicas.values() if m.group == replica.group and m is not replica]
         if replica.state is ReplicaState.FAILED or (replica.state is ReplicaState.GONE and before.live):
-            self.core.set_draining(replica.group)
             why = f"rank {replica.rank} ({replica.instance_id}) failed: {replica.reason}"
+            self.core.broken(replica.group, f"sharded instance {replica.group} lost a rank: {why}")
             for member in members:
                 if member.state.live:
                     self._move(member, ReplicaEvent.LOST, now, why, cascade=True)
                 elif member.state is ReplicaState.DRAINING:
                     self._move(member, ReplicaEvent.DRAINED, now, why, cascade=True)
+            record = self.placements.get(replica.placement_id)
+            if record is not None:
+                self._converge(record, now)  # placed again now: requests wait for it, not fail
         elif replica.rank == 0 and replica.state in (ReplicaState.UNLOADING, ReplicaState.GONE):
             for member in members:
                 if member.state.live:
@@ -409,6 +414,10 @@ class InstanceController:
             for r in self.replicas.values()
             if r.placement_id == placement_id and r.state.live and r.rank == 0
         )
+
+    def _coming(self) -> frozenset[ModelId]:
+        loading = (ReplicaState.PLACING, ReplicaState.LOADING)
+        return frozenset(r.model for r in self.replicas.values() if r.rank == 0 and r.state in loading)
 
     def _reports_of(self, node_id: NodeId) -> dict[InstanceId, InstanceReport]:
         info = self.nodes.get(node_id)

@@ -22,6 +22,10 @@ class CoreSide(Protocol):
 
     def set_draining(self, instance_id: InstanceId) -> None: ...
 
+    def broken(self, instance_id: InstanceId, why: str) -> None: ...  # lost its tasks: see core_side
+
+    def set_coming(self, models: frozenset[ModelId]) -> None: ...  # being placed or loaded
+
 
 @dataclass(frozen=True, slots=True)
 class ControllerConfig:
