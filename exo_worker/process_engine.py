@@ -242,9 +242,10 @@ class ProcessEngine:
                 self._to_loop(self._on_frame, decode(from_child, body))
         except (FrameError, OSError) as exc:
             broken = str(exc)
+            proc.kill()  # a link that cannot be trusted any more: the child goes at once
         try:
             code = proc.wait(timeout=self._close_grace)
-        except subprocess.TimeoutExpired:  # it broke the link yet lives on: end it
+        except subprocess.TimeoutExpired:  # it closed its stdout yet lives on: end it
             proc.kill()
             code = proc.wait(timeout=10)
         self._outbox.put(None)

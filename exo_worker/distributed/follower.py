@@ -58,6 +58,7 @@ class _MlxWork:
         self._model_path = model_path
         self._spec = spec
         self.thread = threading.Thread(target=self._main, name=f"shard-rank-{spec.rank}", daemon=True)
+        self.thread.start()
 
     def _main(self) -> None:
         mirror: Mirror | None = None
@@ -107,10 +108,6 @@ def run_follower(model_path: str, spec: ShardSpec, notify: Callable[[str], None]
         while True:
             message = link.receive(interval)
             now = time.monotonic()
-            if message is not None and last_seen is None:
-                # Join the ring once rank 0 is heard from: the ring's set-up blocks this whole
-                # process while it waits for peers, so a rank 0 that never comes is noticed first.
-                work.thread.start()
             if not loaded and work.loaded.is_set():
                 loaded = True
                 tell("loaded")
@@ -123,7 +120,7 @@ def run_follower(model_path: str, spec: ShardSpec, notify: Callable[[str], None]
                 if not isinstance(message, Beat):
                     work.commands.put(message)
                 if isinstance(message, Close):
-                    work.thread.join(spec.loss_timeout)  # started: rank 0 was heard from
+                    work.thread.join(spec.loss_timeout)
                     log.info("shard.closed", rank=spec.rank)
                     tell("rank 0 closed the instance")
                     return EXIT_OK if not work.thread.is_alive() else EXIT_RANK_FAILED
