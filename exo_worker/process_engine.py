@@ -179,8 +179,11 @@ class ProcessEngine:
         self._next_run += 1
         run_id = self._next_run
         done: asyncio.Future[RunOutcome] = self._loop.create_future()
+        try:
+            self._send(Run(run=run_id, params=params))
+        except FrameError as exc:  # beyond the link's bound (the protocol's own bounds are far lower)
+            raise EngineError(f"the request is too large for the rank-0 link: {exc}") from exc
         self._runs[run_id] = _Run(done, on_text)
-        self._send(Run(run=run_id, params=params))
         cancelled = False
         try:
             while not done.done():

@@ -121,6 +121,7 @@ async def test_a_lost_rank_fails_every_run_in_flight_and_later_and_the_instance(
     report = runner.report()
     assert report.status is InstanceStatus.FAILED
     assert report.error == "sharded instance lost a rank: rank 1 silent for 3.0 s"
+    assert report.memory_bytes == 0
     await reaped(e)
 
 
