@@ -106,9 +106,15 @@ async def test_a_cancel_reaches_the_child() -> None:
 async def test_a_lost_rank_fails_every_run_in_flight_and_later_and_the_instance() -> None:
     e = engine()
     runner = Runner(
-        node_id=NodeId("n"), instance_id=InstanceId("g"), model=ModelId("m"), engine=e, send=print
+        node_id=NodeId("n"),
+        instance_id=InstanceId("g"),
+        model=ModelId("m"),
+        engine=e,
+        send=print,
+        memory_bytes=1000,
     )
     await runner.load()
+    assert runner.report().memory_bytes == 1000
     in_flight = asyncio.ensure_future(e.run(params("hang"), print, threading.Event()))
     await asyncio.sleep(0)  # wait-ok: one loop turn, so the first run is sent before the loss
     with pytest.raises(InstanceLost) as lost:
