@@ -148,6 +148,7 @@ class ProcessEngine:
         loop = self._loop = asyncio.get_running_loop()
         self._progress = progress
         self._loaded = loaded = loop.create_future()
+        loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late failure is not news
         try:
             self._proc = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         except OSError as exc:
