@@ -202,10 +202,13 @@ class InstanceHost:
         for task in list(self._loads.values()):
             task.cancel()
         await asyncio.gather(*self._loads.values(), *self._closing, return_exceptions=True)
-        # Rank processes end with the worker (they would also notice their stdin close).
-        for runner in self.runners.runners.values():
-            if isinstance(runner.engine, ProcessEngine):
-                runner.engine.close()
+        # Rank processes end with the worker (they would also notice their stdin close); rank 0's
+        # tasks are cancelled first, as every instance's are at shutdown.
+        ranks0 = [r for r in self.runners.runners.values() if isinstance(r.engine, ProcessEngine)]
+        await asyncio.gather(*(r.shutdown(grace=1.0) for r in ranks0))
+        for runner in ranks0:
+            assert isinstance(runner.engine, ProcessEngine)
+            runner.engine.close()
         stopping = [f.stop() for f in self.followers.values()]
         self.followers.clear()
         await asyncio.gather(*stopping, return_exceptions=True)

@@ -148,6 +148,7 @@ class ProcessEngine:
         loop = self._loop = asyncio.get_running_loop()
         self._progress = progress
         self._loaded = loaded = loop.create_future()
+        loaded.add_done_callback(lambda f: f.cancelled() or f.exception())  # a late failure is not news
         try:
             self._proc = subprocess.Popen(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         except OSError as exc:
@@ -179,8 +180,11 @@ class ProcessEngine:
         self._next_run += 1
         run_id = self._next_run
         done: asyncio.Future[RunOutcome] = self._loop.create_future()
+        try:
+            self._send(Run(run=run_id, params=params))
+        except FrameError as exc:  # beyond the link's bound (the protocol's own bounds are far lower)
+            raise EngineError(f"the request is too large for the rank-0 link: {exc}") from exc
         self._runs[run_id] = _Run(done, on_text)
-        self._send(Run(run=run_id, params=params))
         cancelled = False
         try:
             while not done.done():
@@ -242,9 +246,10 @@ class ProcessEngine:
                 self._to_loop(self._on_frame, decode(from_child, body))
         except (FrameError, OSError) as exc:
             broken = str(exc)
+            proc.kill()  # a link that cannot be trusted any more: the child goes at once
         try:
             code = proc.wait(timeout=self._close_grace)
-        except subprocess.TimeoutExpired:  # it broke the link yet lives on: end it
+        except subprocess.TimeoutExpired:  # it closed its stdout yet lives on: end it
             proc.kill()
             code = proc.wait(timeout=10)
         self._outbox.put(None)

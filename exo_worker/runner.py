@@ -217,7 +217,8 @@ class Runner:
     def report(self) -> InstanceReport:
         broke = self.engine.failure if isinstance(self.engine, ReportsFailure) else None
         if broke is not None and self.status is InstanceStatus.READY:
-            self.status, self.error = InstanceStatus.FAILED, broke  # it broke after it loaded
+            # It broke after it loaded; its process is gone, and the memory with it.
+            self.status, self.error, self.memory_bytes = InstanceStatus.FAILED, broke, 0
         return InstanceReport(
             instance_id=self.instance_id,
             model=self.model,

@@ -39,6 +39,7 @@ from exo_worker.distributed.control import (
     Step,
     Warmup,
 )
+from exo_worker.engine import EngineError, InstanceLost
 from exo_worker.prompt_cache import PromptCache
 from exo_worker.sampling import make_request_sampler
 from exo_worker.work_meter import WorkMeter
@@ -191,6 +192,14 @@ class ShardedBatchScheduler(BatchScheduler):
         # The base class builds the generator (its settings are the scheduler's business); the
         # followers copy them from `start()`.
         return BroadcastingGenerator(super()._new_generator(), self._send, self._on_failure)
+
+    def fail_all(self, error: EngineError, *, restart: bool = True) -> None:
+        # A failed step leaves the ranks out of step for good (the generator declared the instance
+        # lost): the requests fail as the instance's loss, not as their own fault. (restart=False
+        # is the engine closing: that error stays as it is.)
+        if restart and error.code is None:
+            error = InstanceLost(f"sharded instance lost a rank: {error}")
+        super().fail_all(error, restart=restart)
 
     def start(self, cache_bytes_per_layer: int) -> Start:
         """The `Start` message that makes a follower's batch like this one."""

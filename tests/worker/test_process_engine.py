@@ -1,7 +1,8 @@
-"""The worker's ProcessEngine against a fake rank-0 child (tests/support/fake_rank0.py): text and
-counters through the frames, cancels reaching the child, and every way the child can break (a lost
-rank, kill -9, a failed load, a broken frame, a child that ignores Close) ending as a clean
-INSTANCE_LOST failure or a load error, with the child reaped."""
+"""The worker's rank processes with stand-ins for the real ones. The ProcessEngine against a fake
+rank-0 child (tests/support/fake_rank0.py): text and counters through the frames, cancels reaching
+the child, and every way the child can break (a lost rank, kill -9, a failed load, a broken frame,
+a child that ignores Close) ending as a clean INSTANCE_LOST failure or a load error, with the child
+reaped. A FollowerRank reports loading, ready, then failed with the follower's own reason."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,9 +23,17 @@ from exo_worker.distributed.topology import ShardSpec
 from exo_worker.engine import EngineError, InstanceLost, ModelLoadError
 from exo_worker.process_engine import ProcessEngine
 from exo_worker.runner import Runner
+from exo_worker.shard_ranks import FollowerRank, ShardLauncher
 from protocol.ids import InstanceId, ModelId, NodeId
-from protocol.messages import INSTANCE_LOST, ChatMessage, FinishReason, InstanceStatus, TextGenerationParams
-from protocol.sharding import Sharding
+from protocol.messages import (
+    INSTANCE_LOST,
+    ChatMessage,
+    FinishReason,
+    InstanceStatus,
+    LoadInstance,
+    TextGenerationParams,
+)
+from protocol.sharding import ShardAssignment, Sharding
 from tests.worker.runner_harness import arun
 
 FAKE = [sys.executable, str(Path(__file__).parent.parent / "support" / "fake_rank0.py")]
@@ -96,9 +106,15 @@ async def test_a_cancel_reaches_the_child() -> None:
 async def test_a_lost_rank_fails_every_run_in_flight_and_later_and_the_instance() -> None:
     e = engine()
     runner = Runner(
-        node_id=NodeId("n"), instance_id=InstanceId("g"), model=ModelId("m"), engine=e, send=print
+        node_id=NodeId("n"),
+        instance_id=InstanceId("g"),
+        model=ModelId("m"),
+        engine=e,
+        send=print,
+        memory_bytes=1000,
     )
     await runner.load()
+    assert runner.report().memory_bytes == 1000
     in_flight = asyncio.ensure_future(e.run(params("hang"), print, threading.Event()))
     await asyncio.sleep(0)  # wait-ok: one loop turn, so the first run is sent before the loss
     with pytest.raises(InstanceLost) as lost:
@@ -111,6 +127,7 @@ async def test_a_lost_rank_fails_every_run_in_flight_and_later_and_the_instance(
     report = runner.report()
     assert report.status is InstanceStatus.FAILED
     assert report.error == "sharded instance lost a rank: rank 1 silent for 3.0 s"
+    assert report.memory_bytes == 0
     await reaped(e)
 
 
@@ -176,3 +193,61 @@ def test_frames_round_trip_and_oversized_or_cut_frames_are_refused() -> None:
         read_body(io.BytesIO(encode(Loaded())[:-1]))
     with pytest.raises(FrameError, match="not ours"):
         decode_frame(from_child, b"\x93abc")
+
+
+def follower(script: str) -> tuple[FollowerRank, ShardLauncher]:
+    shard = ShardAssignment(
+        group="g",
+        rank=1,
+        hosts=("127.0.0.1:1", "127.0.0.1:2"),
+        sharding=Sharding.TENSOR,
+        control="127.0.0.1:3",
+    )
+    cmd = LoadInstance(
+        node_id=NodeId("n"), instance_id=InstanceId("g.1"), model=ModelId("m"), placement="p", shard=shard
+    )
+    launcher = ShardLauncher(follower_command=(sys.executable, "-c", script), stop_grace=0.5)
+    return FollowerRank(NodeId("n"), cmd, launcher.stop_grace), launcher
+
+
+@pytest.mark.parametrize(
+    ("code", "error"),
+    [
+        (3, "rank lost: rank 0 silent for 3.0 s"),
+        (4, "rank failed: rank 0 silent for 3.0 s"),
+        (0, "rank ended: rank 0 silent for 3.0 s"),
+        (7, "the rank process exited with code 7: rank 0 silent for 3.0 s"),
+    ],
+)
+def test_a_follower_reports_ready_then_failed_with_its_reason(code: int, error: str) -> None:
+    script = (
+        "import sys; print('loaded', flush=True); sys.stdin.readline(); "
+        f"print('rank 0 silent for 3.0 s'); sys.exit({code})"
+    )
+    rank, launcher = follower(script)
+    rank.start(launcher.follower_argv("/models/m", rank.shard))
+    assert rank.report().status in (InstanceStatus.LOADING, InstanceStatus.READY)
+    deadline = time.monotonic() + 10
+    while rank.report().status is not InstanceStatus.READY:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.01)  # wait-ok: polling a condition with a deadline
+    assert rank._proc is not None and rank._proc.stdin is not None
+    rank._proc.stdin.write(b"go\n")
+    rank._proc.stdin.flush()
+    assert rank.exited.wait(10)
+    report = rank.report()
+    assert (report.status, report.error, report.memory_bytes) == (InstanceStatus.FAILED, error, 0)
+    assert report.shard == rank.shard and not report.takes_tasks
+
+
+@arun
+async def test_a_follower_that_ignores_sigterm_is_killed() -> None:
+    rank, launcher = follower(
+        "import signal, sys; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        "print('loaded', flush=True); sys.stdin.read()"
+    )
+    rank.start(launcher.follower_argv("/models/m", rank.shard))
+    await until(lambda: rank.status is InstanceStatus.READY)
+    await rank.stop()
+    assert rank.exited.is_set() and rank.exit_code == -signal.SIGKILL
+    assert rank.status is InstanceStatus.READY  # stopped on purpose: not a failure

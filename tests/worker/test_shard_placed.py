@@ -2,7 +2,7 @@
 real MLX on loopback: a node's InstanceHost runs rank 0 in a child process (ProcessEngine) and a
 follower in another; both report the assignment; rank 0 answers; a follower takes no task; a
 follower killed with -9 mid-stream fails the task as instance_lost and the instance, and leaves no
-rank process behind; an unload ends a follower; a follower whose rank 0 never comes gives up."""
+rank process behind; an unload ends a follower."""
 
 from __future__ import annotations
 
@@ -166,8 +166,10 @@ async def test_placed_ranks_answer_refuse_follower_tasks_and_a_killed_follower_f
         lambda: (r := node.report(0)).status is InstanceStatus.FAILED and r, 5, "rank 0 failed"
     )
     assert leader.error is not None and "lost a rank" in leader.error
-    assert node.report(1).status is InstanceStatus.FAILED
-    assert node.report(1).error == "the rank process was killed by signal 9"
+    follower_report = await until(
+        lambda: (r := node.report(1)).status is InstanceStatus.FAILED and r, 5, "rank 1 failed"
+    )
+    assert follower_report.error == "the rank process was killed by signal 9"
     assert await asyncio.to_thread(engine.exited.wait, 10)  # rank 0's process left by itself
     assert not any(alive(pid) for pid in pids)
 
@@ -178,22 +180,12 @@ async def test_placed_ranks_answer_refuse_follower_tasks_and_a_killed_follower_f
 
 
 @arun
-async def test_an_unload_ends_a_follower_and_one_whose_rank_0_never_comes_gives_up(
-    tiny_model_dir: Path,
-) -> None:
-    node = Node(tiny_model_dir, join_timeout=1.0)
-    node.load(1)
+async def test_an_unload_ends_a_follower(tiny_model_dir: Path) -> None:
+    node = Node(tiny_model_dir)
+    node.load(1)  # its rank 0 never comes: it waits (in the ring's set-up)
     follower = node.host.followers[InstanceId("g/1")]
-    report = await until(lambda: (r := node.report(1)).status is InstanceStatus.FAILED and r, 60, "gave up")
-    assert report.error == "rank lost: rank 0 never answered" and report.memory_bytes == 0
-    assert follower.exit_code == 3 and not alive(follower.pid)
-
+    assert node.report(1).status is InstanceStatus.LOADING
     node.host.unload(UnloadInstance(node_id=NODE, instance_id=InstanceId("g/1")))
-    waiting = Node(tiny_model_dir)  # a follower waiting for its rank 0 is ended by an unload
-    waiting.load(1)
-    follower = waiting.host.followers[InstanceId("g/1")]
-    waiting.host.unload(UnloadInstance(node_id=NODE, instance_id=InstanceId("g/1")))
-    assert waiting.host.rank_reports() == ()
-    await waiting.host.shutdown()
-    assert follower.exited.is_set() and follower.exit_code == -signal.SIGTERM and not alive(follower.pid)
+    assert node.host.rank_reports() == () and node.host.memory_in_use() == 0
     await node.host.shutdown()
+    assert follower.exited.is_set() and follower.exit_code == -signal.SIGTERM and not alive(follower.pid)
