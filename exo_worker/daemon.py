@@ -342,6 +342,8 @@ def serve(
         )
         facts = dataclasses.replace(facts, ring=ring)
         shards = ShardLauncher(prompt_cache_bytes, prefill_chunk, shard_timeout, log_format.value, log_level)
+    elif engine is EngineName.SIM:  # stand-in ranks (exo_worker.distributed.sim_rank): placement tests
+        facts, shards = dataclasses.replace(facts, ring=ring), ShardLauncher.sim()
     model_engines = build_model_engines(
         engine,
         facts.catalog,

@@ -114,6 +114,8 @@ class InstanceHost:
             need = cmd.shard.memory_bytes
             if self.shards is None:
                 error = f"node {self.node_id} cannot run ranks of sharded instances"
+            elif self.shards.simulated:
+                engine = self.engine_for(cmd.model, cmd.instance_id, cmd.max_concurrency)
             else:
                 engine = self.shards.rank0(local.path, cmd)
         else:

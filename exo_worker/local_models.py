@@ -148,6 +148,7 @@ class SimModel:
             path=f"sim://{self.name}",
             size_bytes=self.size_bytes,
             weights_bytes=self.size_bytes,
+            shape=_SMOLLM2_SHAPE,  # shaped like SmolLM2, so it can be placed in shards too
         )
 
 

@@ -48,6 +48,12 @@ class ShardLauncher:
     # Tests swap the child processes' commands (argv before the module's own flags).
     rank0_command: Sequence[str] | None = None
     follower_command: Sequence[str] = (sys.executable, "-m", FOLLOWER_MODULE)
+    # A sim worker: rank 0 is its ordinary sim engine, a follower a stand-in process (sim_rank).
+    simulated: bool = False
+
+    @classmethod
+    def sim(cls) -> ShardLauncher:
+        return cls(simulated=True, follower_command=(sys.executable, "-m", "exo_worker.distributed.sim_rank"))
 
     def spec(self, shard: ShardAssignment) -> ShardSpec:
         return ShardSpec(

@@ -164,8 +164,13 @@ def follower_main(model_path: str, spec: ShardSpec, notify: Callable[[str], None
 def main(argv: list[str] | None = None) -> NoReturn:
     """`python -m exo_worker.distributed.follower --model PATH --spec JSON`: a rank the worker
     started for the master (exo_worker.rank_process). It prints "loaded" and then the reason it
-    ends, one line each, on stdout, and leaves as soon as its stdin closes (the worker is gone)."""
+    ends, one line each, on stdout, and leaves as soon as its stdin closes (the worker is gone),
+    or is killed by the kernel if it cannot notice (lifeline.py)."""
     import argparse
+
+    from exo_worker.distributed.lifeline import die_with_parent
+
+    die_with_parent()
 
     import msgspec
 

@@ -50,6 +50,7 @@ from exo_worker.distributed.frames import (
     read_body,
     to_child,
 )
+from exo_worker.distributed.lifeline import die_with_parent
 from exo_worker.engine import EngineError, ModelLoadError
 from protocol.logs import LogFormat, configure_logging
 
@@ -168,6 +169,7 @@ class _Child:
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
+    die_with_parent()  # before anything: MLX may hold the GIL when the worker goes
     parser = argparse.ArgumentParser(prog="exo_worker.distributed.rank0_process")
     parser.add_argument("--log-format", type=LogFormat, default=LogFormat.JSON)
     parser.add_argument("--log-level", default="info")
