@@ -135,6 +135,7 @@ def test_pipeline_three_ways_through_the_master_cancels_and_survives_nothing_whe
     cluster = start_cluster(workers=0, engine="mlx", model=str(tiny3_dir), max_concurrency=4)
     _, hosts = ring(3)
     flags = ["--shard-hosts", hosts, "--sharding", "pipeline", "--shard-timeout", "3"]  # a layer each
+    flags += ["--shard-control", f"127.0.0.1:{free_port()}"]  # not rank 0's ring port + 1: maybe taken
     for rank in (1, 2):
         log = (tmp_path / f"rank{rank}.log").open("wb")
         cmd = [sys.executable, "-m", "exo_worker.daemon", "--engine", "mlx", "--model", str(tiny3_dir)]
