@@ -165,23 +165,11 @@ class InstanceController:
             and (follower or live < record.spec.replicas)
         ):
             # A follower is adopted with its instance; if rank 0 never shows up, _check unloads it.
-            state = ReplicaState.READY if report.status is InstanceStatus.READY else ReplicaState.LOADING
-            self.replicas[report.instance_id] = Replica(
-                instance_id=report.instance_id,
-                placement_id=report.placement,
-                model=report.model,
-                node_id=info.node_id,
-                need=report.memory_bytes,
-                state=state,
-                since=now,
-                progress=1.0 if state is ReplicaState.READY else report.progress,
-                memory_bytes=report.memory_bytes,
-                shard=report.shard,
-            )
-            index = _index_of(report.instance_id)
-            if index is not None:
-                record.next_index = max(record.next_index, index + 1)
-            self._event(now, report.placement, "adopted", report.instance_id, info.node_id, state.value)
+            replica = self.replicas[report.instance_id] = Replica.adopted(info.node_id, report, now)
+            if replica.index is not None:
+                record.next_index = max(record.next_index, replica.index + 1)
+            what = replica.state.value
+            self._event(now, report.placement, "adopted", report.instance_id, info.node_id, what)
             return
         if now < self._hold_until and record is None:
             return  # the state file may not be restored yet: decide after the grace period
@@ -394,14 +382,7 @@ class InstanceController:
         node_id: str = "",
         detail: str = "",
     ) -> None:
-        event = InstanceEvent(
-            at=now,
-            placement_id=placement_id,
-            what=what,
-            instance_id=instance_id,
-            node_id=node_id,
-            detail=detail,
-        )
+        event = InstanceEvent(now, placement_id, what, instance_id, node_id, detail)
         self.events.append(event)
         self._out.append(event)
 
@@ -409,11 +390,8 @@ class InstanceController:
 
     def _live(self, placement_id: str) -> Iterator[Replica]:
         """The placement's live instances (a sharded one counts once: its rank 0)."""
-        return (
-            r
-            for r in self.replicas.values()
-            if r.placement_id == placement_id and r.state.live and r.rank == 0
-        )
+        replicas = self.replicas.values()
+        return (r for r in replicas if r.placement_id == placement_id and r.state.live and r.rank == 0)
 
     def _coming(self) -> frozenset[ModelId]:
         loading = (ReplicaState.PLACING, ReplicaState.LOADING)
@@ -425,8 +403,3 @@ class InstanceController:
 
     def node_views(self) -> list[NodeView]:
         return node_views(self.nodes.values(), self.replicas.values(), self.core.node_alive)
-
-
-def _index_of(instance_id: str) -> int | None:
-    _, _, tail = instance_id.rpartition(".")
-    return int(tail) if tail.isdigit() else None

@@ -9,7 +9,7 @@ from typing import Protocol
 from exo_master.core.instances.desired import PlacementSpec
 from exo_master.core.instances.lifecycle import ReplicaState
 from protocol.ids import InstanceId, ModelId, NodeId
-from protocol.messages import InstanceReport, LocalModel
+from protocol.messages import InstanceReport, InstanceStatus, LocalModel
 from protocol.sharding import RingPorts, ShardAssignment
 
 
@@ -68,6 +68,29 @@ class Replica:
     reason: str = ""
     drain_until: float = 0.0
     shard: ShardAssignment | None = None  # a rank of a sharded instance; None: a whole instance
+
+    @classmethod
+    def adopted(cls, node_id: NodeId, report: InstanceReport, now: float) -> Replica:
+        """What a node reports holding for a placement (after a master restart), taken as is."""
+        state = ReplicaState.READY if report.status is InstanceStatus.READY else ReplicaState.LOADING
+        return cls(
+            instance_id=report.instance_id,
+            placement_id=report.placement,
+            model=report.model,
+            node_id=node_id,
+            need=report.memory_bytes,
+            state=state,
+            since=now,
+            progress=1.0 if state is ReplicaState.READY else report.progress,
+            memory_bytes=report.memory_bytes,
+            shard=report.shard,
+        )
+
+    @property
+    def index(self) -> int | None:
+        """Its number within the placement (NODE/PLACEMENT.N, and .rR after it for a rank > 0)."""
+        _, _, tail = self.group.rpartition(".")
+        return int(tail) if tail.isdigit() else None
 
     @property
     def rank(self) -> int:
