@@ -55,6 +55,7 @@ def task(task_id: str, max_tokens: int) -> AssignTask:
         model=ModelId("tiny"),
         messages=(ChatMessage(role="user", content="Hello, world!"),),
         max_tokens=max_tokens,
+        temperature=0.0,
     )
     return AssignTask(task_id=TaskId(task_id), node_id=NODES[0], instance_id=InstanceId("g.0"), params=params)
 

@@ -97,7 +97,10 @@ class Node:
 
     def assign(self, rank: int, task: str, max_tokens: int) -> None:
         params = TextGenerationParams(
-            model=MODEL, messages=(ChatMessage(role="user", content="Hello, world!"),), max_tokens=max_tokens
+            model=MODEL,
+            messages=(ChatMessage(role="user", content="Hello, world!"),),
+            max_tokens=max_tokens,
+            temperature=0.0,
         )
         assign = AssignTask(
             task_id=TaskId(task),
