@@ -29,7 +29,7 @@ _GIB = 1 << 30
 _WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".npz")
 # SmolLM2-135M before its one-time conversion (no config.json yet): 30 layers, 3 KV heads of 64.
 _SMOLLM2_KV_BYTES_PER_TOKEN = 2 * 30 * 3 * 64 * 2
-_SMOLLM2_SHAPE = TransformerShape(
+SMOLLM2_SHAPE = TransformerShape(
     num_layers=30,
     hidden_size=576,
     intermediate_size=1536,
@@ -118,7 +118,7 @@ def mlx_catalog(models_dir: Path | None) -> dict[ModelId, LocalModel]:
             size_bytes=prepared.size_bytes,
             weights_bytes=prepared.weights_bytes,
             kv_bytes_per_token=prepared.kv_bytes_per_token,
-            shape=prepared.shape or _SMOLLM2_SHAPE,
+            shape=prepared.shape or SMOLLM2_SHAPE,
         )
     else:  # converted on first load: the GGUF's size is the weights' (they stay 4-bit)
         size = gguf.stat().st_size
@@ -128,7 +128,7 @@ def mlx_catalog(models_dir: Path | None) -> dict[ModelId, LocalModel]:
             size_bytes=size,
             weights_bytes=size + size // 10,
             kv_bytes_per_token=_SMOLLM2_KV_BYTES_PER_TOKEN,
-            shape=_SMOLLM2_SHAPE,
+            shape=SMOLLM2_SHAPE,
         )
     return catalog
 
@@ -148,7 +148,7 @@ class SimModel:
             path=f"sim://{self.name}",
             size_bytes=self.size_bytes,
             weights_bytes=self.size_bytes,
-            shape=_SMOLLM2_SHAPE,  # shaped like SmolLM2, so it can be placed in shards too
+            shape=SMOLLM2_SHAPE,  # shaped like SmolLM2, so it can be placed in shards too
         )
 
 

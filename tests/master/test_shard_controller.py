@@ -10,6 +10,7 @@ from typing import Any
 from exo_master.core.instances.controller import InstanceController
 from exo_master.core.instances.desired import PlacementSpec
 from exo_master.core.instances.records import ControllerConfig
+from exo_worker.local_models import SMOLLM2_SHAPE
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import (
     InstanceReport,
@@ -19,20 +20,12 @@ from protocol.messages import (
     UnloadInstance,
     WorkerHeartbeat,
 )
-from protocol.sharding import RingPorts, Sharding, TransformerShape
+from protocol.sharding import RingPorts, Sharding
 from tests.master.test_instance_controller import FakeCore
 
 GIB = 2**30
 MODEL = ModelId("smol")
-SHAPE = TransformerShape(  # SmolLM2-135M's shape
-    num_layers=30,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    quantization_group_size=32,
-)
+SHAPE = SMOLLM2_SHAPE
 LOCAL = LocalModel(model=MODEL, size_bytes=GIB, weights_bytes=GIB, kv_bytes_per_token=1000, shape=SHAPE)
 
 
