@@ -42,7 +42,8 @@ def fitted(
     return draw
 
 
-def _table(title: str) -> Table:
+def narrow_table(title: str) -> Table:
+    """The compact layout's table: no rules, one space either side of a cell."""
     # No rules and one space either side of a cell: two columns between cells, none at the edges.
     return Table(
         title=title,
@@ -72,7 +73,7 @@ def load_compact(view: ClusterView) -> RenderableType:
     for model in models:
         rows = [row for row in view.instances if model is None or row.model == model.model]
         title = f"{model.model} · {model.ready}/{model.instances} ready" if model else "load · no instance"
-        table = _table(title)
+        table = narrow_table(title)
         _id_column(table, "instance", [row.instance_id for row in rows])
         table.add_column("status")
         table.add_column("busy", justify="right")  # in-flight + pending / max concurrency
@@ -107,7 +108,7 @@ def load_compact(view: ClusterView) -> RenderableType:
 
 def nodes_compact(view: ClusterView) -> RenderableType:
     alive = sum(1 for n in view.nodes if n.alive)
-    table = _table(f"nodes · {alive}/{len(view.nodes)} alive")
+    table = narrow_table(f"nodes · {alive}/{len(view.nodes)} alive")
     _id_column(table, "node", [row.node_id for row in view.nodes])
     table.add_column("state")
     table.add_column("heartbeat", justify="right")
@@ -130,7 +131,7 @@ def nodes_compact(view: ClusterView) -> RenderableType:
 
 
 def tasks_compact(tasks: list[TaskRow], status: str | None = None) -> RenderableType:
-    table = _table(f"tasks · {len(tasks)} shown" + (f" · status {status}" if status else ""))
+    table = narrow_table(f"tasks · {len(tasks)} shown" + (f" · status {status}" if status else ""))
     _id_column(table, "task", [row.task_id for row in tasks])
     table.add_column("status")
     table.add_column("instance", overflow="fold")

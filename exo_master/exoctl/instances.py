@@ -104,15 +104,7 @@ def placements_table(rows: list[PlacementRow]) -> Table:
 
 def placements_compact(rows: list[PlacementRow]) -> RenderableType:
     """For 80 columns: id (never shortened), status, ready, memory; model, nodes and reason below."""
-    table = Table(
-        title=f"instances · {len(rows)}",
-        box=None,
-        pad_edge=False,
-        padding=(0, 1),
-        title_justify="left",
-        title_style="bold",
-        header_style="bold underline",
-    )
+    table = compact.narrow_table(f"instances · {len(rows)}")
     ids = [row.id if row.managed else f"{row.id}*" for row in rows]
     table.add_column("id", no_wrap=True, min_width=max([2, *map(len, ids)]))
     table.add_column("status")
