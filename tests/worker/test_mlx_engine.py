@@ -181,7 +181,7 @@ def test_a_queued_task_is_cancelled_without_waiting_for_its_turn(one_slot_engine
         first_piece = asyncio.Event()
         cancel_running, cancel_queued = threading.Event(), threading.Event()
         running = asyncio.ensure_future(
-            engine.run(_params(max_tokens=1500), lambda _: first_piece.set(), cancel_running)
+            engine.run(_params(max_tokens=1500, temperature=0.0), lambda _: first_piece.set(), cancel_running)
         )
         queued = asyncio.ensure_future(engine.run(_params(), lambda _: None, cancel_queued))
         await first_piece.wait()
