@@ -32,7 +32,8 @@ import httpx
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster
+from exo_master.devtools.ports import free_port_pair
 from protocol import codec
 from protocol.envelope import Stamper
 from protocol.ids import InstanceId, NodeId, TaskId

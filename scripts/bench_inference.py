@@ -43,7 +43,8 @@ from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/support, from a checkout
 
-from exo_master.devtools.launcher import ClusterSpec, ClusterStartError, LocalCluster
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster
+from exo_master.devtools.ports import ClusterStartError
 from tests.support.loadgen import BurstFailed, burst_responses
 
 console = Console(stderr=True, soft_wrap=True)

@@ -28,10 +28,10 @@ from tests.support.tiny_model import build_tiny_model
 PROMPTS = ("What is the capital of France?", "Name three colours.")
 
 
-def _free_port() -> int:
-    from exo_master.devtools.launcher import free_port
+def _free_ports(count: int) -> list[int]:
+    from exo_master.devtools.ports import free_ports
 
-    return free_port()
+    return free_ports(count)
 
 
 def run_config(model: str, config: str, max_tokens: int) -> dict[str, Any]:
@@ -40,8 +40,9 @@ def run_config(model: str, config: str, max_tokens: int) -> dict[str, Any]:
     followers: list[subprocess.Popen[bytes]] = []
     if config != "single":
         sharding, _, k = config.partition(":")
-        hosts = ",".join(f"127.0.0.1:{_free_port()}" for _ in range(int(k)))
-        generate += ["--hosts", hosts, "--control", f"127.0.0.1:{_free_port()}", "--sharding", sharding]
+        *ports, control = _free_ports(int(k) + 1)
+        hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+        generate += ["--hosts", hosts, "--control", f"127.0.0.1:{control}", "--sharding", sharding]
         generate += ["--loss-timeout", "60"]  # a busy shared machine must not look like a lost rank
         for rank in range(1, int(k)):
             followers.append(

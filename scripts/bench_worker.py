@@ -45,13 +45,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: the repository's packages (and tests/support)
 
-from exo_master.devtools.launcher import (  # noqa: E402
-    ClusterSpec,
-    ClusterStartError,
-    LocalCluster,
-    free_port,
-    wait_for,
-)
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for  # noqa: E402
+from exo_master.devtools.ports import ClusterStartError, free_port  # noqa: E402
 from tests.support.tiny_model import model_directory  # noqa: E402
 
 SCHEMA = "exo-bench-worker/1"

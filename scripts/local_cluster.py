@@ -33,14 +33,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from exo_master.devtools.launcher import (
-    ClusterSpec,
-    ClusterStartError,
-    LocalCluster,
-    PortInUse,
-    check_ports,
-    suggest_ports,
-)
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster
+from exo_master.devtools.ports import ClusterStartError, PortInUse, check_ports, suggest_ports
 
 # soft_wrap: long lines (commands to copy) are never cut by a newline.
 console = Console(highlight=False, soft_wrap=True)

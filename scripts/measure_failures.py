@@ -22,7 +22,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair, wait_for
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for
+from exo_master.devtools.ports import free_port_pair
 from tests.e2e.test_bus_faults import BURST, burst, expected_text
 
 BODY = {"model": "sim-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 400}

@@ -31,7 +31,8 @@ import typer
 from benchkit.procs import ROOT, load_average, machine_info
 
 sys.path.insert(0, str(ROOT))
-from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port, wait_for
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for
+from exo_master.devtools.ports import free_port
 from tests.e2e.test_sharded_by_master import alive, rank_processes
 from tests.support.tiny_model import build_tiny_model
 

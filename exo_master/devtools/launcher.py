@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,87 +29,12 @@ from typing import IO, Any
 
 import httpx
 
+from exo_master.devtools.ports import ClusterStartError, check_ports, free_cluster_ports
 from protocol import keys
 
 # The model a worker declares when the cluster is not managed and names none (exo-worker's own
 # default before workers could start without a model).
 _DEFAULT_MODEL = {"sim": "sim-model", "mlx": "smollm2"}
-
-
-class ClusterStartError(RuntimeError):
-    pass
-
-
-class PortInUse(ClusterStartError):
-    """A port the cluster needs is taken (by another cluster, most likely). Nothing was started."""
-
-    def __init__(self, host: str, port: int, role: str) -> None:
-        super().__init__(f"port {port} ({role}) on {host} is already in use")
-        self.host, self.port, self.role = host, port, role
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True when a listener could bind host:port now.
-
-    SO_REUSEADDR as the master's sockets (uvicorn's and ZeroMQ's) use it: a port that only has
-    connections in TIME_WAIT from a cluster that just stopped counts as free, a listening one not.
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def cluster_ports(api_port: int, bus_port: int) -> list[tuple[int, str]]:
-    """Every port a cluster binds, with what it is for."""
-    return [
-        (api_port, "HTTP API"),
-        (bus_port, "bus, master to workers"),
-        (bus_port + 1, "bus, workers to master"),
-    ]
-
-
-def check_ports(host: str, api_port: int, bus_port: int) -> None:
-    """Raise PortInUse for the first of a cluster's ports that is taken."""
-    for port, role in cluster_ports(api_port, bus_port):
-        if not port_is_free(host, port):
-            raise PortInUse(host, port, role)
-
-
-def suggest_ports(host: str, api_port: int, bus_port: int, step: int = 10) -> tuple[int, int]:
-    """The first (API, bus) ports past the given ones, `step` apart, that are all free now."""
-    for shift in range(step, 100 * step, step):
-        api, bus = api_port + shift, bus_port + shift
-        if bus + 1 < 65536 and all(port_is_free(host, p) for p, _ in cluster_ports(api, bus)):
-            return api, bus
-    return free_port(host), free_port_pair(host)
-
-
-def free_port_pair(host: str = "127.0.0.1") -> int:
-    """A port p such that p and p + 1 are both free right now (the bus uses two)."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port >= 65535:
-            continue
-        try:
-            with socket.socket() as s:
-                s.bind((host, port + 1))
-        except OSError:
-            continue
-        return int(port)
-    raise ClusterStartError("no free pair of ports found")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -182,8 +106,7 @@ class ClusterKeys:
 class LocalCluster:
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
-        self.api_port = spec.api_port or free_port(spec.host)
-        self.bus_port = spec.bus_port or free_port_pair(spec.host)
+        self.api_port, self.bus_port = free_cluster_ports(spec.host, spec.api_port or 0, spec.bus_port or 0)
         # Passed to each master we start (a new one per start: workers tell a restarted master by
         # its session); its /v1/cluster/state echoes it, so an answer from any other master on that
         # address (a cluster started earlier) is recognised as not ours.

@@ -18,7 +18,8 @@ from typing import Any
 
 import httpx
 
-from exo_master.devtools.launcher import free_port, wait_for
+from exo_master.devtools.launcher import wait_for
+from exo_master.devtools.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 MOCK = ROOT / "scripts" / "mock_openai.py"

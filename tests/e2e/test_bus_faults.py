@@ -17,7 +17,8 @@ import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair, wait_for
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for
+from exo_master.devtools.ports import free_port_pair
 from exo_worker.sim_engine import sim_word
 
 pytestmark = pytest.mark.e2e

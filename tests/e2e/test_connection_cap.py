@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import free_port, free_port_pair, wait_for
+from exo_master.devtools.launcher import wait_for
+from exo_master.devtools.ports import free_port, free_port_pair
 
 pytestmark = pytest.mark.e2e
 

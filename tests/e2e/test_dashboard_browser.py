@@ -23,7 +23,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from exo_master.devtools.launcher import LocalCluster, free_port, wait_for
+from exo_master.devtools.launcher import LocalCluster, wait_for
+from exo_master.devtools.ports import free_port
 from exo_master.http.dashboard import dashboard_routes
 from tests.e2e.conftest import ClusterFactory
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import ClusterSpec, LocalCluster, free_port_pair, wait_for
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for
+from exo_master.devtools.ports import free_port_pair
 from tests.e2e.conftest import ClusterFactory
 from tests.support.loadgen import burst, spread
 

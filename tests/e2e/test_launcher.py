@@ -16,16 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from exo_master.devtools.launcher import (
-    ClusterSpec,
-    ClusterStartError,
-    LocalCluster,
-    PortInUse,
-    free_port,
-    free_port_pair,
-    port_is_free,
-    wait_for,
-)
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for
+from exo_master.devtools.ports import ClusterStartError, PortInUse, free_port, free_port_pair, port_is_free
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e

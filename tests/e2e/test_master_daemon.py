@@ -10,7 +10,8 @@ import sys
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import free_port_pair, wait_for
+from exo_master.devtools.launcher import wait_for
+from exo_master.devtools.ports import free_port_pair
 from protocol import keys
 from tests.e2e.buspeer import BusPeer
 from tests.e2e.conftest import ClusterFactory

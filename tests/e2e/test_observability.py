@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner, Result
 
-from exo_master.devtools.launcher import LocalCluster, free_port, wait_for
+from exo_master.devtools.launcher import LocalCluster, wait_for
+from exo_master.devtools.ports import free_port
 from exo_master.exoctl.cli import app
 from tests.e2e.conftest import ClusterFactory
 

@@ -17,7 +17,8 @@ import openai
 import pytest
 import zmq
 
-from exo_master.devtools.launcher import LocalCluster, free_port, free_port_pair, wait_for
+from exo_master.devtools.launcher import LocalCluster, wait_for
+from exo_master.devtools.ports import free_port, free_port_pair
 from protocol import keys
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import free_port
+from exo_master.devtools.ports import free_ports
 from exo_worker.mlx_engine import MlxEngine
 from protocol.ids import ModelId
 from protocol.messages import ChatMessage, TextGenerationParams
@@ -83,9 +83,11 @@ def single_node(model: Path, prompts: list[str], max_tokens: int) -> list[str]:
         engine.close()
 
 
-def ring(k: int) -> tuple[list[str], str]:
-    hosts = ",".join(f"127.0.0.1:{free_port()}" for _ in range(k))
-    return ["--hosts", hosts, "--control", f"127.0.0.1:{free_port()}"], hosts
+def ring(k: int) -> tuple[list[str], str, str]:
+    """The flags of a k-rank ring, its hosts, and a control address apart from them."""
+    *ports, control = free_ports(k + 1)
+    hosts = ",".join(f"127.0.0.1:{port}" for port in ports)
+    return ["--hosts", hosts, "--control", f"127.0.0.1:{control}"], hosts, f"127.0.0.1:{control}"
 
 
 @pytest.fixture
@@ -101,7 +103,7 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 def sharded_answers(
     processes: list[subprocess.Popen[bytes]], model: Path, sharding: str, k: int, max_tokens: int
 ) -> list[str]:
-    args, _ = ring(k)
+    args, _, _ = ring(k)
     common = [sys.executable, "-m", "exo_worker.distributed.generate", "--model", str(model), *args]
     common += ["--sharding", sharding, "--loss-timeout", "5", "--join-timeout", "120"]
     for rank in range(1, k):
@@ -133,9 +135,9 @@ def test_pipeline_three_ways_through_the_master_cancels_and_survives_nothing_whe
 ) -> None:
     expected = single_node(tiny3_dir, PROMPTS[:1], 12)[0]
     cluster = start_cluster(workers=0, engine="mlx", model=str(tiny3_dir), max_concurrency=4)
-    _, hosts = ring(3)
+    _, hosts, control = ring(3)
     flags = ["--shard-hosts", hosts, "--sharding", "pipeline", "--shard-timeout", "3"]  # a layer each
-    flags += ["--shard-control", f"127.0.0.1:{free_port()}"]  # not rank 0's ring port + 1: maybe taken
+    flags += ["--shard-control", control]  # not rank 0's ring port + 1: maybe taken
     for rank in (1, 2):
         log = (tmp_path / f"rank{rank}.log").open("wb")
         cmd = [sys.executable, "-m", "exo_worker.daemon", "--engine", "mlx", "--model", str(tiny3_dir)]
@@ -177,7 +179,7 @@ def test_pipeline_three_ways_through_the_master_cancels_and_survives_nothing_whe
 
 
 def test_a_rank_whose_peers_never_come_gives_up_in_bounded_time(tiny_model_dir: Path) -> None:
-    args, _ = ring(2)
+    args, _, _ = ring(2)
     common = [sys.executable, "-m", "exo_worker.distributed.generate", "--model", str(tiny_model_dir), *args]
     common += ["--join-timeout", "1", "--sharding", "pipeline"]
     lead = subprocess.run(

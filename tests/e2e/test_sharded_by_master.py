@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from exo_master.devtools.launcher import LocalCluster, free_port, wait_for
+from exo_master.devtools.launcher import LocalCluster, wait_for
+from exo_master.devtools.ports import free_port
 from tests.e2e.conftest import ClusterFactory
 from tests.e2e.test_sharded import PROMPTS, single_node, tiny3_dir  # noqa: F401 (a fixture)
 

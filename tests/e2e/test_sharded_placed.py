@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from exo_master.devtools.launcher import free_port
+from exo_master.devtools.ports import free_port
 from protocol import codec
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (

@@ -18,7 +18,7 @@ import zmq
 
 from exo_master.bus.sockets import Inbound, MasterBus
 from exo_master.core.events import NodeSubscribed, NodeUnsubscribed
-from exo_master.devtools.launcher import free_port_pair
+from exo_master.devtools.ports import free_port_pair
 from protocol import codec
 from protocol.ids import NodeId
 from protocol.messages import MasterHeartbeat

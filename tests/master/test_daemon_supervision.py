@@ -9,7 +9,7 @@ import structlog
 
 from exo_master.core import CoreConfig
 from exo_master.daemon import serve
-from exo_master.devtools.launcher import free_port, free_port_pair
+from exo_master.devtools.ports import free_cluster_ports
 from exo_master.runtime import MasterRuntime
 
 
@@ -21,7 +21,7 @@ def test_a_loop_that_dies_is_logged_with_its_cause_and_the_master_exits_1(
 
     monkeypatch.setattr(MasterRuntime, "run_ticker", broken_ticker)
     with structlog.testing.capture_logs() as logs:
-        code = asyncio.run(serve(CoreConfig(session="test"), "127.0.0.1", free_port(), free_port_pair()))
+        code = asyncio.run(serve(CoreConfig(session="test"), "127.0.0.1", *free_cluster_ports()))
     assert code == 1
     (crash,) = [line for line in logs if line["event"] == "master.task_crashed"]
     assert crash["task"] == "ticker" and "the ticker broke" in crash["error"]

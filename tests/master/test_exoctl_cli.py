@@ -17,7 +17,7 @@ from rich.table import Table
 from typer.testing import CliRunner
 
 from exo_master.daemon import app as master_app
-from exo_master.devtools.launcher import free_port
+from exo_master.devtools.ports import free_ports
 from exo_master.exoctl import cli, render
 from exo_master.exoctl.cli import app as exoctl_app
 from exo_worker.daemon import app as worker_app
@@ -66,7 +66,7 @@ def _unreachable(args: list[str], env: dict[str, str] | None = None) -> str:
 
 
 def test_api_works_before_and_after_the_command_and_after_wins() -> None:
-    first, second, third = (f"http://127.0.0.1:{free_port()}" for _ in range(3))
+    first, second, third = (f"http://127.0.0.1:{port}" for port in free_ports(3))
     no_env = {"EXO_API": None}
     assert _unreachable(["--api", first, "load"], no_env) == first  # type: ignore[arg-type]
     assert _unreachable(["load", "--api", first], no_env) == first  # type: ignore[arg-type]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from rich.console import Console
 from typer.testing import CliRunner
 
-from exo_master.devtools.launcher import free_port
+from exo_master.devtools.ports import free_port
 from exo_master.exoctl.cli import app
 from exo_master.exoctl.instances import placements_table, plan_table, progress_line
 from protocol.instance_view import PlacementRow, PlanView, ReplicaRow

@@ -13,7 +13,7 @@ import zmq
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exo_master.devtools.launcher import free_port
+from exo_master.devtools.ports import free_port
 from exo_worker.distributed.control import (
     Abort,
     Beat,

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from exo_master.devtools.launcher import free_port
+from exo_master.devtools.ports import free_ports
 from exo_worker.engine import Engine
 from exo_worker.instance_host import InstanceHost
 from exo_worker.local_models import estimate
@@ -65,8 +65,9 @@ class Node:
         self.host = InstanceHost(
             NODE, self.group, self.sent.append, catalog, no_whole_instances, shards=settings
         )
-        self.hosts = (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}")
-        self.control = f"127.0.0.1:{free_port()}"
+        first, second, control = free_ports(3)
+        self.hosts = (f"127.0.0.1:{first}", f"127.0.0.1:{second}")
+        self.control = f"127.0.0.1:{control}"
 
     def load(self, rank: int) -> LoadInstance:
         shard = ShardAssignment(
