@@ -18,6 +18,7 @@ import pytest
 from exo_worker.engine import EngineError, ModelLoadError, RunOutcome
 from exo_worker.mlx_engine import MlxEngine
 from exo_worker.models import resolve_model
+from exo_worker.sampling_defaults import Sampling, for_model
 from protocol.ids import ModelId
 from protocol.messages import ChatMessage, FinishReason, TextGenerationParams
 
@@ -351,7 +352,7 @@ def test_resolve_model_rejects_what_it_cannot_use(tmp_path: Path) -> None:
 
 
 @pytest.mark.mlx
-def test_smollm2_is_prepared_from_the_pypi_gguf_and_knows_paris(
+def test_smollm2_is_prepared_from_the_pypi_gguf_with_its_sampling_knows_paris_and_greets_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("mlx_lm")
@@ -369,8 +370,18 @@ def test_smollm2_is_prepared_from_the_pypi_gguf_and_knows_paris(
     assert [p.name for p in (tmp_path / "models").iterdir()] == ["smollm2-135m-instruct"]  # no leftovers
     assert resolve_model("smollm2") == path  # prepared once
 
+    defaults = for_model(path)  # its generation_config.json's recommendation, kept in preparation
+    assert defaults == Sampling(temperature=0.2, top_p=0.9, source="generation_config.json")
+
     engine = MlxEngine(path, label="smollm2")
     asyncio.run(engine.load())
     text, outcome = _run(engine, _params(max_tokens=24, temperature=0.0))
     assert "Paris" in text
     assert outcome.finish_reason is FinishReason.STOP
+    # The README's greeting with those defaults. (A 135M model is not always right at 0.2: on the
+    # France question its first token is "The" or "L" almost evenly, so only greedy is sure of Paris.)
+    hello = ChatMessage(role="user", content="Hi")
+    greeting = _params(max_tokens=24, temperature=defaults.temperature, top_p=defaults.top_p, seed=1)
+    text, _ = _run(engine, msgspec.structs.replace(greeting, model=ModelId("smollm2"), messages=(hello,)))
+    engine.close()
+    assert text.startswith(("Hello", "Hi")), text
