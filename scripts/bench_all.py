@@ -143,7 +143,7 @@ def configs(quick: bool) -> tuple[SpeedConfig, BalanceConfig, ScaleConfig]:
             hetero_router_policies=("round_robin",),
             heartbeat_interval=0.2,
         ),
-        ScaleConfig(sizes=(2, 20), cpu_window_s=0.5, requests=20, concurrency=4, heartbeat_interval=0.2),
+        ScaleConfig(sizes=(2, 6), cpu_window_s=0.5, requests=20, concurrency=4, heartbeat_interval=0.2),
     )
 
 

@@ -40,7 +40,7 @@ def test_quick_bench_writes_json_and_the_page(tmp_path: Path) -> None:
     assert speed["throughput"]["8"]["exo"]["cpu_ms_per_request"] > 0
     balance = results["balance"]["rows"]
     assert all(sum(counts) == row["n"] for row in balance for counts in row["counts"])
-    assert [r["workers"] for r in results["scale"]["rows"]] == [2, 20]
+    assert [r["workers"] for r in results["scale"]["rows"]] == [2, 6]
     page = (tmp_path / "docs" / "BENCHMARKS.md").read_text()
     assert "## 3. Added latency" in page
     for png in (tmp_path / "docs" / "bench").glob("*.png"):
