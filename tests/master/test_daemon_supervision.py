@@ -8,9 +8,9 @@ import pytest
 import structlog
 
 from exo_master.core import CoreConfig
-from exo_master.daemon import serve
 from exo_master.devtools.ports import free_cluster_ports
 from exo_master.runtime import MasterRuntime
+from exo_master.serve import serve
 
 
 def test_a_loop_that_dies_is_logged_with_its_cause_and_the_master_exits_1(

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from starlette.testclient import TestClient
 
-from exo_master import daemon
+from exo_master import serve as serve_module
 from exo_master.bus.curve import is_loopback
 from exo_master.bus.sockets import MasterBus
 from exo_master.core import CoreConfig, MasterCore
@@ -97,8 +97,8 @@ def test_a_plaintext_outside_bus_is_refused_before_anything_binds(monkeypatch: p
     def no_binding(*args: object, **kwargs: object) -> None:
         raise AssertionError("nothing may be bound")
 
-    monkeypatch.setattr(daemon, "MasterBus", no_binding)
-    monkeypatch.setattr(daemon, "_bind_http", no_binding)
+    monkeypatch.setattr(serve_module, "MasterBus", no_binding)
+    monkeypatch.setattr(serve_module, "_bind_http", no_binding)
     for host, bus_host in (("0.0.0.0", None), ("127.0.0.1", "0.0.0.0"), ("127.0.0.1", "10.0.0.5")):
-        code = asyncio.run(daemon.serve(CoreConfig(), host, 1, 2, bus_host=bus_host))
+        code = asyncio.run(serve_module.serve(CoreConfig(), host, 1, 2, bus_host=bus_host))
         assert code == 2
