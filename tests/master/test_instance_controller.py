@@ -176,6 +176,22 @@ def test_a_placement_stops_retrying_after_max_failures_and_says_why() -> None:
     assert "stopped after 3 failed loads" in c.ctl.placements["p"].reason
 
 
+def test_a_stopped_placement_starts_again_on_a_node_it_never_failed_on() -> None:
+    c = Cluster("a", backoff_initial=0.5, backoff_max=0.5, max_failures=2)
+    c.step()
+    c.obey(c.place(1), InstanceStatus.FAILED)
+    for _ in range(10):
+        c.obey(c.step(), InstanceStatus.FAILED)
+    assert "stopped after 2 failed loads" in c.ctl.placements["p"].reason
+    c.memory[NodeId("b")], c.held[NodeId("b")], c.core.alive[NodeId("b")] = 4 * GIB, {}, True  # b joins
+    out = c.step()
+    assert loads(out) == [("b", "b/p.2")]  # there, not on a again
+    assert any(e.what == "retrying" and "b" in e.detail for e in c.out if isinstance(e, InstanceEvent))
+    c.obey(out)
+    c.step()
+    assert c.states()["p.2"] == ("b", "ready")
+
+
 def test_delete_drains_until_in_flight_tasks_finish_then_unloads() -> None:
     c = Cluster("a", "b")
     c.step()

@@ -9,9 +9,10 @@ eligibility) are read and written through `CoreSide`.
 Healing: a placement with fewer live replicas than desired gets new ones placed by the rule on
 other nodes. A failed load puts that node in backoff for the placement (doubling up to a cap) and
 delays the next attempt; after `max_failures` failures in a row the placement stops retrying and
-says why. A ready replica is never moved, and a replica found beyond the desired count is drained,
-so nothing flaps. After a restart, placements wait `adopt_grace` for the nodes to report what they
-already hold (adopted, not reloaded) before anything is placed.
+says why, until a node it never failed on has room. A ready replica is never moved, and a replica
+found beyond the desired count is drained, so nothing flaps. After a restart, placements wait
+`adopt_grace` for the nodes to report what they already hold (adopted, not reloaded) before
+anything is placed.
 """
 
 from __future__ import annotations
@@ -241,10 +242,20 @@ class InstanceController:
         if missing <= 0:
             record.reason = ""
             return
-        if now < self._hold_until or now < record.retry_at or record.failures >= self.config.max_failures:
+        if now < self._hold_until or now < record.retry_at:
             return
-        avoid = frozenset(n for n, until in record.backoff.items() if until > now)
-        result = self._plan(spec, missing, avoid, self.port_cursor)
+        if record.failures >= self.config.max_failures:
+            # Stopped: only a node this placement never failed on (one that joined, or freed
+            # memory since) starts it again, there first.
+            result = self._plan(spec, missing, frozenset(record.backoff), self.port_cursor)
+            if not result.chosen:
+                record.retry_at = now + self.config.backoff_initial  # looked again now and then
+                return
+            record.failures = 0
+            self._event(now, spec.placement_id, "retrying", detail=f"room on {', '.join(result.chosen)}")
+        else:
+            avoid = frozenset(n for n, until in record.backoff.items() if until > now)
+            result = self._plan(spec, missing, avoid, self.port_cursor)
         self._start_all(record, result, now)
         if not result.complete:
             reason = f"{missing - len(result.chosen)} replica(s) do not fit: {result.why()}"
