@@ -18,10 +18,9 @@ anything is placed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 
 from exo_master.core.instances.desired import PlacementSpec
-from exo_master.core.instances.groups import group_replicas, ports_taken
+from exo_master.core.instances.groups import group_replicas, live_instances, models_coming, ports_taken
 from exo_master.core.instances.lifecycle import ReplicaEvent, ReplicaState, advance, allowed
 from exo_master.core.instances.nodes import node_views
 from exo_master.core.instances.records import (
@@ -34,7 +33,7 @@ from exo_master.core.instances.records import (
 )
 from exo_master.core.instances.rule import NodeView, Plan, RankPlace, plan
 from exo_master.core.instances.shard_rule import PortBook, plan_sharded
-from protocol.ids import InstanceId, ModelId, NodeId
+from protocol.ids import InstanceId, NodeId
 from protocol.messages import InstanceReport, InstanceStatus, LoadInstance, UnloadInstance, WorkerHeartbeat
 
 Command = LoadInstance | UnloadInstance
@@ -130,7 +129,7 @@ class InstanceController:
         for replica in [r for r in self.replicas.values() if r.node_id == msg.node_id]:
             if replica.instance_id not in info.reports:
                 self._vanished(replica, now)
-        self.core.set_coming(self._coming())
+        self.core.set_coming(models_coming(self.replicas.values()))
 
     def _observe(self, replica: Replica, report: InstanceReport, now: float) -> None:
         replica.progress = 1.0 if report.status is InstanceStatus.READY else report.progress
@@ -156,7 +155,7 @@ class InstanceController:
         if not report.placement:
             return  # declared by the worker itself (--model): unmanaged, never touched
         record = self.placements.get(report.placement)
-        live = sum(1 for _ in self._live(report.placement))
+        live = sum(1 for _ in live_instances(self.replicas.values(), report.placement))
         follower = report.shard is not None and report.shard.rank > 0
         if (
             record is not None
@@ -188,7 +187,7 @@ class InstanceController:
             self._check(replica, now)
         for record in list(self.placements.values()):
             self._converge(record, now)
-        self.core.set_coming(self._coming())
+        self.core.set_coming(models_coming(self.replicas.values()))
         out = self._out[:]
         self._out.clear()
         return out
@@ -225,7 +224,7 @@ class InstanceController:
 
     def _converge(self, record: PlacementRecord, now: float) -> None:
         spec = record.spec
-        live = list(self._live(spec.placement_id))
+        live = list(live_instances(self.replicas.values(), spec.placement_id))
         if record.deleting:
             for replica in live:
                 self._drain(replica, now)
@@ -398,15 +397,6 @@ class InstanceController:
         self._out.append(event)
 
     # ---- queries --------------------------------------------------------------------------------
-
-    def _live(self, placement_id: str) -> Iterator[Replica]:
-        """The placement's live instances (a sharded one counts once: its rank 0)."""
-        replicas = self.replicas.values()
-        return (r for r in replicas if r.placement_id == placement_id and r.state.live and r.rank == 0)
-
-    def _coming(self) -> frozenset[ModelId]:
-        loading = (ReplicaState.PLACING, ReplicaState.LOADING)
-        return frozenset(r.model for r in self.replicas.values() if r.rank == 0 and r.state in loading)
 
     def _reports_of(self, node_id: NodeId) -> dict[InstanceId, InstanceReport]:
         info = self.nodes.get(node_id)

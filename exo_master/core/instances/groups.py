@@ -1,16 +1,17 @@
 """Sharded instances in the controller: the ranks of one instance are created together, as one
 replica record per rank sharing rank 0's instance id as their group, and hold their ring ports
-until their records are gone. (Their shared fate is `InstanceController._follow_group`.)"""
+until their records are gone, and an instance is counted once, by its rank 0 (a whole instance is its
+own rank 0). (Their shared fate is `InstanceController._follow_group`.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from exo_master.core.instances.desired import PlacementSpec
 from exo_master.core.instances.lifecycle import ReplicaState
 from exo_master.core.instances.records import Replica
 from exo_master.core.instances.rule import RankPlace
-from protocol.ids import InstanceId
+from protocol.ids import InstanceId, ModelId
 from protocol.sharding import ShardAssignment, Sharding
 
 
@@ -64,3 +65,14 @@ def ports_taken(replicas: Iterable[Replica]) -> dict[str, set[int]]:
             if port.isdigit():
                 taken.setdefault(host, set()).add(int(port))
     return taken
+
+
+def live_instances(replicas: Iterable[Replica], placement_id: str) -> Iterator[Replica]:
+    """The placement's live instances (a sharded one counts once: its rank 0)."""
+    return (r for r in replicas if r.placement_id == placement_id and r.state.live and r.rank == 0)
+
+
+def models_coming(replicas: Iterable[Replica]) -> frozenset[ModelId]:
+    """Models with an instance being placed or loaded (requests for them wait instead of failing)."""
+    loading = (ReplicaState.PLACING, ReplicaState.LOADING)
+    return frozenset(r.model for r in replicas if r.rank == 0 and r.state in loading)
