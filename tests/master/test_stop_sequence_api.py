@@ -84,7 +84,9 @@ def test_a_stop_sequence_the_request_did_not_ask_for_is_logged_and_ignored() -> 
     assert (message["stop_reason"], message["stop_sequence"]) == ("end_turn", None)
     assert delta == {"stop_reason": "end_turn", "stop_sequence": None}
     ignored = [e for e in logs if e["event"] == "task.stop_sequence_ignored"]
-    assert len(ignored) == 2 and ignored[0]["stop_sequence"] == "Human:" and ignored[0]["log_level"] == "warning"
+    assert (
+        len(ignored) == 2 and ignored[0]["stop_sequence"] == "Human:" and ignored[0]["log_level"] == "warning"
+    )
 
 
 def test_the_other_surfaces_keep_their_shapes_when_a_stop_sequence_ends_the_answer(
