@@ -3,14 +3,19 @@ earliest stop string in it begins, however the text is cut into pieces."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from exo_worker.distributed import frames
+from exo_worker.engine import RunOutcome
 from exo_worker.sim_engine import SimEngine
 from exo_worker.stop_strings import StopStringFilter
-from protocol.messages import FinishReason
+from protocol.ids import TaskId
+from protocol.messages import AssignTask, FinishReason, TaskChunk, TaskFailed, TaskFinished, Usage
+from tests.worker.runner_harness import INSTANCE, NODE, Recorder, close, ready_runner
 from tests.worker.test_sim_engine import run, text_params
 
 
@@ -125,3 +130,37 @@ def test_the_sim_engine_names_no_stop_when_none_ended_the_answer() -> None:
     pieces, outcome = run(SimEngine(math.inf), text_params(max_tokens=5, seed=3, stop=("\x00never",)))
     assert outcome.finish_reason is FinishReason.LENGTH and outcome.stop_sequence is None
     assert len("".join(pieces).split()) == 5
+
+
+# ---- the matched stop string leaves the worker: the runner's TaskFinished, the rank-0 frame ----
+
+
+async def _finals(stops: dict[str, tuple[str, ...]]) -> tuple[Recorder, list[TaskFinished | TaskFailed]]:
+    """Run one SimEngine task per entry (task id: its stop strings) through a Runner."""
+    rec = Recorder()
+    runner = await ready_runner(SimEngine(math.inf), rec)
+    for task_id, stop in stops.items():
+        params = text_params(max_tokens=12, seed=5, stop=stop)
+        runner.submit(AssignTask(task_id=TaskId(task_id), node_id=NODE, instance_id=INSTANCE, params=params))
+    finals = [await rec.final_of(task_id) for task_id in stops]
+    await close(runner)
+    return rec, finals
+
+
+def test_the_runner_reports_the_stop_string_that_ended_the_answer() -> None:
+    full, _ = run(SimEngine(math.inf), text_params(max_tokens=12, seed=5))
+    text = "".join(full)
+    stop = next(word.strip() for word in full[2:] if text.find(word.strip()) > 0)
+    rec, (hit, miss) = asyncio.run(_finals({"hit": ("never written", stop), "miss": ("never written",)}))
+    assert isinstance(hit, TaskFinished) and isinstance(miss, TaskFinished)
+    assert (hit.finish_reason, hit.stop_sequence) == (FinishReason.STOP, stop)
+    chunks = [c.text for c in rec.of("hit", TaskChunk) if isinstance(c, TaskChunk)]
+    assert "".join(chunks) == text[: text.find(stop)]
+    assert (miss.finish_reason, miss.stop_sequence) == (FinishReason.LENGTH, None)
+
+
+def test_the_rank0_done_frame_carries_the_whole_outcome() -> None:
+    outcome = RunOutcome(FinishReason.STOP, Usage(prompt_tokens=3, completion_tokens=2), stop_sequence="###")
+    body = frames.encode(frames.Done.of(7, outcome))[4:]  # past the length header
+    done = frames.decode(frames.from_child, body)
+    assert isinstance(done, frames.Done) and done.run == 7 and done.outcome() == outcome
