@@ -2,8 +2,9 @@
 
 The fake worker watches the runtime's effects: for each AssignTask it answers (on the next loop
 turn, never re-entrantly) with TaskAccepted, a few TaskChunks and TaskFinished, the way a worker
-would over the bus (cut at the request's earliest stop string, which it then names). Modes let a test refuse a node's assignments (to force a re-placement) or hold
-a task after its first chunk (to stop the master mid-stream).
+would over the bus (cut at the request's earliest stop string, which it then names). Modes let a
+test refuse a node's assignments (to force a re-placement) or hold a task after its first chunk
+(to stop the master mid-stream), or claim a stop sequence nobody asked for.
 """
 
 from __future__ import annotations
