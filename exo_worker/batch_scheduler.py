@@ -87,6 +87,8 @@ class _Sequence:
         return RunOutcome(
             finish_reason=reason,
             usage=Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.completion_tokens),
+            # Set only once a stop string ended the text, and then the sequence ends with STOP.
+            stop_sequence=self.stops.matched if reason is FinishReason.STOP else None,
         )
 
 

@@ -75,6 +75,14 @@ class RunOutcome:
     finish_reason: FinishReason
     usage: Usage
     tool_calls: tuple[ToolCall, ...] = ()  # parsed from the output (exo_worker.tool_calls)
+    # The request's stop string that ended the answer (StopStringFilter.matched); None when the
+    # answer ended otherwise (the model's end token, max_tokens, a cancel).
+    stop_sequence: str | None = None
+
+    def __post_init__(self) -> None:
+        assert self.stop_sequence is None or self.finish_reason is FinishReason.STOP, (
+            f"a stop sequence ended a run that finished with {self.finish_reason}"
+        )
 
 
 TextSink = Callable[[str], None]

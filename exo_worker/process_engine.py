@@ -269,8 +269,7 @@ class ProcessEngine:
             if run is not None and not run.done.done():
                 run.on_text(frame.text)
         elif isinstance(frame, Done):
-            outcome = RunOutcome(frame.finish_reason, frame.usage, frame.tool_calls)
-            self._settle(frame.run, outcome)
+            self._settle(frame.run, frame.outcome())
         elif isinstance(frame, RunFailed):
             error = InstanceLost(frame.error) if frame.code == INSTANCE_LOST else EngineError(frame.error)
             error.code = frame.code

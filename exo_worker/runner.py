@@ -29,6 +29,7 @@ from exo_worker.engine import (
     ReportsFailure,
     ReportsPromptCache,
     ReportsWork,
+    RunOutcome,
 )
 from exo_worker.output_log import OutputLog
 from exo_worker.task_lifecycle import FinalMessage, TaskState, Trigger, WorkerTask, advance, ending
@@ -45,12 +46,13 @@ from protocol.messages import (
     TaskChunk,
     TaskFailed,
     TaskFinished,
-    ToolCall,
     Usage,
 )
 from protocol.sharding import ShardAssignment
 
 log = structlog.get_logger("exo_worker.runner")
+
+_CANCELLED = RunOutcome(FinishReason.CANCELLED, Usage())
 
 RunnerMessage = TaskAccepted | TaskChunk | TaskFinished | TaskFailed
 # Where a runner's messages go (the bus shell's `send`). Called on the event loop; must not block.
@@ -270,7 +272,7 @@ class Runner:
         self._queue.remove(task_id)
         del self._live[task_id]
         advance(task, Trigger.CANCEL)
-        self._end(task, self._finished(task_id, FinishReason.CANCELLED, Usage()))
+        self._end(task, self._finished(task_id, _CANCELLED))
 
     async def _run(self, task: WorkerTask) -> None:
         task_id = task.assign.task_id
@@ -279,12 +281,12 @@ class Runner:
             outcome = await self.engine.run(
                 task.assign.params, lambda text: self._on_text(task, text), task.stop
             )
-            final = self._finished(task_id, outcome.finish_reason, outcome.usage, outcome.tool_calls)
+            final = self._finished(task_id, outcome)
         except EngineError as exc:
             final = self._failed(task_id, str(exc) or type(exc).__name__, code=exc.code)
         except asyncio.CancelledError:
             # Hard-stopped at shutdown: still tell the master how it ended, then let it unwind.
-            self._end_running(task, self._finished(task_id, FinishReason.CANCELLED, Usage()))
+            self._end_running(task, self._finished(task_id, _CANCELLED))
             raise
         except Exception as exc:
             self._log.exception("task.engine_crashed", task_id=task_id)
@@ -330,17 +332,16 @@ class Runner:
     def _accepted(self, task_id: TaskId) -> TaskAccepted:
         return TaskAccepted(node_id=self.node_id, task_id=task_id, instance_id=self.instance_id)
 
-    def _finished(
-        self, task_id: TaskId, reason: FinishReason, usage: Usage, tool_calls: tuple[ToolCall, ...] = ()
-    ) -> TaskFinished:
+    def _finished(self, task_id: TaskId, outcome: RunOutcome) -> TaskFinished:
         return TaskFinished(
             node_id=self.node_id,
             task_id=task_id,
             instance_id=self.instance_id,
-            finish_reason=reason,
-            usage=usage,
+            finish_reason=outcome.finish_reason,
+            usage=outcome.usage,
             chunks=self._outputs.count(task_id),
-            tool_calls=tool_calls,
+            tool_calls=outcome.tool_calls,
+            stop_sequence=outcome.stop_sequence,
         )
 
     def _failed(

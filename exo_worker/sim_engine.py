@@ -251,9 +251,8 @@ class SimEngine:
                     tail, _ = stops.flush()
                     if tail:
                         on_text(tail)
-                    return RunOutcome(
-                        FinishReason.STOP, Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
-                    )
+                    usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=index)
+                    return RunOutcome(FinishReason.STOP, usage, stop_sequence=stops.matched)
                 word = pieces[index]
             else:
                 word = sim_word(self._salt, prompt, params.seed, index)
@@ -262,12 +261,13 @@ class SimEngine:
                 on_text(text)
             if hit:  # the text ends before the stop string (stop_strings.py: the rule every engine uses)
                 usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=index + 1)
-                return RunOutcome(FinishReason.STOP, usage)
+                return RunOutcome(FinishReason.STOP, usage, stop_sequence=stops.matched)
         tail, hit = stops.flush()
         if tail:
             on_text(tail)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=max_tokens)
-        return RunOutcome(FinishReason.STOP if hit else FinishReason.LENGTH, usage)
+        reason = FinishReason.STOP if hit else FinishReason.LENGTH
+        return RunOutcome(reason, usage, stop_sequence=stops.matched)
 
     async def _generate_image(
         self, params: ImageGenerationParams | ImageEditsParams, on_text: TextSink, cancel: threading.Event

@@ -27,6 +27,8 @@ MAX_GAPS_PER_FETCH = 256  # missing output ranges named in one FetchOutput
 MAX_TOOLS = 128  # tool definitions in one request
 MAX_TOOL_CALLS = 64  # tool calls in one message or one answer
 MAX_LOCAL_MODELS = 256  # models one node reports holding on disk
+MAX_STOPS = 16  # stop strings in one request (the HTTP surfaces allow 4, as OpenAI does)
+MAX_STOP_CHARS = 1_024  # one stop string (the stop-string filter's work per token grows with it)
 
 NodeIdField = Annotated[NodeId, msgspec.Meta(max_length=MAX_ID_CHARS)]
 InstanceIdField = Annotated[InstanceId, msgspec.Meta(max_length=MAX_ID_CHARS)]
@@ -35,6 +37,7 @@ ModelIdField = Annotated[ModelId, msgspec.Meta(max_length=MAX_ID_CHARS)]
 Reason = Annotated[str, msgspec.Meta(max_length=MAX_REASON_CHARS)]
 Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 TaskIds = Annotated[tuple[TaskIdField, ...], msgspec.Meta(max_length=MAX_TASKS_PER_INSTANCE)]
+StopString = Annotated[str, msgspec.Meta(max_length=MAX_STOP_CHARS)]
 
 
 class TaskKind(enum.StrEnum):
@@ -106,7 +109,7 @@ class TextGenerationParams(msgspec.Struct, frozen=True, kw_only=True, tag="TextG
     # that builds params without them, and old peers, mean what they meant before.
     temperature: float | None = 1.0
     top_p: float | None = 1.0
-    stop: tuple[str, ...] = ()
+    stop: Annotated[tuple[StopString, ...], msgspec.Meta(max_length=MAX_STOPS)] = ()
     seed: int | None = None
     # None: no top-k cut (Anthropic and Ollama send it).
     top_k: Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)] | None = None
@@ -284,6 +287,14 @@ class TaskFinished(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFinished"
     chunks: Count | None = None
     # The tool calls parsed from the output (their text is not among the chunks).
     tool_calls: ToolCalls = ()
+    # The request's stop string that ended the answer (its text is not among the chunks); None when
+    # the answer ended otherwise (the model's end token, max_tokens), and from older workers. The
+    # master reports it only if it is one of the request's own stop strings.
+    stop_sequence: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_STOP_CHARS)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.stop_sequence is not None and self.finish_reason is not FinishReason.STOP:
+            raise ValueError(f"a stop_sequence with finish_reason {self.finish_reason.value!r}")
 
 
 class TaskFailed(msgspec.Struct, frozen=True, kw_only=True, tag="TaskFailed", tag_field="type"):

@@ -96,6 +96,9 @@ class TaskCompleted(msgspec.Struct, frozen=True, kw_only=True):
     finish_reason: FinishReason
     usage: Usage
     tool_calls: tuple[ToolCall, ...] = ()
+    # The stop string the worker says ended the answer (the HTTP path reports it only if the
+    # request asked for it: see http/api.py `ending`).
+    stop_sequence: str | None = None
 
 
 class TaskErrored(msgspec.Struct, frozen=True, kw_only=True):

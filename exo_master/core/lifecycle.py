@@ -103,6 +103,7 @@ class Finish:
     reason: FinishReason
     usage: Usage | None
     tool_calls: tuple[ToolCall, ...] = ()  # parsed from the output by the worker, if the request had tools
+    stop_sequence: str | None = None  # the stop string the worker says ended the answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +219,11 @@ def complete(book: TaskBook, task: TaskRecord, cause: Finish, step: Step) -> Non
     usage = cause.usage or Usage()
     step.emit(
         TaskCompleted(
-            task_id=task.task_id, finish_reason=cause.reason, usage=usage, tool_calls=cause.tool_calls
+            task_id=task.task_id,
+            finish_reason=cause.reason,
+            usage=usage,
+            tool_calls=cause.tool_calls,
+            stop_sequence=cause.stop_sequence,
         )
     )
 

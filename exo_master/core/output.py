@@ -155,7 +155,8 @@ class OutputRelay:
         if self.affinity is not None and task.reply_hash is not None:
             # The next turn of this chat starts with the reply: its prefix is on this instance now.
             self.affinity.remember_reply(task.reply_hash.digest(), instance_id)
-        self.book.advance(task, Finish(msg.finish_reason, msg.usage, msg.tool_calls), step)
+        finish = Finish(msg.finish_reason, msg.usage, msg.tool_calls, msg.stop_sequence)
+        self.book.advance(task, finish, step)
         step.emit(TaskAck(task_id=task.task_id, node_id=node_id, instance_id=instance_id))
 
     def _lost(self, task: TaskRecord, step: Step, why: str) -> None:

@@ -4,8 +4,9 @@ In: `system`, `messages` of text, tool_use and tool_result blocks, `max_tokens` 
 Anthropic requires it), temperature, top_p, top_k, stop_sequences, tools and tool_choice. Out: a
 `message` object, or the stream Anthropic's SDK reads (message_start, content_block_start / delta /
 stop, message_delta with the stop reason and usage, message_stop), and errors in Anthropic's shape.
-The engines do not say which stop sequence ended an answer, so `stop_reason` is "end_turn" then
-and `stop_sequence` null.
+`stop_reason` is "max_tokens", "tool_use", "stop_sequence" (then `stop_sequence` names which of
+the request's `stop_sequences` ended the answer: the worker's engine says so, and the master
+reports it only if the request asked for it) or "end_turn" (the model's own end).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from starlette.responses import Response
 from exo_master.http.api import Api
 from exo_master.http.decoding import decode_json
 from exo_master.http.errors import ApiError, ErrorStyle, error_payload, invalid, unsupported
-from exo_master.http.openai_schema import MAX_STOP_SEQUENCES, MaxTokens, Seed, TopP
+from exo_master.http.openai_schema import MaxTokens, Seed, StopSequences, TopP
 from exo_master.http.routes import ApiRoute
 from exo_master.http.textpath import Ending
 from exo_master.http.tools import ChoiceMode, arguments_object, select_tools
@@ -86,7 +87,7 @@ class MessagesRequest(msgspec.Struct, frozen=True, kw_only=True):
     temperature: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
     top_p: TopP | None = None
     top_k: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] | None = None
-    stop_sequences: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop_sequences: StopSequences | None = None
     stream: bool | None = None
     tools: list[ToolIn] | None = None
     tool_choice: ToolChoiceIn | None = None
@@ -159,7 +160,15 @@ class MessagesRequest(msgspec.Struct, frozen=True, kw_only=True):
 def stop_reason(end: Ending) -> str:
     if end.truncated:
         return "max_tokens"
-    return "tool_use" if end.tool_calls else "end_turn"
+    if end.tool_calls:  # the client must run them, whatever ended the text after them
+        return "tool_use"
+    return "stop_sequence" if end.stop_sequence is not None else "end_turn"
+
+
+def stop_fields(end: Ending) -> dict[str, str | None]:
+    """`stop_reason` and `stop_sequence`, as both the `message` and its `message_delta` carry them."""
+    reason = stop_reason(end)
+    return {"stop_reason": reason, "stop_sequence": end.stop_sequence if reason == "stop_sequence" else None}
 
 
 def _event(name: str, payload: dict[str, Any]) -> bytes:
@@ -185,16 +194,16 @@ class MessagesReply:
         return end.tool_calls[:1] if self.one_tool else end.tool_calls
 
     def _message(
-        self, content: list[dict[str, Any]], reason: str | None, usage: tuple[int, int]
+        self, content: list[dict[str, Any]], end: Ending | None, usage: tuple[int, int]
     ) -> dict[str, Any]:
+        stop = stop_fields(end) if end is not None else {"stop_reason": None, "stop_sequence": None}
         return {
             "id": self.message_id,
             "type": "message",
             "role": "assistant",
             "model": self.model,
             "content": content,
-            "stop_reason": reason,
-            "stop_sequence": None,
+            **stop,
             "usage": {"input_tokens": usage[0], "output_tokens": usage[1]},
         }
 
@@ -202,7 +211,7 @@ class MessagesReply:
         content = [{"type": "text", "text": text}] if text else []
         content += [_tool_use(c) for c in self._calls(end)]
         usage = (end.usage.prompt_tokens, end.usage.completion_tokens)
-        return _json.encode(self._message(content, stop_reason(end), usage))
+        return _json.encode(self._message(content, end, usage))
 
     def opening(self) -> bytes:
         start = _event("message_start", {"message": self._message([], None, (self.prompt_tokens_hint, 0))})
@@ -220,7 +229,7 @@ class MessagesReply:
             json_delta = {"type": "input_json_delta", "partial_json": call.arguments}
             out += _event("content_block_delta", {"index": index, "delta": json_delta})
             out += _event("content_block_stop", {"index": index})
-        delta: dict[str, str | None] = {"stop_reason": stop_reason(end), "stop_sequence": None}
+        delta = stop_fields(end)
         usage = {"input_tokens": end.usage.prompt_tokens, "output_tokens": end.usage.completion_tokens}
         out += _event("message_delta", {"delta": delta, "usage": usage})
         return out + _event("message_stop", {})

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Sequence
 
+import structlog
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -31,9 +32,11 @@ from exo_master.http.routes import ApiRoute, hot_routes, starlette_routes
 from exo_master.http.textpath import Ending, RelayStream, TextReply
 from exo_master.runtime import ClientGone, MasterRuntime
 from protocol.ids import TaskId
-from protocol.messages import TaskParams
+from protocol.messages import TaskParams, TextGenerationParams
 
 __all__ = ["Api", "ApiError", "build_app", "client_gone", "error_body"]
+
+log = structlog.get_logger("exo_master.http")
 
 
 def client_gone() -> Response:
@@ -41,8 +44,21 @@ def client_gone() -> Response:
     return Response(status_code=499)
 
 
-def ending(end: TaskCompleted) -> Ending:
-    return Ending(end.finish_reason, end.usage, end.tool_calls)
+def ending(end: TaskCompleted, params: TaskParams) -> Ending:
+    """How the task ended, as every surface sees it. A stop sequence is reported only when it is
+    one of the request's own stop strings: a worker naming another (a bug, an odd frame) is logged
+    and ignored, so its claim never becomes a wrong answer with a success status."""
+    stop = end.stop_sequence
+    asked = params.stop if isinstance(params, TextGenerationParams) else ()
+    if stop is not None and stop not in asked:
+        log.warning(
+            "task.stop_sequence_ignored",
+            task_id=end.task_id,
+            stop_sequence=stop[:64],  # bounded: a log line is no place for a worker's long string
+            asked=len(asked),
+        )
+        stop = None
+    return Ending(end.finish_reason, end.usage, end.tool_calls, stop)
 
 
 class Api:
@@ -114,7 +130,7 @@ class Api:
             if done is None:
                 return client_gone()
             relay, text, end = done
-            body = reply.whole(text, ending(end))
+            body = reply.whole(text, ending(end, params))
             return Response(body, media_type="application/json", headers=relay.headers())
         try:
             relay = await self.start(request, task_id, params, model)
@@ -129,7 +145,7 @@ class Api:
         except BaseException:
             self._close(relay)
             raise
-        events = self._events(relay, reply, first)
+        events = self._events(relay, reply, first, params)
         return RelayStream(
             events,
             on_close=lambda: self._close(relay),
@@ -138,7 +154,7 @@ class Api:
         )
 
     async def _events(
-        self, relay: Relay, reply: TextReply, first: TaskOutput | TaskCompleted
+        self, relay: Relay, reply: TextReply, first: TaskOutput | TaskCompleted, params: TaskParams
     ) -> AsyncIterator[bytes]:
         opening = reply.opening()
         if opening:
@@ -148,7 +164,7 @@ class Api:
             while isinstance(event, TaskOutput):
                 yield reply.piece(event.text)
                 event = await relay.next_event()
-            yield reply.ending(ending(event))
+            yield reply.ending(ending(event, params))
         except ApiError as error:
             yield reply.failure(error)
         except ClientGone:

@@ -34,10 +34,20 @@ def _number(value: float) -> str:
     return str(value) if isinstance(value, int) else f"{value:g}"
 
 
+# msgspec.inspect's type names as its messages spell them ("Expected `array` of length <= 4").
+_SPELLED = {"list": "array", "tuple": "array", "vartuple": "array", "set": "array", "dict": "object"}
+
+
+def _kind(option: msgspec.inspect.Type) -> str:
+    name = type(option).__name__.removesuffix("Type").lower()
+    return _SPELLED.get(name, name)
+
+
 @functools.cache
-def _constraints(body_type: type) -> dict[str, dict[str, Any]]:
-    """Per top-level field, the bounds msgspec checks (ge/gt/le/lt, min_length/max_length)."""
-    found: dict[str, dict[str, Any]] = {}
+def _constraints(body_type: type) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per top-level field and per kind of value it may hold (a union such as `stop`, a string or
+    a list of them, bounds each), the bounds msgspec checks (ge/gt/le/lt, min_length/max_length)."""
+    found: dict[str, dict[str, dict[str, Any]]] = {}
     info = msgspec.inspect.type_info(body_type)
     for field in getattr(info, "fields", ()):
         options = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (field.type,)
@@ -48,7 +58,7 @@ def _constraints(body_type: type) -> dict[str, dict[str, Any]]:
                 if getattr(option, k, None) is not None
             }
             if bounds:
-                found.setdefault(field.name, {}).update(bounds)
+                found.setdefault(field.name, {}).setdefault(_kind(option), {}).update(bounds)
     return found
 
 
@@ -78,7 +88,7 @@ def humanize(text: str, body_type: type) -> str:
     match = _BOUND.match(text)
     path = text.rsplit("at `$.", 1)[1].rstrip("`") if "at `$." in text else ""
     if match is not None and path.isidentifier():
-        bounds = _constraints(body_type).get(path)
+        bounds = _constraints(body_type).get(path, {}).get(match.group(1))
         if bounds:
             sentence = _sentence(path, match.group(1), bounds)
             if sentence is not None:

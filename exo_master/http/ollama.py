@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response
 from exo_master.http.api import Api
 from exo_master.http.decoding import decode_json
 from exo_master.http.errors import ApiError, ErrorStyle, error_payload, model_not_found, unsupported
-from exo_master.http.openai_schema import MAX_STOP_SEQUENCES, MAX_TOKENS_LIMIT, Seed, Temperature, TopP
+from exo_master.http.openai_schema import MAX_TOKENS_LIMIT, Seed, StopSequences, Temperature, TopP
 from exo_master.http.routes import ApiRoute
 from exo_master.http.textpath import Ending
 from exo_master.http.tools import arguments_object, arguments_text, select_tools
@@ -53,7 +53,7 @@ class Options(msgspec.Struct, frozen=True, kw_only=True):
     top_p: TopP | None = None
     top_k: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] | None = None
     num_predict: Annotated[int, msgspec.Meta(ge=-2, le=MAX_TOKENS_LIMIT)] | None = None
-    stop: Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: StopSequences | None = None
     seed: Seed | None = None
     repeat_penalty: float | None = None
     presence_penalty: float | None = None

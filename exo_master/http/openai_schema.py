@@ -15,7 +15,15 @@ import msgspec
 
 from exo_master.http.tools import ChoiceMode, arguments_text, select_tools
 from protocol.ids import ModelId
-from protocol.messages import ChatMessage, ImageGenerationParams, TextGenerationParams, ToolCall, ToolSpec
+from protocol.messages import (
+    MAX_STOPS,
+    ChatMessage,
+    ImageGenerationParams,
+    StopString,
+    TextGenerationParams,
+    ToolCall,
+    ToolSpec,
+)
 
 DEFAULT_MAX_TOKENS = 256
 # OpenAI's legacy completions default to 16 tokens; kept, so old clients get what they expect.
@@ -24,7 +32,8 @@ DEFAULT_COMPLETION_MAX_TOKENS = 16
 # enough that every engine and the bus handle it. Documented in the README ("Bounds").
 MAX_TOKENS_LIMIT = 32768
 MAX_SEED = 2**63 - 1
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 4  # OpenAI's; each string at most MAX_STOP_CHARS (the protocol's bound)
+assert MAX_STOP_SEQUENCES <= MAX_STOPS
 
 Seed = Annotated[int, msgspec.Meta(ge=0, le=MAX_SEED)]
 MaxTokens = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS_LIMIT)]
@@ -32,7 +41,8 @@ OnlyOne = Annotated[int, msgspec.Meta(ge=1, le=1)]
 Temperature = Annotated[float, msgspec.Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, msgspec.Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, msgspec.Meta(ge=-2.0, le=2.0)]
-Stop = str | Annotated[list[str], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)] | None
+StopSequences = Annotated[list[StopString], msgspec.Meta(max_length=MAX_STOP_SEQUENCES)]
+Stop = StopString | StopSequences | None
 
 
 class ContentPart(msgspec.Struct, frozen=True, kw_only=True):

@@ -22,11 +22,13 @@ from protocol.messages import FinishReason, ToolCall, Usage
 
 @dataclass(frozen=True, slots=True)
 class Ending:
-    """How a text task ended: the engine's reason, its usage, and the tool calls it made."""
+    """How a text task ended: the engine's reason, its usage, the tool calls it made, and the
+    request's stop string that ended it, if one did (only Anthropic's surface has a field for it)."""
 
     finish_reason: FinishReason
     usage: Usage
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_sequence: str | None = None
 
     @property
     def truncated(self) -> bool:

@@ -14,6 +14,7 @@ from typing import IO
 import msgspec
 
 from exo_worker.distributed.topology import ShardSpec
+from exo_worker.engine import RunOutcome
 from protocol.messages import FinishReason, InstanceWork, PromptCacheStats, TaskParams, ToolCall, Usage
 
 MAX_FRAME = 64 << 20  # a prompt is bounded well below this by the protocol's own limits
@@ -71,10 +72,20 @@ class Text(msgspec.Struct, frozen=True, tag="text"):
 
 
 class Done(msgspec.Struct, frozen=True, tag="done"):
+    """A run's RunOutcome, field for field (`of` and `outcome` convert, so none is forgotten)."""
+
     run: int
     finish_reason: FinishReason
     usage: Usage
     tool_calls: tuple[ToolCall, ...] = ()
+    stop_sequence: str | None = None
+
+    @classmethod
+    def of(cls, run: int, outcome: RunOutcome) -> Done:
+        return cls(run, outcome.finish_reason, outcome.usage, outcome.tool_calls, outcome.stop_sequence)
+
+    def outcome(self) -> RunOutcome:
+        return RunOutcome(self.finish_reason, self.usage, self.tool_calls, self.stop_sequence)
 
 
 class RunFailed(msgspec.Struct, frozen=True, tag="run_failed"):

@@ -142,13 +142,7 @@ class _Child:
             log.exception("rank0.run_crashed", run=frame.run)
             self.send(RunFailed(run=frame.run, error=f"engine error: {type(exc).__name__}: {exc}"))
         else:
-            done = Done(
-                run=frame.run,
-                finish_reason=outcome.finish_reason,
-                usage=outcome.usage,
-                tool_calls=outcome.tool_calls,
-            )
-            self.send(done)
+            self.send(Done.of(frame.run, outcome))
         finally:
             del self.cancels[frame.run]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anthropic
 import httpx
@@ -68,8 +69,32 @@ def test_anthropic_stream_has_the_real_event_sequence(claude: anthropic.Anthropi
     assert kinds[-2:] == ["message_delta", "message_stop"]
     for kind in ("content_block_start", "content_block_delta", "content_block_stop"):
         assert kind in kinds
-    assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 4
+    assert (
+        final.stop_reason == "max_tokens" and final.stop_sequence is None and final.usage.output_tokens == 4
+    )
     assert len(final.content[0].text.split()) == 4  # type: ignore[union-attr]
+
+
+def _text(message: anthropic.types.Message) -> str:
+    return "".join(block.text for block in message.content if block.type == "text")
+
+
+def test_anthropic_names_the_stop_sequence_that_ended_the_answer(claude: anthropic.Anthropic) -> None:
+    ask: dict[str, Any] = {"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "List"}]}
+    free = claude.messages.create(**ask, stop_sequences=["never written"])
+    assert (free.stop_reason, free.stop_sequence) == ("max_tokens", None)  # no stop string hit
+    text = _text(free)
+    # A word of the answer whose first occurrence is not at its start (the cut leaves some text).
+    stop = next(word for word in text.split()[2:] if text.find(word) > 0)
+    expected = text[: text.find(stop)]
+    message = claude.messages.create(**ask, stop_sequences=["never written", stop])
+    assert (message.stop_reason, message.stop_sequence) == ("stop_sequence", stop)
+    assert _text(message) == expected
+    with claude.messages.stream(**ask, stop_sequences=[stop]) as stream:
+        deltas = [event.delta for event in stream if event.type == "message_delta"]
+        final = stream.get_final_message()
+    assert [(d.stop_reason, d.stop_sequence) for d in deltas] == [("stop_sequence", stop)]
+    assert (final.stop_reason, final.stop_sequence, _text(final)) == ("stop_sequence", stop, expected)
 
 
 def test_anthropic_tool_use_round_trip(claude: anthropic.Anthropic) -> None:

@@ -2,8 +2,9 @@
 
 The fake worker watches the runtime's effects: for each AssignTask it answers (on the next loop
 turn, never re-entrantly) with TaskAccepted, a few TaskChunks and TaskFinished, the way a worker
-would over the bus. Modes let a test refuse a node's assignments (to force a re-placement) or hold
-a task after its first chunk (to stop the master mid-stream).
+would over the bus (cut at the request's earliest stop string, which it then names). Modes let a
+test refuse a node's assignments (to force a re-placement) or hold a task after its first chunk
+(to stop the master mid-stream), or claim a stop sequence nobody asked for.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class FakeWorker:
     hold_after_first: bool = False
     assigned: list[AssignTask] = field(default_factory=list)
     first_chunk_sent: asyncio.Event | None = None
+    forged_stop: str | None = None  # a stop sequence it claims ended every answer, asked for or not
 
     def __call__(self, effect: Effect) -> None:
         if isinstance(effect, AssignTask):
@@ -57,18 +59,42 @@ class FakeWorker:
         await self.runtime.deliver(TaskAccepted(**ids))
         params = assign.params
         count = min(params.max_tokens, len(WORDS)) if isinstance(params, TextGenerationParams) else 1
-        for index in range(count):
-            text = WORDS[index] if index == 0 else " " + WORDS[index]
-            if not isinstance(params, TextGenerationParams):
-                text = "aW1hZ2U="  # "image", base64
+        pieces = [WORDS[index] if index == 0 else " " + WORDS[index] for index in range(count)]
+        stop = None
+        if not isinstance(params, TextGenerationParams):
+            pieces = ["aW1hZ2U="]  # "image", base64
+        else:
+            pieces, stop = cut_at_stop(pieces, params.stop)
+        for index, text in enumerate(pieces):
             await self.runtime.deliver(TaskChunk(**ids, index=index, text=text))
             if self.hold_after_first:
                 if self.first_chunk_sent is not None:
                     self.first_chunk_sent.set()
                 return  # never finishes: the test ends it
         reason = FinishReason.LENGTH if count == getattr(params, "max_tokens", -1) else FinishReason.STOP
+        stop = self.forged_stop or stop
+        reason = FinishReason.STOP if stop is not None else reason
         usage = Usage(prompt_tokens=3, completion_tokens=count)
-        await self.runtime.deliver(TaskFinished(**ids, finish_reason=reason, usage=usage))
+        finished = TaskFinished(**ids, finish_reason=reason, usage=usage, stop_sequence=stop)
+        await self.runtime.deliver(finished)
+
+
+def cut_at_stop(pieces: list[str], stops: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """The pieces up to the earliest stop string in their text, and that stop (None: no cut)."""
+    text = "".join(pieces)
+    found = min(((text.find(s), len(s), s) for s in stops if s and s in text), default=None)
+    if found is None:
+        return pieces, None
+    kept, at = [], 0
+    for piece in pieces:
+        if at + len(piece) > found[0]:
+            piece = piece[: found[0] - at]
+        if piece:
+            kept.append(piece)
+        at += len(piece)
+        if at >= found[0]:
+            break
+    return kept, found[2]
 
 
 def make_runtime(nodes: int = 2) -> MasterRuntime:

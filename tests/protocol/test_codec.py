@@ -86,7 +86,10 @@ def strategy_for(tp: Any) -> st.SearchStrategy[Any]:
 def constrained(base: Any, metas: list[msgspec.Meta]) -> st.SearchStrategy[Any]:
     """Values of `base` inside the bounds its msgspec.Meta annotations declare."""
     bounds = {
-        k: getattr(m, k) for m in metas for k in ("ge", "gt", "le", "max_length") if getattr(m, k) is not None
+        k: getattr(m, k)
+        for m in metas
+        for k in ("ge", "gt", "le", "min_length", "max_length")
+        if getattr(m, k) is not None
     }
     if base is int:
         lo = bounds.get("ge", bounds["gt"] + 1 if "gt" in bounds else -(2**63))
@@ -95,6 +98,8 @@ def constrained(base: Any, metas: list[msgspec.Meta]) -> st.SearchStrategy[Any]:
         return st.floats(min_value=1e-6, max_value=bounds.get("le", 1e6))
     if "max_length" in bounds and typing.get_origin(base) is tuple:
         return strategy_for(base).filter(lambda t: len(t) <= bounds["max_length"])
+    if base is str and "min_length" in bounds:
+        return st.text(min_size=bounds["min_length"], max_size=max(12, bounds["min_length"]))
     return strategy_for(base)
 
 
@@ -123,8 +128,20 @@ def _shard_assignments(draw: st.DrawFn) -> ShardAssignment:
     )
 
 
+@st.composite
+def _task_finished(draw: st.DrawFn) -> messages.TaskFinished:
+    """A stop_sequence comes only with finish_reason stop (TaskFinished.__post_init__)."""
+    fields = {f.name: f for f in msgspec.structs.fields(messages.TaskFinished)}
+    stop = fields.pop("stop_sequence")
+    finished = draw(st.builds(messages.TaskFinished, **{n: strategy_for(f.type) for n, f in fields.items()}))
+    if finished.finish_reason is not messages.FinishReason.STOP:
+        return finished
+    return msgspec.structs.replace(finished, stop_sequence=draw(strategy_for(stop.type)))
+
+
 _CROSS_FIELD: dict[type[msgspec.Struct], st.SearchStrategy[Any]] = {
     ShardAssignment: _shard_assignments(),
+    messages.TaskFinished: _task_finished(),
     RingPorts: st.builds(
         lambda host, first, span: RingPorts(host=host, first=first, last=min(65535, first + span)),
         st.from_regex(r"[a-z0-9.]{1,12}", fullmatch=True),

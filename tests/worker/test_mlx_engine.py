@@ -233,7 +233,7 @@ def test_stop_string_ends_generation_and_is_not_emitted(engine: MlxEngine) -> No
     stop = full[1:3]  # spans a token boundary in the tiny model's output
     text, outcome = _run(engine, _params(max_tokens=20, temperature=0.0, stop=(stop,)))
     assert text == full[: full.index(stop)]
-    assert outcome.finish_reason is FinishReason.STOP
+    assert (outcome.finish_reason, outcome.stop_sequence) == (FinishReason.STOP, stop)
     assert outcome.usage.completion_tokens < 20
 
 
@@ -241,7 +241,7 @@ def test_stop_string_ends_generation_and_is_not_emitted(engine: MlxEngine) -> No
 def test_stop_string_never_produced_leaves_the_text_whole(engine: MlxEngine) -> None:
     full, _ = _run(engine, _params(max_tokens=10, temperature=0.0))
     text, outcome = _run(engine, _params(max_tokens=10, temperature=0.0, stop=("\x00never\x00",)))
-    assert (text, outcome.finish_reason) == (full, FinishReason.LENGTH)
+    assert (text, outcome.finish_reason, outcome.stop_sequence) == (full, FinishReason.LENGTH, None)
 
 
 @pytest.mark.mlx
