@@ -23,7 +23,8 @@ import structlog
 from exo_worker.engine import Engine, EngineError, ModelLoadError, ProgressSink, RunOutcome, TextSink
 from exo_worker.engine_choice import ModelEngineFactory
 from exo_worker.process_engine import ProcessEngine
-from exo_worker.runner import Runner, RunnerGroup, Send
+from exo_worker.runner import Runner, Send
+from exo_worker.runner_group import RunnerGroup
 from exo_worker.shard_ranks import FollowerRank, ShardLauncher
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import (

@@ -21,7 +21,8 @@ from exo_worker.engine import ModelLoadError
 from exo_worker.engine_choice import EngineFactory, EngineName, ModelEngineFactory
 from exo_worker.instance_host import InstanceHost
 from exo_worker.local_models import SimModel, machine_memory, mlx_backend, mlx_catalog
-from exo_worker.runner import Runner, RunnerGroup
+from exo_worker.runner import Runner
+from exo_worker.runner_group import RunnerGroup
 from exo_worker.shard_ranks import ShardLauncher
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import (

@@ -12,7 +12,7 @@ import pytest
 from exo_worker.engine import Engine
 from exo_worker.instance_host import InstanceHost
 from exo_worker.local_models import estimate, parse_sim_model, parse_size
-from exo_worker.runner import RunnerGroup
+from exo_worker.runner_group import RunnerGroup
 from exo_worker.sim_engine import SimEngine
 from protocol.ids import InstanceId, ModelId, NodeId
 from protocol.messages import InstanceStatus, LoadInstance, UnloadInstance

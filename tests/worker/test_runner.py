@@ -8,7 +8,8 @@ import math
 import pytest
 
 from exo_worker.engine import EngineError
-from exo_worker.runner import Runner, RunnerGroup
+from exo_worker.runner import Runner
+from exo_worker.runner_group import RunnerGroup
 from exo_worker.sim_engine import SimEngine
 from protocol.ids import InstanceId, TaskId
 from protocol.messages import (

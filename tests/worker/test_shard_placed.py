@@ -20,7 +20,7 @@ from exo_worker.engine import Engine
 from exo_worker.instance_host import InstanceHost
 from exo_worker.local_models import estimate
 from exo_worker.process_engine import ProcessEngine
-from exo_worker.runner import RunnerGroup
+from exo_worker.runner_group import RunnerGroup
 from exo_worker.shard_ranks import ShardLauncher
 from protocol.ids import InstanceId, ModelId, NodeId, TaskId
 from protocol.messages import (
