@@ -29,6 +29,7 @@ import zmq.asyncio
 
 from exo_master.bus.curve import MasterCurve
 from exo_master.bus.drain import drain
+from exo_master.bus.frames import from_a_peer, subscription_event, user_id
 from exo_master.bus.identity import MAX_NODES, DropReason, IdentityGuard
 from exo_master.bus.incarnations import IncarnationGuard, Verdict
 from exo_master.bus.refusals import Refusal, Refusals
@@ -52,7 +53,6 @@ log = structlog.get_logger("exo_master.bus.sockets")
 HIGH_WATER_MARK = 10_000
 MAX_WORKER_FRAME_BYTES = 4 * 1024 * 1024
 _WORKER_TYPES = (WorkerHeartbeat, TaskAccepted, TaskChunk, TaskFinished, TaskFailed)
-_NODE_PREFIX = b"node/"
 
 Inbound = WorkerMessage | NodeSubscribed | NodeUnsubscribed
 
@@ -65,20 +65,6 @@ class BusCounters:
     held: int = 0  # messages from a newcomer process while its predecessor may still be alive
     refused: int = 0  # messages from a second live process with an existing node id
     ignored_unsubscriptions: int = 0  # keyless unsubscriptions sent by a peer (plaintext)
-
-
-def subscription_event(frame: bytes) -> NodeSubscribed | NodeUnsubscribed | None:
-    """Decode an XPUB subscription frame (1 or 0, then the topic) into a core event."""
-    if len(frame) < 2 or frame[0] not in (0, 1):
-        return None
-    topic = frame[1:]
-    if not (topic.startswith(_NODE_PREFIX) and topic.endswith(b"\x00")):
-        return None  # the broadcast topic, or a foreign subscriber
-    try:
-        node_id = NodeId(topic[len(_NODE_PREFIX) : -1].decode())
-    except UnicodeDecodeError:
-        return None
-    return NodeSubscribed(node_id=node_id) if frame[0] == 1 else NodeUnsubscribed(node_id=node_id)
 
 
 class MasterBus:
@@ -196,7 +182,7 @@ class MasterBus:
                 message = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return False
-            event = self._on_subscription(message.bytes, _user_id(message), _from_a_peer(message))
+            event = self._on_subscription(message.bytes, user_id(message), from_a_peer(message))
             if event is not None:
                 await deliver(event)
             return True
@@ -314,7 +300,7 @@ class MasterBus:
             try:
                 if with_key:
                     parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                    key = _user_id(parts[-1])
+                    key = user_id(parts[-1])
                     frames = [p.bytes for p in parts]
                 else:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -393,24 +379,6 @@ class MasterBus:
         self._xpub.close(linger=0)
         self._sub.close(linger=0)
         self._ctx.term()
-
-
-def _user_id(frame: zmq.Frame) -> str | None:
-    """The ZAP User-Id of the connection a frame came in on (the z85 public key); None without CURVE."""
-    try:
-        value = frame.get("User-Id")
-    except zmq.ZMQError:  # no such property: a plaintext connection
-        return None
-    return value if isinstance(value, str) and value else None
-
-
-def _from_a_peer(frame: zmq.Frame) -> bool:
-    """Whether a subscription frame was sent by a connection (it has the connection's metadata) rather
-    than made by libzmq for a connection that closed (no metadata)."""
-    try:
-        return bool(frame.get("Socket-Type"))
-    except zmq.ZMQError:
-        return False
 
 
 def _short(key: str | None) -> str | None:
