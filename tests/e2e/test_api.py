@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from exo_master.devtools.launcher import LocalCluster, wait_for
+from exo_master.devtools.launcher import ClusterSpec, LocalCluster, wait_for
 from tests.e2e.conftest import ClusterFactory
 
 pytestmark = pytest.mark.e2e
@@ -16,11 +17,25 @@ MODEL = "sim-model"
 MESSAGES = [{"role": "user", "content": "Say hello"}]
 
 
-@pytest.fixture
-def cluster(start_cluster: ClusterFactory) -> LocalCluster:
-    return start_cluster(
-        workers=2, sim_tokens_per_s=200, max_concurrency=2, master_args=["--queue-limit", "2"]
+@pytest.fixture(scope="module")
+def shared_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    spec = ClusterSpec(
+        workers=2,
+        sim_tokens_per_s=200,
+        max_concurrency=2,
+        master_args=["--queue-limit", "2"],
+        log_dir=tmp_path_factory.mktemp("api-cluster"),
     )
+    with LocalCluster(spec) as started:
+        started.start()
+        yield started
+
+
+@pytest.fixture
+def cluster(shared_cluster: LocalCluster) -> LocalCluster:
+    """One cluster for the module (a start costs 3 s); each test begins on it idle."""
+    wait_for(lambda: _instance_loads(shared_cluster) == 0, 15, "the shared cluster to be idle")
+    return shared_cluster
 
 
 def client_for(cluster: LocalCluster) -> openai.OpenAI:
